@@ -1,0 +1,195 @@
+//! Domain newtypes shared by the pipeline stages: parse, don't validate.
+//!
+//! A value of one of these types has already passed the checks its constructor makes, so the
+//! stages after ingest never re-check them. Money and quantities are `rust_decimal::Decimal`
+//! end to end; nothing here is ever a float.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! string_id {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Arc<str>);
+
+        impl $name {
+            pub fn new(value: impl Into<Arc<str>>) -> Self {
+                Self(value.into())
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(value: &str) -> Self {
+                Self(Arc::from(value))
+            }
+        }
+    };
+}
+
+string_id!(
+    /// The proxy's own name for a tenant (the platform's customer), from the tenants file.
+    TenantId
+);
+string_id!(
+    /// A tenant's event id: the idempotency key of a usage event, unique per tenant.
+    EventId
+);
+string_id!(
+    /// A Credyt connected account id (`acc_...`).
+    AccountId
+);
+string_id!(
+    /// A Credyt customer id (`cust_...`): one end user of one tenant.
+    CustomerId
+);
+
+/// A value of an event's `data` map, of the kinds Credyt accepts (string, boolean, number).
+/// Numbers are kept exactly: they are parsed from their JSON literal into a `Decimal`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DataValue {
+    Bool(bool),
+    Number(#[serde(with = "rust_decimal::serde::arbitrary_precision")] Decimal),
+    String(String),
+}
+
+impl DataValue {
+    /// The value as text, for matching price dimensions (`model = gpt-4o`, `hd = true`).
+    pub fn as_dimension(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            DataValue::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+            DataValue::Bool(b) => std::borrow::Cow::Borrowed(if *b { "true" } else { "false" }),
+            DataValue::Number(d) => std::borrow::Cow::Owned(d.normalize().to_string()),
+        }
+    }
+}
+
+/// An event's `data` map.
+pub type EventData = BTreeMap<String, DataValue>;
+
+/// A usage event that passed validation: what pricing sees.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub id: EventId,
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub data: EventData,
+}
+
+/// How a price reads an event (Credyt's `usage_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageType {
+    Unit,
+    Volume,
+    UnitAndVolume,
+}
+
+/// One priced fee: the result of applying one price of a price book to one event.
+/// `amount` is already rounded to the asset's precision (pricing rounds, once, in one place).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fee {
+    /// The price's id within its book (stable across versions; part of the transaction id).
+    pub price_id: String,
+    pub price_name: Option<String>,
+    pub usage_type: UsageType,
+    /// The dimension values that selected the rate row (empty when the price has none).
+    #[serde(default)]
+    pub dimensions: BTreeMap<String, String>,
+    pub volume_field: Option<String>,
+    pub volume: Option<Decimal>,
+    pub unit_price: Option<Decimal>,
+    pub volume_rate: Option<Decimal>,
+    pub package_size: Option<Decimal>,
+    pub amount: Decimal,
+    pub asset: String,
+    /// The price book that priced it, e.g. `standard`.
+    pub book: String,
+    /// The version of that book in force at `occurred_at` (its `effective_from` label).
+    pub book_version: String,
+    /// Content hash of the whole pricing set that was active (stamped on every debit).
+    pub pricing_hash: String,
+}
+
+/// The priced, immutable hand-off between pricing and forwarding: one wallet charge to make.
+///
+/// Built once at accept time and never recomputed: the amount is what the tenant was told and
+/// the transaction id is derived only from tenant, event id and price id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Debit {
+    pub transaction_id: Uuid,
+    pub tenant: TenantId,
+    pub account: AccountId,
+    pub customer: CustomerId,
+    pub event_id: EventId,
+    pub subject: Option<String>,
+    pub description: Option<String>,
+    pub fee: Fee,
+    pub accepted_at: DateTime<Utc>,
+}
+
+/// Namespace for charge transaction ids (UUIDv5). Never change it: every retry, from any
+/// replica and any version, must produce the same id for the same fee.
+pub const TRANSACTION_NAMESPACE: Uuid = Uuid::from_u128(0x5c1e_7d0a_4b9e_4f61_9a63_2d0c_8e51_f4a7);
+
+/// The deterministic Credyt `transaction_id` of one fee of one event of one tenant.
+pub fn transaction_id(tenant: &TenantId, event: &EventId, price_id: &str) -> Uuid {
+    // Length-prefix each part so ("a", "bc") and ("ab", "c") cannot collide.
+    let mut name = Vec::with_capacity(tenant.0.len() + event.0.len() + price_id.len() + 24);
+    for part in [tenant.as_str(), event.as_str(), price_id] {
+        name.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        name.extend_from_slice(part.as_bytes());
+    }
+    Uuid::new_v5(&TRANSACTION_NAMESPACE, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_id_is_deterministic_and_unambiguous() {
+        let t = TenantId::from("acme");
+        let a = transaction_id(&t, &EventId::from("e1"), "input");
+        assert_eq!(a, transaction_id(&t, &EventId::from("e1"), "input"));
+        assert_ne!(a, transaction_id(&t, &EventId::from("e1"), "output"));
+        assert_ne!(
+            transaction_id(&TenantId::from("a"), &EventId::from("bc"), "p"),
+            transaction_id(&TenantId::from("ab"), &EventId::from("c"), "p")
+        );
+        assert_eq!(a.get_version_num(), 5);
+    }
+
+    #[test]
+    fn data_values_keep_exact_numbers() {
+        let data: EventData =
+            serde_json::from_str(r#"{"n": 9007199254740993, "r": 1.005, "s": "x", "b": true}"#)
+                .unwrap();
+        assert_eq!(data["n"], DataValue::Number(Decimal::from(9_007_199_254_740_993_i64)));
+        assert_eq!(data["r"].as_dimension(), "1.005");
+        assert_eq!(data["s"], DataValue::String("x".into()));
+        assert_eq!(data["b"].as_dimension(), "true");
+    }
+}

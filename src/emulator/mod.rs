@@ -1,0 +1,1 @@
+//! The Credyt API emulator (being built).

@@ -1,0 +1,8 @@
+//! credyt-proxy: a usage-metering sidecar in front of Credyt for Platforms.
+//!
+//! (The full narration of one event's path is written as the stages land.)
+
+pub mod domain;
+pub mod emulator;
+pub mod outbox;
+pub mod pricing;
