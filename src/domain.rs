@@ -150,6 +150,42 @@ pub struct Debit {
     pub accepted_at: DateTime<Utc>,
 }
 
+/// A usage event forwarded as-is to Credyt's `POST /events` (tenants with `forward = "events"`:
+/// Credyt prices it), already mapped to the tenant's account and customer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForwardedUsage {
+    pub tenant: TenantId,
+    pub account: AccountId,
+    pub customer: CustomerId,
+    pub event: UsageEvent,
+    pub accepted_at: DateTime<Utc>,
+}
+
+/// One unit of work for the forwarder: what the outbox stores and delivers exactly once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Delivery {
+    /// A wallet charge (`POST /customers/{id}/wallet/charges`).
+    Charge(Debit),
+    /// A usage event (`POST /events`).
+    Usage(ForwardedUsage),
+}
+
+impl Delivery {
+    pub fn tenant(&self) -> &TenantId {
+        match self {
+            Delivery::Charge(d) => &d.tenant,
+            Delivery::Usage(u) => &u.tenant,
+        }
+    }
+    pub fn event_id(&self) -> &EventId {
+        match self {
+            Delivery::Charge(d) => &d.event_id,
+            Delivery::Usage(u) => &u.event.id,
+        }
+    }
+}
+
 /// Namespace for charge transaction ids (UUIDv5). Never change it: every retry, from any
 /// replica and any version, must produce the same id for the same fee.
 pub const TRANSACTION_NAMESPACE: Uuid = Uuid::from_u128(0x5c1e_7d0a_4b9e_4f61_9a63_2d0c_8e51_f4a7);
