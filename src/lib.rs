@@ -2,6 +2,7 @@
 //!
 //! (The full narration of one event's path is written as the stages land.)
 
+pub mod config;
 pub mod domain;
 pub mod emulator;
 pub mod outbox;

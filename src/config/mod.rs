@@ -1,0 +1,340 @@
+//! Configuration: a TOML file plus `CREDYT_PROXY__SECTION__KEY` environment overrides, read by the
+//! `config` crate into raw serde mirror structs ([`raw`]) and then validated into the typed
+//! [`Settings`] the rest of the proxy uses.
+//!
+//! Contract: [`Settings::load`] either returns settings in which every value has been checked
+//! (addresses parse, durations are non-zero where they must be, the platform key is present,
+//! enumerations are known) or a [`ConfigErrors`] that lists *every* problem found, each with the
+//! key it concerns. Unknown keys are errors (`deny_unknown_fields`), so a typo never silently
+//! falls back to a default.
+
+pub mod raw;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+
+/// The prefix of environment overrides: `CREDYT_PROXY__CREDYT__API_KEY=...`.
+pub const ENV_PREFIX: &str = "CREDYT_PROXY";
+
+/// Every problem found in a configuration, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One configuration problem: the key it concerns and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} problem(s) in the configuration:", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {}: {}", e.key, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A secret that never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// When the proxy answers the tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// After Credyt confirmed every charge of the request.
+    Upstream,
+    /// After every debit of the request is durably recorded in the local outbox.
+    Durable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Always,
+    Interval,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// The tenant-facing port (`POST /events`, `POST /v1/events`, `POST /v1/quote`).
+    pub listen: SocketAddr,
+    /// The operator port (`/livez`, `/readyz`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredytSettings {
+    /// Base URL of the Credyt API, without a trailing slash.
+    pub base_url: String,
+    pub api_key: Secret,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantsSettings {
+    pub file: PathBuf,
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PricingSettings {
+    pub dir: PathBuf,
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    pub ack: AckMode,
+    pub max_events_per_request: usize,
+    pub max_event_id_len: usize,
+    pub max_field_len: usize,
+    pub max_data_entries: usize,
+    /// How old an event's `occurred_at` may be.
+    pub past_window: Duration,
+    /// How far in the future an event's `occurred_at` may be.
+    pub future_skew: Duration,
+    /// How long a seen event id is remembered (the dedupe window).
+    pub dedupe_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    pub sync_interval: Duration,
+    pub max_pending: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitDefaults {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub credyt: CredytSettings,
+    pub tenants: TenantsSettings,
+    pub pricing: PricingSettings,
+    pub ingest: IngestSettings,
+    pub identity: IdentitySettings,
+    pub outbox: OutboxSettings,
+    pub rate_limit: RateLimitDefaults,
+}
+
+impl Settings {
+    /// Loads `path` plus the process environment's `CREDYT_PROXY__...` overrides.
+    pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
+        Self::load_from(path, None)
+    }
+
+    /// Like [`Settings::load`], with an explicit environment instead of the process's (tests).
+    pub fn load_from(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Settings, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: path.display().to_string(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_toml(&text, base, env)
+    }
+
+    /// Parses and validates TOML text; relative paths in it are taken relative to `base`.
+    pub fn from_toml(
+        text: &str,
+        base: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Settings, ConfigErrors> {
+        let mut environment = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        if let Some(env) = env {
+            environment = environment.source(Some(env));
+        }
+        let raw: raw::RawSettings = Config::builder()
+            .add_source(File::from_str(text, FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    key: "(file)".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+        raw.validate(base)
+    }
+}
+
+/// Collects problems while validating; every `check_*` records and goes on.
+#[derive(Default)]
+pub(crate) struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    pub(crate) fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    pub(crate) fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.push(
+                key,
+                format!("`{value}` is not a socket address like 127.0.0.1:8080"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    pub(crate) fn positive_ms(&mut self, key: &str, ms: u64) -> Duration {
+        if ms == 0 {
+            self.push(key, "must be greater than 0");
+        }
+        Duration::from_millis(ms)
+    }
+
+    pub(crate) fn nonzero(&mut self, key: &str, value: u64) -> u64 {
+        if value == 0 {
+            self.push(key, "must be greater than 0");
+        }
+        value
+    }
+
+    pub(crate) fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [credyt]
+        base_url = "http://127.0.0.1:1"
+        api_key = "key_test"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let s = Settings::from_toml(MINIMAL, Path::new("/etc/cp"), Some(HashMap::new())).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.ingest.ack, AckMode::Durable);
+        assert_eq!(s.ingest.max_events_per_request, 100);
+        assert_eq!(s.pricing.dir, Path::new("/etc/cp/pricing"));
+        assert_eq!(s.credyt.api_key.expose(), "key_test");
+        assert_eq!(format!("{:?}", s.credyt.api_key), "Secret(***)");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = HashMap::from([
+            (
+                "CREDYT_PROXY__SERVER__LISTEN".to_string(),
+                "127.0.0.1:0".to_string(),
+            ),
+            (
+                "CREDYT_PROXY__CREDYT__API_KEY".to_string(),
+                "key_env".to_string(),
+            ),
+        ]);
+        let s = Settings::from_toml(MINIMAL, Path::new("."), Some(env)).unwrap();
+        assert_eq!(s.server.listen.port(), 0);
+        assert_eq!(s.credyt.api_key.expose(), "key_env");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [server]
+            listen = "not-an-address"
+            workers = 0
+            [credyt]
+            base_url = "ftp://x"
+            api_key = ""
+            [ingest]
+            ack = "sometimes"
+        "#;
+        let errs = Settings::from_toml(text, Path::new("."), Some(HashMap::new())).unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "server.listen",
+            "server.workers",
+            "credyt.base_url",
+            "credyt.api_key",
+            "ingest.ack",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {errs}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = format!("{MINIMAL}\n[server]\nlisten_addr = \"127.0.0.1:1\"\n");
+        let errs = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap_err();
+        assert!(errs.to_string().contains("listen_addr"), "{errs}");
+    }
+}

@@ -1,0 +1,385 @@
+//! Raw serde mirror of the configuration file, with the documented defaults.
+//!
+//! Every table denies unknown keys. Values that need checking (addresses, enumerations, URLs)
+//! are kept as plain strings and numbers here so that validation can report all problems
+//! together instead of stopping at the first serde error.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    AckMode, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings, LogFormat,
+    LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
+    ServerSettings, Settings, SyncMode, TenantsSettings,
+};
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSettings {
+    pub server: RawServer,
+    pub log: RawLog,
+    pub credyt: RawCredyt,
+    pub tenants: RawTenants,
+    pub pricing: RawPricing,
+    pub ingest: RawIngest,
+    pub identity: RawIdentity,
+    pub outbox: RawOutbox,
+    pub rate_limit: RawRateLimit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: String,
+    pub workers: u64,
+    pub max_body_bytes: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            workers: 1,
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace_ms: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `credyt_proxy=debug,info`.
+    pub filter: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "pretty".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCredyt {
+    pub base_url: String,
+    pub api_key: String,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub max_idle_per_host: u64,
+}
+
+impl Default for RawCredyt {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.credyt.ai".into(),
+            api_key: String::new(),
+            timeout_ms: 10_000,
+            connect_timeout_ms: 2_000,
+            max_idle_per_host: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTenants {
+    pub file: String,
+    pub reload_interval_ms: u64,
+}
+
+impl Default for RawTenants {
+    fn default() -> Self {
+        Self {
+            file: "tenants.toml".into(),
+            reload_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPricing {
+    pub dir: String,
+    pub reload_interval_ms: u64,
+}
+
+impl Default for RawPricing {
+    fn default() -> Self {
+        Self {
+            dir: "pricing".into(),
+            reload_interval_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIngest {
+    /// `durable` (default) or `upstream`.
+    pub ack: String,
+    pub max_events_per_request: u64,
+    pub max_event_id_len: u64,
+    pub max_field_len: u64,
+    pub max_data_entries: u64,
+    pub past_window_secs: u64,
+    pub future_skew_secs: u64,
+    pub dedupe_window_secs: u64,
+}
+
+impl Default for RawIngest {
+    fn default() -> Self {
+        Self {
+            ack: "durable".into(),
+            max_events_per_request: 100,
+            max_event_id_len: 128,
+            max_field_len: 1024,
+            max_data_entries: 64,
+            past_window_secs: 7 * 24 * 3600,
+            future_skew_secs: 300,
+            dedupe_window_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    pub ttl_secs: u64,
+    pub negative_ttl_secs: u64,
+    pub max_entries: u64,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 600,
+            negative_ttl_secs: 30,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutbox {
+    pub dir: String,
+    /// `interval` (default) or `always`.
+    pub sync: String,
+    pub sync_interval_ms: u64,
+    pub max_pending: u64,
+}
+
+impl Default for RawOutbox {
+    fn default() -> Self {
+        Self {
+            dir: "data/outbox".into(),
+            sync: "interval".into(),
+            sync_interval_ms: 500,
+            max_pending: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    /// Default sustained events per second per tenant (a tenant may override).
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: 1_000,
+            burst: 2_000,
+        }
+    }
+}
+
+fn nonzero_u32(p: &mut Problems, key: &str, v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).unwrap_or_else(|| {
+        p.push(key, "must be greater than 0");
+        NonZeroU32::MIN
+    })
+}
+
+impl RawSettings {
+    /// Validates everything, collecting every problem; relative paths resolve against `base`.
+    pub fn validate(self, base: &Path) -> Result<Settings, ConfigErrors> {
+        let mut p = Problems::default();
+        let resolve = |s: &str| {
+            let path = Path::new(s);
+            if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                base.join(path)
+            }
+        };
+
+        let server = ServerSettings {
+            listen: p.addr("server.listen", &self.server.listen),
+            admin_listen: p.addr("server.admin_listen", &self.server.admin_listen),
+            workers: p.nonzero("server.workers", self.server.workers) as usize,
+            max_body_bytes: p.nonzero("server.max_body_bytes", self.server.max_body_bytes) as usize,
+            shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+        };
+
+        let format = match self.log.format.as_str() {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                p.push(
+                    "log.format",
+                    format!("`{other}` is not one of: pretty, json"),
+                );
+                LogFormat::Pretty
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
+            p.push(
+                "log.filter",
+                format!("`{}` is not a valid filter", self.log.filter),
+            );
+        }
+
+        let base_url = self.credyt.base_url.trim_end_matches('/').to_string();
+        if !(base_url.starts_with("https://") || base_url.starts_with("http://"))
+            || base_url.len() <= "https://".len()
+        {
+            p.push(
+                "credyt.base_url",
+                format!("`{base_url}` is not an http(s) URL"),
+            );
+        }
+        if self.credyt.api_key.trim().is_empty() {
+            p.push(
+                "credyt.api_key",
+                "the platform API key is required (set CREDYT_PROXY__CREDYT__API_KEY)",
+            );
+        }
+        let credyt = CredytSettings {
+            base_url,
+            api_key: Secret::new(self.credyt.api_key),
+            timeout: p.positive_ms("credyt.timeout_ms", self.credyt.timeout_ms),
+            connect_timeout: p
+                .positive_ms("credyt.connect_timeout_ms", self.credyt.connect_timeout_ms),
+            max_idle_per_host: self.credyt.max_idle_per_host as usize,
+        };
+
+        let tenants = TenantsSettings {
+            file: resolve(&self.tenants.file),
+            reload_interval: p.positive_ms(
+                "tenants.reload_interval_ms",
+                self.tenants.reload_interval_ms,
+            ),
+        };
+        let pricing = PricingSettings {
+            dir: resolve(&self.pricing.dir),
+            reload_interval: p.positive_ms(
+                "pricing.reload_interval_ms",
+                self.pricing.reload_interval_ms,
+            ),
+        };
+
+        let ack = match self.ingest.ack.as_str() {
+            "durable" => AckMode::Durable,
+            "upstream" => AckMode::Upstream,
+            other => {
+                p.push(
+                    "ingest.ack",
+                    format!("`{other}` is not one of: durable, upstream"),
+                );
+                AckMode::Durable
+            }
+        };
+        let max_events = p.nonzero(
+            "ingest.max_events_per_request",
+            self.ingest.max_events_per_request,
+        );
+        if max_events > 1000 {
+            p.push("ingest.max_events_per_request", "must be at most 1000");
+        }
+        let ingest = IngestSettings {
+            ack,
+            max_events_per_request: max_events as usize,
+            max_event_id_len: p.nonzero("ingest.max_event_id_len", self.ingest.max_event_id_len)
+                as usize,
+            max_field_len: p.nonzero("ingest.max_field_len", self.ingest.max_field_len) as usize,
+            max_data_entries: p.nonzero("ingest.max_data_entries", self.ingest.max_data_entries)
+                as usize,
+            past_window: Duration::from_secs(
+                p.nonzero("ingest.past_window_secs", self.ingest.past_window_secs),
+            ),
+            future_skew: Duration::from_secs(self.ingest.future_skew_secs),
+            dedupe_window: Duration::from_secs(
+                p.nonzero("ingest.dedupe_window_secs", self.ingest.dedupe_window_secs),
+            ),
+        };
+        if self.ingest.future_skew_secs > 300 {
+            p.push(
+                "ingest.future_skew_secs",
+                "must be at most 300 (Credyt accepts 5 minutes ahead)",
+            );
+        }
+
+        let identity = IdentitySettings {
+            ttl: Duration::from_secs(p.nonzero("identity.ttl_secs", self.identity.ttl_secs)),
+            negative_ttl: Duration::from_secs(p.nonzero(
+                "identity.negative_ttl_secs",
+                self.identity.negative_ttl_secs,
+            )),
+            max_entries: p.nonzero("identity.max_entries", self.identity.max_entries),
+        };
+
+        let sync = match self.outbox.sync.as_str() {
+            "always" => SyncMode::Always,
+            "interval" => SyncMode::Interval,
+            other => {
+                p.push(
+                    "outbox.sync",
+                    format!("`{other}` is not one of: always, interval"),
+                );
+                SyncMode::Interval
+            }
+        };
+        let outbox = OutboxSettings {
+            dir: resolve(&self.outbox.dir),
+            sync,
+            sync_interval: p.positive_ms("outbox.sync_interval_ms", self.outbox.sync_interval_ms),
+            max_pending: p.nonzero("outbox.max_pending", self.outbox.max_pending) as usize,
+        };
+
+        let rate_limit = RateLimitDefaults {
+            per_second: nonzero_u32(&mut p, "rate_limit.per_second", self.rate_limit.per_second),
+            burst: nonzero_u32(&mut p, "rate_limit.burst", self.rate_limit.burst),
+        };
+
+        p.into_result(Settings {
+            server,
+            log: LogSettings {
+                format,
+                filter: self.log.filter,
+            },
+            credyt,
+            tenants,
+            pricing,
+            ingest,
+            identity,
+            outbox,
+            rate_limit,
+        })
+    }
+}
