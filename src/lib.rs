@@ -5,5 +5,9 @@
 pub mod config;
 pub mod domain;
 pub mod emulator;
+pub mod identity;
 pub mod outbox;
 pub mod pricing;
+pub mod ratelimit;
+pub mod telemetry;
+pub mod upstream;

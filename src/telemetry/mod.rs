@@ -1,0 +1,25 @@
+//! Telemetry: tracing initialisation and the names of everything the proxy counts.
+//!
+//! Contract: [`init`] installs one global subscriber (pretty or JSON lines on stderr, filtered
+//! by the configured directive; `RUST_LOG` wins when set). Metric names live only in
+//! [`names`], and every label value comes from a bounded set (outcome codes, status classes),
+//! never from tenant input.
+
+pub mod names;
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Installs the global tracing subscriber. Safe to call more than once (later calls are no-ops),
+/// which keeps in-process tests and the sandbox simple.
+pub fn init(settings: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}

@@ -1,0 +1,307 @@
+//! The Credyt client: one `reqwest::Client`, requests as types, errors classified for retry.
+//!
+//! Contract: every call carries the platform key in `X-CREDYT-API-KEY`; calls on a connected
+//! account carry that account's id in `X-CREDYT-ACCOUNT`, which callers take from the identity
+//! mapping only (never from a tenant's request). Each error says whether it is worth retrying
+//! ([`UpstreamError::is_retryable`]) and how long Credyt asked us to wait
+//! ([`UpstreamError::retry_after`]). Charges and usage posts are idempotent at Credyt (on
+//! `transaction_id` / event `id`), so a retry of the same record can never move money twice.
+//!
+//! This module shares no code with `crate::emulator`: the emulator is the independent fake that
+//! checks what this client sends.
+
+pub mod wire;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::config::CredytSettings;
+use crate::domain::{AccountId, CustomerId, Debit, ForwardedUsage};
+
+/// Why a call to Credyt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("credyt unreachable: {0}")]
+    Transport(#[source] reqwest::Error),
+    #[error("credyt answered {status}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: String,
+    },
+    #[error("credyt answer could not be read: {0}")]
+    Decode(String),
+}
+
+impl UpstreamError {
+    /// Network errors, timeouts, 408, 409 (concurrent idempotent write), 429 and 5xx.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::Transport(_) => true,
+            UpstreamError::Status { status, .. } => {
+                status.is_server_error()
+                    || matches!(
+                        *status,
+                        StatusCode::REQUEST_TIMEOUT
+                            | StatusCode::CONFLICT
+                            | StatusCode::TOO_MANY_REQUESTS
+                    )
+            }
+            UpstreamError::Decode(_) => false,
+        }
+    }
+
+    /// The wait Credyt asked for (`Retry-After`), if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            UpstreamError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// A bounded label for metrics and logs.
+    pub fn class(&self) -> &'static str {
+        match self {
+            UpstreamError::Transport(e) if e.is_timeout() => "timeout",
+            UpstreamError::Transport(_) => "transport",
+            UpstreamError::Status { status, .. } if status.as_u16() == 429 => "429",
+            UpstreamError::Status { status, .. } if status.is_server_error() => "5xx",
+            UpstreamError::Status { .. } => "4xx",
+            UpstreamError::Decode(_) => "decode",
+        }
+    }
+}
+
+const API_KEY: &str = "X-CREDYT-API-KEY";
+const ACCOUNT: &str = "X-CREDYT-ACCOUNT";
+
+/// The Credyt API client.
+#[derive(Clone)]
+pub struct CredytClient {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl CredytClient {
+    pub fn new(settings: &CredytSettings) -> Result<CredytClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            .pool_max_idle_per_host(settings.max_idle_per_host)
+            .tcp_nodelay(true)
+            .user_agent(concat!("credyt-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(CredytClient {
+            http,
+            base: settings.base_url.clone(),
+            key: settings.api_key.expose().to_string(),
+        })
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        account: Option<&AccountId>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .header(API_KEY, &self.key)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(account) = account {
+            req = req.header(ACCOUNT, account.as_str());
+        }
+        req
+    }
+
+    async fn send(req: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
+        let resp = req.send().await.map_err(UpstreamError::Transport)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = resp.text().await.unwrap_or_default();
+        Err(UpstreamError::Status {
+            status,
+            retry_after,
+            body: body.chars().take(2048).collect(),
+        })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        resp: reqwest::Response,
+    ) -> Result<T, UpstreamError> {
+        let bytes = resp.bytes().await.map_err(UpstreamError::Transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Decode(e.to_string()))
+    }
+
+    /// `GET /accounts/self`: validates the platform key.
+    pub async fn account_context(&self) -> Result<wire::AccountContext, UpstreamError> {
+        let resp = Self::send(self.request(reqwest::Method::GET, "/accounts/self", None)).await?;
+        Self::json(resp).await
+    }
+
+    /// `GET /accounts?external_id=`: the connected account of a tenant, if it exists.
+    pub async fn find_account(
+        &self,
+        external_id: &str,
+    ) -> Result<Option<AccountId>, UpstreamError> {
+        let req = self
+            .request(reqwest::Method::GET, "/accounts", None)
+            .query(&[("external_id", external_id), ("limit", "1")]);
+        let page: wire::Page<wire::ConnectedAccount> = Self::json(Self::send(req).await?).await?;
+        Ok(page
+            .items
+            .into_iter()
+            .find(|a| a.external_id.as_deref() == Some(external_id))
+            .map(|a| AccountId::new(a.id)))
+    }
+
+    /// `GET /customers?external_id=` on `account`, following its 303 to the customer.
+    pub async fn find_customer(
+        &self,
+        account: &AccountId,
+        external_id: &str,
+    ) -> Result<Option<CustomerId>, UpstreamError> {
+        let req = self
+            .request(reqwest::Method::GET, "/customers", Some(account))
+            .query(&[("external_id", external_id)]);
+        match Self::send(req).await {
+            Ok(resp) => {
+                let customer: wire::Customer = Self::json(resp).await?;
+                Ok(Some(CustomerId::new(customer.id)))
+            }
+            Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /customers/{id}` on `account`: whether the customer belongs to that account.
+    pub async fn customer_exists(
+        &self,
+        account: &AccountId,
+        customer: &CustomerId,
+    ) -> Result<bool, UpstreamError> {
+        let path = format!("/customers/{}", urlencode(customer.as_str()));
+        match Self::send(self.request(reqwest::Method::GET, &path, Some(account))).await {
+            Ok(resp) => {
+                let found: wire::Customer = Self::json(resp).await?;
+                Ok(found.id == customer.as_str())
+            }
+            Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /customers` on `account`. A 409 (created meanwhile by another replica) is answered
+    /// by looking the customer up.
+    pub async fn create_customer(
+        &self,
+        account: &AccountId,
+        external_id: &str,
+    ) -> Result<CustomerId, UpstreamError> {
+        let body = wire::CreateCustomer {
+            name: external_id,
+            external_id,
+        };
+        let req = self
+            .request(reqwest::Method::POST, "/customers", Some(account))
+            .json(&body);
+        match Self::send(req).await {
+            Ok(resp) => {
+                let created: wire::Created = Self::json(resp).await?;
+                Ok(CustomerId::new(created.id))
+            }
+            Err(UpstreamError::Status { status, .. }) if status == StatusCode::CONFLICT => self
+                .find_customer(account, external_id)
+                .await?
+                .ok_or_else(|| UpstreamError::Decode("customer conflict but not found".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /customers/{id}/wallet/charges`: one fee. Success means Credyt has it (a replayed
+    /// `transaction_id` answers the original 201).
+    pub async fn charge(&self, debit: &Debit) -> Result<(), UpstreamError> {
+        let path = format!(
+            "/customers/{}/wallet/charges",
+            urlencode(debit.customer.as_str())
+        );
+        let body = wire::ChargeRequest::from_debit(debit);
+        let req = self
+            .request(reqwest::Method::POST, &path, Some(&debit.account))
+            .json(&body);
+        Self::send(req).await.map(drop)
+    }
+
+    /// `POST /events`: usage events of one customer, priced by Credyt itself.
+    pub async fn send_usage(&self, usage: &[&ForwardedUsage]) -> Result<(), UpstreamError> {
+        let Some(first) = usage.first() else {
+            return Ok(());
+        };
+        let body = wire::UsageRequest::new(&first.customer, usage.iter().map(|u| &u.event));
+        let req = self
+            .request(reqwest::Method::POST, "/events", Some(&first.account))
+            .json(&body);
+        Self::send(req).await.map(drop)
+    }
+}
+
+/// Percent-encodes a path segment (ids are opaque to us; never trust them to be URL-safe).
+fn urlencode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(urlencode("cust_4abc"), "cust_4abc");
+        assert_eq!(urlencode("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn classification() {
+        let e = |s: u16| UpstreamError::Status {
+            status: StatusCode::from_u16(s).unwrap(),
+            retry_after: None,
+            body: String::new(),
+        };
+        for s in [408, 409, 429, 500, 502, 503, 504] {
+            assert!(e(s).is_retryable(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 422] {
+            assert!(!e(s).is_retryable(), "{s}");
+        }
+    }
+}
