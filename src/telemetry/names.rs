@@ -1,7 +1,8 @@
 //! Every metric name of the proxy, in one place. Labels use bounded sets only.
 
+/// Usage events by `outcome` (accepted, duplicate, rejected).
 pub const EVENTS_TOTAL: &str = "credyt_proxy_events_total";
-pub const REQUESTS_TOTAL: &str = "credyt_proxy_requests_total";
-pub const UPSTREAM_REQUESTS_TOTAL: &str = "credyt_proxy_upstream_requests_total";
-pub const IDENTITY_LOOKUPS_TOTAL: &str = "credyt_proxy_identity_lookups_total";
-pub const OUTBOX_DEPTH: &str = "credyt_proxy_outbox_depth";
+/// Fees accepted for charging.
+pub const FEES_TOTAL: &str = "credyt_proxy_fees_total";
+/// End-user identities in the cache.
+pub const IDENTITY_CACHED: &str = "credyt_proxy_identity_cached_customers";

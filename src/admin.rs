@@ -1,0 +1,85 @@
+//! The operator port, separate from tenant traffic: `/livez`, `/readyz`, `/metrics`.
+//!
+//! Contract: `/livez` answers 200 while the process serves at all. `/readyz` is a latch: 503
+//! until configuration, tenants, pricing (and the outbox, when durable) are loaded, 200 after,
+//! and 503 again once shutdown begins so the sidecar's pod stops receiving traffic first.
+//! `/metrics` is Prometheus text; names come from `telemetry::names`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::{web, HttpResponse};
+
+use crate::ingest::AppState;
+use crate::telemetry::names;
+
+/// The readiness latch.
+#[derive(Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn set_draining(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub struct AdminState {
+    pub app: Arc<AppState>,
+    pub readiness: Arc<Readiness>,
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/livez", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
+}
+
+async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
+    if state.readiness.is_ready() {
+        HttpResponse::Ok().body("ready")
+    } else {
+        HttpResponse::ServiceUnavailable().body("not ready")
+    }
+}
+
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    let c = &state.app.counters;
+    let mut out = String::with_capacity(1024);
+    let mut counter = |name: &str, help: &str, labels: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (label, value) in labels {
+            let _ = writeln!(out, "{name}{{outcome=\"{label}\"}} {value}");
+        }
+    };
+    counter(
+        names::EVENTS_TOTAL,
+        "usage events by outcome",
+        &[
+            ("accepted", c.accepted.load(Ordering::Relaxed)),
+            ("duplicate", c.duplicate.load(Ordering::Relaxed)),
+            ("rejected", c.rejected.load(Ordering::Relaxed)),
+        ],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {n} fees accepted for charging\n# TYPE {n} counter\n{n} {v}",
+        n = names::FEES_TOTAL,
+        v = c.fees.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {n} cached end-user identities\n# TYPE {n} gauge\n{n} {v}",
+        n = names::IDENTITY_CACHED,
+        v = state.app.identity.cached_customers()
+    );
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(out)
+}

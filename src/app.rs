@@ -1,0 +1,166 @@
+//! Building and running the proxy: shared state, the tenant server and the admin server.
+//!
+//! Contract: [`Application::build`] loads tenants and pricing, binds both ports (port 0 is
+//! fine: the real addresses are in [`Application::tenant_addr`] / [`Application::admin_addr`])
+//! and starts serving; readiness is released only after everything is loaded. [`Application::
+//! run_until_stopped`] waits for a signal (or a caller's stop) and drains.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+
+use crate::admin::{AdminState, Readiness};
+use crate::config::{AckMode, Settings};
+use crate::identity::{Identity, Tenants};
+use crate::ingest::sink::Sink;
+use crate::ingest::{self, AppState};
+use crate::outcome::OutcomeCounters;
+use crate::pricing::Pricing;
+use crate::ratelimit::TenantQuota;
+use crate::upstream::forward::Forwarder;
+use crate::upstream::CredytClient;
+
+/// A running proxy.
+pub struct Application {
+    tenant_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    tenant_server: ServerHandle,
+    admin_server: ServerHandle,
+    readiness: Arc<Readiness>,
+    state: Arc<AppState>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+}
+
+impl Application {
+    /// Loads everything, binds both ports and starts serving.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let settings = Arc::new(settings);
+        let quota = TenantQuota {
+            per_second: settings.rate_limit.per_second,
+            burst: settings.rate_limit.burst,
+        };
+        let tenants = Arc::new(
+            Tenants::load(&settings.tenants.file, quota)
+                .map_err(|p| anyhow::anyhow!("tenants file rejected:\n  {}", p.join("\n  ")))?,
+        );
+        let pricing = Arc::new(
+            Pricing::load(&settings.pricing.dir)
+                .map_err(|e| anyhow::anyhow!("pricing rejected:\n{e}"))?,
+        );
+        let client = CredytClient::new(&settings.credyt).context("building the credyt client")?;
+        let identity = Arc::new(Identity::new(client.clone(), &settings.identity));
+        let sink = match settings.ingest.ack {
+            AckMode::Upstream => Sink::upstream(Forwarder::new(client), &settings.ingest),
+            AckMode::Durable => anyhow::bail!(
+                "ingest.ack = \"durable\" needs the durable outbox, which this build does not have yet; set ingest.ack = \"upstream\""
+            ),
+        };
+        let state = Arc::new(AppState {
+            settings: settings.clone(),
+            tenants: tenants.clone(),
+            identity,
+            pricing: pricing.clone(),
+            sink,
+            counters: Arc::new(OutcomeCounters::default()),
+        });
+        let tasks = vec![
+            tenants.spawn_watcher(settings.tenants.reload_interval),
+            pricing.spawn_watcher(settings.pricing.reload_interval),
+        ];
+
+        let tenant_listener = TcpListener::bind(settings.server.listen)
+            .with_context(|| format!("binding {}", settings.server.listen))?;
+        let tenant_addr = tenant_listener.local_addr()?;
+        let data = web::Data::from(state.clone());
+        let tenant_server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(ingest::routes)
+                .default_service(web::to(ingest::not_found))
+        })
+        .workers(settings.server.workers)
+        .backlog(4096)
+        .shutdown_timeout(settings.server.shutdown_grace.as_secs().max(1))
+        .disable_signals()
+        .listen(tenant_listener)?
+        .run();
+        let tenant_handle = tenant_server.handle();
+        tokio::spawn(tenant_server);
+
+        let readiness = Arc::new(Readiness::default());
+        let admin_listener = TcpListener::bind(settings.server.admin_listen)
+            .with_context(|| format!("binding {}", settings.server.admin_listen))?;
+        let admin_addr = admin_listener.local_addr()?;
+        let admin_data = web::Data::new(AdminState {
+            app: state.clone(),
+            readiness: readiness.clone(),
+        });
+        let admin_server = HttpServer::new(move || {
+            App::new()
+                .app_data(admin_data.clone())
+                .configure(crate::admin::routes)
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(admin_listener)?
+        .run();
+        let admin_handle = admin_server.handle();
+        tokio::spawn(admin_server);
+
+        readiness.set_ready();
+        tracing::info!(
+            tenant_addr = %tenant_addr,
+            admin_addr = %admin_addr,
+            tenants = tenants.current().len(),
+            pricing_version = pricing.current().version(),
+            ack = ?settings.ingest.ack,
+            "credyt-proxy ready"
+        );
+        Ok(Application {
+            tenant_addr,
+            admin_addr,
+            tenant_server: tenant_handle,
+            admin_server: admin_handle,
+            readiness,
+            state,
+            tasks,
+            grace: settings.server.shutdown_grace,
+        })
+    }
+
+    pub fn tenant_addr(&self) -> SocketAddr {
+        self.tenant_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until SIGTERM/SIGINT, then drains.
+    pub async fn run_until_stopped(self) {
+        crate::shutdown::signal().await;
+        self.stop().await;
+    }
+
+    /// Drains: not ready -> stop accepting, finish in-flight requests -> stop background tasks.
+    pub async fn stop(self) {
+        self.readiness.set_draining();
+        let graceful = self.tenant_server.stop(true);
+        if tokio::time::timeout(self.grace, graceful).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "in-flight requests did not finish within the grace period");
+        }
+        self.admin_server.stop(true).await;
+        for t in self.tasks {
+            t.abort();
+        }
+        tracing::info!("credyt-proxy stopped");
+    }
+}

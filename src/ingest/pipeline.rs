@@ -1,0 +1,167 @@
+//! One pipeline behind both ingest endpoints: authenticate, parse, rate-limit, map identity,
+//! price, hand off to the sink, and give every event exactly one outcome.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage, UsageEvent};
+use crate::identity::{ForwardMode, Tenant};
+use crate::outcome::{Outcome, Rejection};
+use crate::pricing::PricingError;
+
+use super::problem::ApiError;
+use super::sink::{AcceptedEvent, Submitted};
+use super::wire::{parse_request, CustomerRef};
+use super::State;
+
+/// How a request with some invalid events is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `POST /events` (Credyt-compatible): any invalid event fails the whole request, nothing
+    /// of it is accepted.
+    Atomic,
+    /// `POST /v1/events`: each event gets its own outcome.
+    Partial,
+}
+
+/// The tenant presenting `key`, or 401.
+pub fn authenticate(state: &State, key: Option<&str>) -> Result<Arc<Tenant>, ApiError> {
+    let key = key.ok_or(ApiError::Unauthorized)?;
+    state
+        .tenants
+        .current()
+        .authenticate(key)
+        .cloned()
+        .ok_or(ApiError::Unauthorized)
+}
+
+/// The field a pricing error concerns, for the ValidationProblem `errors` map.
+fn pricing_field(index: usize, err: &PricingError) -> String {
+    match err.code() {
+        "unknown_event_type" => format!("events[{index}].event_type"),
+        _ => format!("events[{index}].data"),
+    }
+}
+
+/// Runs one request through the pipeline.
+pub async fn process(
+    state: &State,
+    tenant: &Tenant,
+    body: &[u8],
+    mode: Mode,
+) -> Result<Vec<Outcome>, ApiError> {
+    let now = Utc::now();
+    let parsed = parse_request(body, &state.settings.ingest, now)?;
+    tenant
+        .limiter
+        .check(parsed.events.len() as u32)
+        .map_err(ApiError::RateLimited)?;
+
+    // Judge every event before any I/O, so an invalid /events batch costs no lookup.
+    let pricing = state.pricing.current();
+    let mut judged: Vec<Result<(UsageEvent, Vec<crate::domain::Fee>), Rejection>> =
+        Vec::with_capacity(parsed.events.len());
+    for (i, event) in parsed.events.into_iter().enumerate() {
+        judged.push(event.and_then(|event| match tenant.forward {
+            ForwardMode::Events => Ok((event, Vec::new())),
+            ForwardMode::Charges => match pricing.price(tenant.id.as_str(), &event) {
+                Ok(fees) => Ok((event, fees)),
+                Err(e) => Err(Rejection {
+                    code: e.code(),
+                    field: pricing_field(i, &e),
+                    message: e.to_string(),
+                }),
+            },
+        }));
+    }
+    if mode == Mode::Atomic {
+        let rejections: Vec<Rejection> = judged
+            .iter()
+            .filter_map(|j| j.as_ref().err().cloned())
+            .collect();
+        if !rejections.is_empty() {
+            state.counters.record_rejections(rejections.len());
+            return Err(ApiError::Validation(rejections));
+        }
+    }
+
+    let account = state.identity.account(tenant).await?;
+    let customer: CustomerId = match &parsed.customer {
+        CustomerRef::Id(id) => {
+            state
+                .identity
+                .check_customer(&account, &CustomerId::new(id.as_str()))
+                .await?
+        }
+        CustomerRef::ExternalId(ext) => {
+            state
+                .identity
+                .customer_by_external_id(&account, ext, tenant.create_customers)
+                .await?
+        }
+    };
+
+    let mut accepted = Vec::new();
+    let mut fees_of = Vec::new();
+    for (event, fees) in judged.iter().filter_map(|j| j.as_ref().ok()) {
+        let deliveries = match tenant.forward {
+            ForwardMode::Events => vec![Delivery::Usage(ForwardedUsage {
+                tenant: tenant.id.clone(),
+                account: account.clone(),
+                customer: customer.clone(),
+                event: event.clone(),
+                accepted_at: now,
+            })],
+            ForwardMode::Charges => fees
+                .iter()
+                .filter(|fee| !fee.amount.is_zero())
+                .map(|fee| {
+                    Delivery::Charge(Debit {
+                        transaction_id: transaction_id(&tenant.id, &event.id, &fee.price_id),
+                        tenant: tenant.id.clone(),
+                        account: account.clone(),
+                        customer: customer.clone(),
+                        event_id: event.id.clone(),
+                        subject: event.subject.clone(),
+                        description: event.description.clone(),
+                        fee: fee.clone(),
+                        accepted_at: now,
+                    })
+                })
+                .collect(),
+        };
+        accepted.push(AcceptedEvent {
+            tenant: tenant.id.clone(),
+            event_id: event.id.clone(),
+            deliveries,
+        });
+        fees_of.push(fees.clone());
+    }
+    let submitted = if accepted.is_empty() {
+        Vec::new()
+    } else {
+        state.sink.submit(accepted).await?
+    };
+
+    let mut submitted = submitted.into_iter().zip(fees_of);
+    let outcomes: Vec<Outcome> = judged
+        .into_iter()
+        .map(|j| match j {
+            Err(rejection) => Outcome::Rejected(rejection),
+            Ok(_) => match submitted.next() {
+                Some((Submitted::Accepted, fees)) => Outcome::Accepted { fees },
+                Some((Submitted::Duplicate, _)) => Outcome::Duplicate,
+                None => Outcome::Rejected(Rejection {
+                    code: "internal",
+                    field: String::new(),
+                    message: "internal error".into(),
+                }),
+            },
+        })
+        .collect();
+    for o in &outcomes {
+        state.counters.record(o);
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,174 @@
+//! The one table that maps every error of the tenant-facing API to an HTTP answer.
+//!
+//! Bodies are RFC 7807 `application/problem+json` with a stable `code`; validation failures are
+//! Credyt's `ValidationProblem` shape (`errors`: field path -> messages) so the official SDK reads
+//! them. 5xx bodies say what happened in general terms only; the cause chain goes to the log.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::identity::IdentityError;
+use crate::outcome::Rejection;
+use crate::ratelimit::RateLimited;
+use crate::upstream::UpstreamError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Every way a tenant request can fail as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or unknown api key")]
+    Unauthorized,
+    #[error("request body is not valid json: {0}")]
+    BadJson(String),
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("one or more events are invalid")]
+    Validation(Vec<Rejection>),
+    #[error("rate limit exceeded")]
+    RateLimited(RateLimited),
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    #[error("credyt is unavailable")]
+    Upstream(#[source] UpstreamError),
+    #[error("not accepting events: {0}")]
+    Unavailable(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<BTreeMap<String, Vec<String>>>,
+}
+
+impl ApiError {
+    /// The stable snake_case code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::BadJson(_) => "invalid_json",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::Validation(_) => "validation_failed",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Identity(e) => e.code(),
+            ApiError::Upstream(e) if e.is_retryable() => "upstream_unavailable",
+            ApiError::Upstream(_) => "upstream_rejected",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "Unauthorized",
+            ApiError::BadJson(_) => "Bad Request",
+            ApiError::UnsupportedMediaType => "Unsupported Media Type",
+            ApiError::PayloadTooLarge { .. } => "Payload Too Large",
+            ApiError::Validation(_) => "One or more validation errors occurred.",
+            ApiError::RateLimited(_) => "Too Many Requests",
+            ApiError::Identity(IdentityError::Upstream(_)) => "Service Unavailable",
+            ApiError::Identity(_) => "Not Found",
+            ApiError::Upstream(e) if e.is_retryable() => "Service Unavailable",
+            ApiError::Upstream(_) => "Bad Gateway",
+            ApiError::Unavailable(_) => "Service Unavailable",
+            ApiError::NotFound => "Not Found",
+            ApiError::MethodNotAllowed => "Method Not Allowed",
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for 429 and retryable 503s.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited(r) => Some(r.retry_after_secs()),
+            ApiError::Upstream(e) if e.is_retryable() => Some(
+                e.retry_after()
+                    .map(|d| d.as_secs().clamp(1, 60))
+                    .unwrap_or(1),
+            ),
+            ApiError::Identity(IdentityError::Upstream(_)) | ApiError::Unavailable(_) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Identity(IdentityError::Upstream(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Identity(_) => StatusCode::NOT_FOUND,
+            ApiError::Upstream(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            tracing::warn!(code = self.code(), error = %self, cause = ?std::error::Error::source(self), "request failed");
+        }
+        let detail = match self {
+            ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
+                "the billing service did not confirm the request; retry with the same event ids"
+                    .to_string()
+            }
+            other => other.to_string(),
+        };
+        let errors = match self {
+            ApiError::Validation(rejections) => {
+                let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for r in rejections {
+                    map.entry(r.field.clone())
+                        .or_default()
+                        .push(format!("{} ({})", r.message, r.code));
+                }
+                Some(map)
+            }
+            _ => None,
+        };
+        let body = Problem {
+            kind: format!("https://credyt-proxy.dev/problems/{}", self.code()),
+            title: self.title(),
+            status: status.as_u16(),
+            detail,
+            code: self.code(),
+            errors,
+        };
+        let mut resp = HttpResponse::build(status);
+        resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
+        if let Some(secs) = self.retry_after() {
+            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let ApiError::RateLimited(r) = self {
+            resp.insert_header(("RateLimit-Policy", r.policy_header()));
+            resp.insert_header(("RateLimit", r.ratelimit_header()));
+        }
+        resp.body(serde_json::to_vec(&body).unwrap_or_default())
+    }
+}

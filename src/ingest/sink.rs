@@ -1,0 +1,96 @@
+//! Where accepted, priced events go, and when the tenant gets its answer (`ack` mode).
+//!
+//! Contract: [`Sink::submit`] takes the accepted events of one request (each with its
+//! deliveries: charges or forwarded usage) and returns, per event, whether it was new or a
+//! duplicate of an event accepted before. It returns `Ok` only once the events are safe per
+//! the ack mode; an event id is remembered as seen only after that point, so a failure never
+//! turns a retry into a "duplicate".
+//!
+//! - `ack = "upstream"`: the deliveries are sent to Credyt now (bounded retries) and the
+//!   answer waits for Credyt's confirmation. Seen ids are kept in memory for the dedupe window;
+//!   across a restart Credyt's idempotency on `transaction_id` still prevents any double charge.
+
+use std::sync::Arc;
+
+use moka::sync::Cache;
+
+use crate::config::IngestSettings;
+use crate::domain::{Delivery, EventId, TenantId};
+use crate::upstream::forward::Forwarder;
+
+use super::problem::ApiError;
+
+/// One accepted event and what must be delivered for it.
+#[derive(Debug, Clone)]
+pub struct AcceptedEvent {
+    pub tenant: TenantId,
+    pub event_id: EventId,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// Whether a submitted event was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    Accepted,
+    Duplicate,
+}
+
+/// The ack strategy behind the ingest endpoints.
+#[derive(Clone)]
+pub enum Sink {
+    Upstream(Arc<UpstreamSink>),
+}
+
+impl Sink {
+    pub fn upstream(forwarder: Forwarder, settings: &IngestSettings) -> Sink {
+        Sink::Upstream(Arc::new(UpstreamSink {
+            forwarder,
+            seen: Cache::builder()
+                .max_capacity(10_000_000)
+                .time_to_live(settings.dedupe_window)
+                .build(),
+        }))
+    }
+
+    pub async fn submit(&self, events: Vec<AcceptedEvent>) -> Result<Vec<Submitted>, ApiError> {
+        match self {
+            Sink::Upstream(s) => s.submit(events).await,
+        }
+    }
+}
+
+/// `ack = "upstream"`: answer after Credyt confirmed.
+pub struct UpstreamSink {
+    forwarder: Forwarder,
+    seen: Cache<(TenantId, EventId), ()>,
+}
+
+impl UpstreamSink {
+    async fn submit(&self, events: Vec<AcceptedEvent>) -> Result<Vec<Submitted>, ApiError> {
+        let mut result = Vec::with_capacity(events.len());
+        let mut fresh = Vec::new();
+        for e in &events {
+            let key = (e.tenant.clone(), e.event_id.clone());
+            if self.seen.contains_key(&key) {
+                result.push(Submitted::Duplicate);
+            } else {
+                result.push(Submitted::Accepted);
+                fresh.push(key);
+            }
+        }
+        let deliveries: Vec<Delivery> = events
+            .into_iter()
+            .zip(&result)
+            .filter(|(_, s)| **s == Submitted::Accepted)
+            .flat_map(|(e, _)| e.deliveries)
+            .collect();
+        self.forwarder
+            .deliver_all(&deliveries)
+            .await
+            .map_err(ApiError::Upstream)?;
+        for key in fresh {
+            self.seen.insert(key, ());
+        }
+        Ok(result)
+    }
+}
