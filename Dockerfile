@@ -1,0 +1,20 @@
+# Multi-stage build: a static-ish release binary on a small, non-root runtime image.
+FROM rust:1.85-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+COPY tests ./tests
+RUN cargo build --release --locked --bin credyt-proxy
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home /var/lib/credyt-proxy credyt
+COPY --from=build /src/target/release/credyt-proxy /usr/local/bin/credyt-proxy
+COPY pricing /etc/credyt-proxy/pricing
+USER 10001
+WORKDIR /var/lib/credyt-proxy
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/credyt-proxy"]
+CMD ["serve", "--config", "/etc/credyt-proxy/config.toml"]
