@@ -4,7 +4,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod emulator;

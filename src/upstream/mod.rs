@@ -10,6 +10,7 @@
 //! This module shares no code with `crate::emulator`: the emulator is the independent fake that
 //! checks what this client sends.
 
+pub mod breaker;
 pub mod forward;
 pub mod wire;
 
