@@ -1,0 +1,362 @@
+//! The ingest path end to end: the real proxy in front of the real emulator, driven by reqwest
+//! and by the official Python SDK.
+
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::{json, Value};
+
+use super::proxy::{account_of, ago, total_charges, wallet, Options, World, PLATFORM_KEY};
+use super::sdk;
+
+async fn run_sdk(script: &'static str, env: Vec<(&'static str, String)>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        sdk::run_script(script, &env)
+    })
+    .await
+    .unwrap()
+}
+
+fn dec_of(v: &Value) -> Decimal {
+    v.to_string().trim_matches('"').parse().unwrap()
+}
+
+#[actix_web::test]
+async fn sdk_send_usage_through_the_proxy_debits_the_price_book_amounts() {
+    let w = World::start().await;
+    let cust = w.customer(&w.a.account, "sdk-user", "20").await;
+    let out = run_sdk(
+        "proxy_send_usage.py",
+        vec![
+            ("PROXY_URL", w.proxy_url()),
+            ("TENANT_KEY", w.a.key.clone()),
+            ("CUSTOMER_EXTERNAL_ID", "sdk-user".into()),
+            ("MODE", "ok".into()),
+            ("RUN", "sdk-ok".into()),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "sdk script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = w.state().await;
+    assert_eq!(account_of(&state, &cust).as_deref(), Some(w.a.account.as_str()));
+    // video_promoted 0.50 + input 1,000,000 tokens 1.25 + output 500,000 tokens 5.00:
+    // three fees, three charges, once each although the first event was sent twice.
+    let (available, count, total) = wallet(&state, &cust, "USD").unwrap();
+    assert_eq!(count, 3);
+    assert_eq!(total, dec!(6.75));
+    assert_eq!(available, dec!(13.25));
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn sdk_batch_with_one_bad_event_gets_422_and_nothing_is_charged() {
+    let w = World::start().await;
+    let cust = w.customer(&w.a.account, "sdk-bad", "20").await;
+    let out = run_sdk(
+        "proxy_send_usage.py",
+        vec![
+            ("PROXY_URL", w.proxy_url()),
+            ("TENANT_KEY", w.a.key.clone()),
+            ("CUSTOMER_EXTERNAL_ID", "sdk-bad".into()),
+            ("MODE", "bad".into()),
+            ("RUN", "sdk-bad".into()),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "sdk script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], 422);
+    let state = w.state().await;
+    let (available, count, _) = wallet(&state, &cust, "USD").unwrap();
+    assert_eq!((available, count), (dec!(20), 0));
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn v1_mixed_batch_gets_one_result_per_event_and_charges_only_the_valid() {
+    let w = World::start().await;
+    let cust = w.customer(&w.a.account, "mixed-user", "100").await;
+    let first = w
+        .post(
+            "/v1/events",
+            &w.a.key,
+            &json!({"customer_external_id": "mixed-user", "events": [
+                {"id": "early", "event_type": "video_promoted", "occurred_at": ago(60)}
+            ]}),
+        )
+        .await;
+    assert_eq!(first.status(), 200);
+    let resp = w
+        .post(
+            "/v1/events",
+            &w.a.key,
+            &json!({"customer_external_id": "mixed-user", "events": [
+                {"id": "e1", "event_type": "video_promoted", "occurred_at": ago(10)},
+                {"id": "early", "event_type": "video_promoted", "occurred_at": ago(60)},
+                {"id": "e1", "event_type": "video_promoted", "occurred_at": ago(10)},
+                {"id": "e3", "event_type": "no_such_event", "occurred_at": ago(10)},
+                {"id": "e4", "event_type": "video_promoted", "occurred_at": "yesterday"},
+                {"id": "e5", "event_type": "response_completed", "occurred_at": ago(10),
+                 "data": {"input_tokens": "lots", "output_tokens": 1}},
+                {"id": "e6", "event_type": "response_completed", "occurred_at": ago(10),
+                 "data": {"input_tokens": 2000000, "output_tokens": 1000000}}
+            ]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    let status: Vec<&str> = results.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        status,
+        ["accepted", "duplicate", "rejected", "rejected", "rejected", "rejected", "accepted"]
+    );
+    let codes: Vec<&str> = results[2..6].iter().map(|r| r["code"].as_str().unwrap()).collect();
+    assert_eq!(codes[0], "duplicate_id_in_request");
+    assert_eq!(codes[1], "unknown_event_type");
+    assert_eq!(codes[2], "invalid_occurred_at");
+    assert!(codes[3].contains("volume"), "{codes:?}");
+    let mut distinct = codes.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4);
+    assert_eq!(results[4]["field"], "events[4].occurred_at");
+    // What the response says was accepted is exactly what is charged.
+    let stated: Decimal = [&results[0], &results[6]]
+        .iter()
+        .flat_map(|r| r["fees"].as_array().unwrap().iter())
+        .map(|f| dec_of(&f["amount"]))
+        .sum();
+    assert_eq!(stated, dec!(13.00)); // 0.50 + 2.50 + 10.00
+    let state = w.state().await;
+    let (_, count, total) = wallet(&state, &cust, "USD").unwrap();
+    assert_eq!(count, 4); // early + e1 + two fees of e6
+    assert_eq!(total, dec!(13.50));
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(body["duplicates"], 1);
+    assert_eq!(body["rejected"], 4);
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn tenants_cannot_reach_each_others_customers_whatever_they_send() {
+    let w = World::start().await;
+    let b_cust = w.customer(&w.b.account, "b-user", "20").await;
+    let event = |id: &str| json!({"id": id, "event_type": "video_promoted", "occurred_at": ago(5)});
+
+    // A names B's customer id directly: not in A's account -> 404, nothing charged.
+    let r = w
+        .post("/events", &w.a.key, &json!({"customer_id": b_cust, "events": [event("x1")]}))
+        .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "customer_not_found");
+
+    // A forges B's account header and uses B's end-user id: the header is ignored, the event
+    // lands on a customer of A's own account (created on first sight), never on B's.
+    let r = w
+        .http
+        .post(format!("{}/events", w.proxy_url()))
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("X-CREDYT-ACCOUNT", &w.b.account)
+        .json(&json!({"customer_external_id": "b-user", "events": [event("x2")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let state = w.state().await;
+    let (available, count, _) = wallet(&state, &b_cust, "USD").unwrap();
+    assert_eq!((available, count), (dec!(20), 0), "B's customer must be untouched");
+    assert_eq!(total_charges(&state), 1);
+    let a_accounts: Vec<&Value> = state["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["id"] == w.a.account.as_str())
+        .collect();
+    assert!(a_accounts[0]["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["external_id"] == "b-user"));
+
+    // Wrong or missing key -> 401, B's own key works for B's customer.
+    for key in ["cpk_not_a_key", ""] {
+        let r = w
+            .post("/events", key, &json!({"customer_id": b_cust, "events": [event("x3")]}))
+            .await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = w
+        .post("/events", &w.b.key, &json!({"customer_id": b_cust, "events": [event("x4")]}))
+        .await;
+    assert_eq!(r.status(), 204);
+    let (available, count, _) = wallet(&w.state().await, &b_cust, "USD").unwrap();
+    assert_eq!((available, count), (dec!(19.50), 1));
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn many_concurrent_misses_for_one_new_end_user_make_one_lookup() {
+    let w = World::start().await;
+    let requests = (0..1000).map(|i| {
+        let body = json!({"customer_external_id": "brand-new-user", "events": [
+            {"id": format!("c{i}"), "event_type": "video_promoted", "occurred_at": ago(5)}
+        ]});
+        let http = w.http.clone();
+        let url = format!("{}/events", w.proxy_url());
+        let key = w.a.key.clone();
+        async move {
+            http.post(url)
+                .header("X-CREDYT-API-KEY", key)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| matches!(s, Ok(204))), "{:?}", &statuses[..5]);
+    let log: Value = w
+        .http
+        .get(format!("{}/_emulator/requests?limit=100000", w.emulator.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lookups = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["method"] == "GET"
+                && r["path"] == "/customers"
+                && r["query"].as_str().unwrap_or("").contains("brand-new-user")
+        })
+        .count();
+    let creates = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] == "POST" && r["path"] == "/customers")
+        .count();
+    assert_eq!(lookups, 1);
+    assert_eq!(creates, 1);
+    assert_eq!(total_charges(&w.state().await), 1000);
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn over_quota_gets_429_with_headers_and_other_tenants_are_unaffected() {
+    let w = World::start_with(Options {
+        rate_a: (1, 3),
+        ..Default::default()
+    })
+    .await;
+    w.customer(&w.b.account, "b-user", "20").await;
+    let post = |key: String, user: &'static str, id: String| {
+        let http = w.http.clone();
+        let url = format!("{}/events", w.proxy_url());
+        async move {
+            http.post(url)
+                .header("X-CREDYT-API-KEY", key)
+                .json(&json!({"customer_external_id": user, "events": [
+                    {"id": id, "event_type": "video_promoted", "occurred_at": ago(5)}
+                ]}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for i in 0..3 {
+        assert_eq!(post(w.a.key.clone(), "a-user", format!("r{i}")).await.status(), 204);
+    }
+    let limited = post(w.a.key.clone(), "a-user", "r3".into()).await;
+    assert_eq!(limited.status(), 429);
+    let h = limited.headers();
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert!(h["ratelimit-policy"].to_str().unwrap().contains("q=1"));
+    assert!(h["ratelimit"].to_str().unwrap().contains("r=0"));
+    assert_eq!(h["content-type"], "application/problem+json");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+    // Tenant B, at the same moment, is not limited.
+    for i in 0..5 {
+        assert_eq!(post(w.b.key.clone(), "b-user", format!("b{i}")).await.status(), 204);
+    }
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
+    let w = World::start().await;
+    let cust = w.customer(&w.a.account, "flaky-user", "50").await;
+    let batch = json!({"customer_external_id": "flaky-user", "events": [
+        {"id": "f1", "event_type": "video_promoted", "occurred_at": ago(5)},
+        {"id": "f2", "event_type": "response_completed", "occurred_at": ago(5),
+         "data": {"input_tokens": 1000000, "output_tokens": 1000000}},
+        {"id": "f3", "event_type": "ticket_resolved", "occurred_at": ago(5)}
+    ]});
+    // Warm the identity cache, then make half of Credyt's wallet answers fail.
+    let warm = w
+        .post("/events", &w.a.key, &json!({"customer_external_id": "flaky-user", "events": [
+            {"id": "warm", "event_type": "video_promoted", "occurred_at": ago(5)}]}))
+        .await;
+    assert_eq!(warm.status(), 204);
+    let faults = json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 1.0}]});
+    let put = w
+        .http
+        .put(format!("{}/_emulator/faults", w.emulator.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .json(&faults)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let r = w.post("/events", &w.a.key, &batch).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "upstream_unavailable");
+
+    // Partial outage: some charges of the retry get through, some do not.
+    let half = json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 0.5}]});
+    w.http
+        .put(format!("{}/_emulator/faults", w.emulator.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .json(&half)
+        .send()
+        .await
+        .unwrap();
+    let _ = w.post("/events", &w.a.key, &batch).await;
+    w.http
+        .delete(format!("{}/_emulator/faults", w.emulator.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let r = w.post("/events", &w.a.key, &batch).await;
+        assert_eq!(r.status(), 204);
+    }
+    let (available, count, total) = wallet(&w.state().await, &cust, "USD").unwrap();
+    // warm 0.50 + f1 0.50 + f2 1.25 + 10.00 + f3 0.99, each exactly once.
+    assert_eq!(count, 5);
+    assert_eq!(total, dec!(13.24));
+    assert_eq!(available, dec!(36.76));
+    w.stop().await;
+}

@@ -1,0 +1,252 @@
+//! Test harness for the proxy: the real emulator and the real proxy on 127.0.0.1:0, with
+//! tenants created through the emulator's API and a tenants file written to a temp dir.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use credyt_proxy::app::Application;
+use credyt_proxy::config::Settings;
+use credyt_proxy::emulator::{self, EmulatorConfig, RunningEmulator};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+pub const PLATFORM_KEY: &str = "platform-test-key";
+
+/// One tenant of the test world.
+pub struct TestTenant {
+    pub id: String,
+    pub key: String,
+    pub account: String,
+}
+
+/// The emulator, the proxy, and two tenants (A with an explicit account, B resolved through
+/// its external id).
+pub struct World {
+    pub emulator: RunningEmulator,
+    pub app: Application,
+    pub a: TestTenant,
+    pub b: TestTenant,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+/// Options of a test world.
+pub struct Options {
+    pub ack: &'static str,
+    pub rate_a: (u32, u32),
+    pub extra_config: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ack: "upstream",
+            rate_a: (10_000, 10_000),
+            extra_config: String::new(),
+        }
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub async fn start_emulator() -> RunningEmulator {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    emulator::start(
+        EmulatorConfig {
+            platform_keys: vec![PLATFORM_KEY.to_string()],
+            ..Default::default()
+        },
+        listener,
+    )
+    .await
+    .unwrap()
+}
+
+/// `POST` to the emulator with the platform key (and an account, if given); returns the JSON.
+pub async fn emu_post(
+    http: &reqwest::Client,
+    emu: &RunningEmulator,
+    path: &str,
+    account: Option<&str>,
+    body: Value,
+) -> Value {
+    let mut req = http
+        .post(format!("{}{}", emu.url(), path))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .json(&body);
+    if let Some(a) = account {
+        req = req.header("X-CREDYT-ACCOUNT", a);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
+    http.get(format!("{}/_emulator/state", emu.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The wallet account `default:<asset>` of `customer` in the emulator's state:
+/// (available, charge count, charge total).
+pub fn wallet(state: &Value, customer: &str, asset: &str) -> Option<(Decimal, u64, Decimal)> {
+    let dec = |v: &Value| -> Decimal { v.to_string().trim_matches('"').parse().unwrap() };
+    for account in state["accounts"].as_array()? {
+        for c in account["customers"].as_array()? {
+            if c["id"] == customer {
+                for w in c["wallet"].as_array()? {
+                    if w["asset"] == asset {
+                        return Some((
+                            dec(&w["available"]),
+                            w["charges"]["count"].as_u64().unwrap(),
+                            dec(&w["charges"]["total"]),
+                        ));
+                    }
+                }
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// The account (in the emulator's state) that holds `customer`.
+pub fn account_of(state: &Value, customer: &str) -> Option<String> {
+    state["accounts"].as_array()?.iter().find_map(|a| {
+        a["customers"]
+            .as_array()?
+            .iter()
+            .any(|c| c["id"] == customer)
+            .then(|| a["id"].as_str().unwrap().to_string())
+    })
+}
+
+/// Sum of charge counts over every customer and asset.
+pub fn total_charges(state: &Value) -> u64 {
+    state["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| a["customers"].as_array().unwrap().iter())
+        .flat_map(|c| c["wallet"].as_array().unwrap().iter())
+        .map(|w| w["charges"]["count"].as_u64().unwrap())
+        .sum()
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> World {
+        let emulator = start_emulator().await;
+        let http = reqwest::Client::new();
+        let dir = tempfile::tempdir().unwrap();
+        let acc_a = emu_post(&http, &emulator, "/accounts", None, json!({"name": "Tenant A", "external_id": "tenant-a"})).await;
+        let acc_b = emu_post(&http, &emulator, "/accounts", None, json!({"name": "Tenant B", "external_id": "tenant-b"})).await;
+        let (key_a, hash_a) = credyt_proxy::identity::tenants::generate_key();
+        let (key_b, hash_b) = credyt_proxy::identity::tenants::generate_key();
+        let tenants = format!(
+            "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash_a}\"]\naccount = \"{}\"\ncreate_customers = true\n\
+             rate_limit = {{ per_second = {}, burst = {} }}\n\n\
+             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\n",
+            acc_a["id"].as_str().unwrap(),
+            opts.rate_a.0,
+            opts.rate_a.1,
+        );
+        std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [log]\nfilter = \"warn\"\n\
+             [credyt]\nbase_url = \"{}\"\napi_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000\n\
+             [tenants]\nfile = \"tenants.toml\"\n\
+             [pricing]\ndir = \"{}\"\n\
+             [ingest]\nack = \"{}\"\n\
+             [outbox]\ndir = \"outbox\"\n{}",
+            emulator.url(),
+            repo().join("pricing").display(),
+            opts.ack,
+            opts.extra_config,
+        );
+        let settings = Settings::from_toml(&config, dir.path(), Some(Default::default())).unwrap();
+        let app = Application::build(settings).await.unwrap();
+        World {
+            a: TestTenant {
+                id: "tenant-a".into(),
+                key: key_a,
+                account: acc_a["id"].as_str().unwrap().to_string(),
+            },
+            b: TestTenant {
+                id: "tenant-b".into(),
+                key: key_b,
+                account: acc_b["id"].as_str().unwrap().to_string(),
+            },
+            emulator,
+            app,
+            http,
+            dir,
+        }
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.app.tenant_addr())
+    }
+
+    /// Creates a customer with `external_id` under `account` in the emulator, funded with
+    /// `usd` USD; returns its id.
+    pub async fn customer(&self, account: &str, external_id: &str, usd: &str) -> String {
+        let c = emu_post(
+            &self.http,
+            &self.emulator,
+            "/customers",
+            Some(account),
+            json!({"name": external_id, "external_id": external_id}),
+        )
+        .await;
+        let id = c["id"].as_str().unwrap().to_string();
+        let amount: Value = serde_json::from_str(usd).unwrap();
+        emu_post(
+            &self.http,
+            &self.emulator,
+            &format!("/customers/{id}/wallet/adjustments"),
+            Some(account),
+            json!({"transaction_id": format!("fund-{id}"), "asset": "USD", "amount": amount, "reason": "gift"}),
+        )
+        .await;
+        id
+    }
+
+    /// POSTs `body` to the proxy's `path` with `key`.
+    pub async fn post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{}", self.proxy_url(), path))
+            .header("X-CREDYT-API-KEY", key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn state(&self) -> Value {
+        emu_state(&self.http, &self.emulator).await
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await;
+        self.emulator.stop().await;
+    }
+}
+
+/// An RFC 3339 timestamp `secs_ago` seconds before now.
+pub fn ago(secs_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(secs_ago))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
