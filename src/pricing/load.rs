@@ -976,7 +976,10 @@ fn parse_price(
             ),
         }
     }
+    let before_rates = cx.errors.len();
     let defaults = parse_rate_fields(cx, t, path);
+    // An invalid rate was reported already; do not also call it missing.
+    let defaults_ok = cx.errors.len() == before_rates;
     let mut rows: Vec<(usize, Row, Span)> = Vec::new();
     if let (Some(u), Some(m)) = (usage, model) {
         if dimensions.is_empty() {
@@ -987,6 +990,7 @@ fn parse_price(
                     "rows_without_dimensions",
                     "`rows` needs `dimensions`",
                 );
+            } else if !defaults_ok {
             } else if let Some(rates) = build_rates(cx, span, path, u, m, &defaults) {
                 rows.push((
                     0,
@@ -1018,8 +1022,13 @@ fn parse_price(
                         allowed.extend(RATE_KEYS);
                         check_keys(cx, rt, &p, &allowed);
                         let values = parse_row_values(cx, rt, &rspan, &p, &dimensions);
+                        let before_row = cx.errors.len();
                         let fields = parse_rate_fields(cx, rt, &p).over(&defaults);
-                        let rates = build_rates(cx, &rspan, &p, u, m, &fields);
+                        let rates = if defaults_ok && cx.errors.len() == before_row {
+                            build_rates(cx, &rspan, &p, u, m, &fields)
+                        } else {
+                            None
+                        };
                         if let (Some(values), Some(rates)) = (values, rates) {
                             let specificity = values.iter().filter(|v| v.is_some()).count();
                             rows.push((
