@@ -1055,7 +1055,7 @@ fn parse_price(
         }
     }
     // Most specific first; stable, so file order breaks nothing (ties are rejected below).
-    rows.sort_by(|a, b| b.1.specificity.cmp(&a.1.specificity));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.specificity));
     check_ambiguity(cx, path, &dimensions, &rows);
     if cx.errors.len() > before {
         return None;

@@ -12,7 +12,13 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-const DECIMAL_FIELDS: [&str; 5] = ["amount", "volume", "unit_price", "volume_rate", "package_size"];
+const DECIMAL_FIELDS: [&str; 5] = [
+    "amount",
+    "volume",
+    "unit_price",
+    "volume_rate",
+    "package_size",
+];
 
 fn as_decimal(v: &Value) -> Option<Decimal> {
     match v {
@@ -106,7 +112,8 @@ fn golden_cases() {
 
 #[test]
 fn shipped_pricing_dir_passes_check_and_prices_credyt_examples() {
-    let summary = check_dir(&repo("pricing")).unwrap_or_else(|e| panic!("shipped pricing/ is invalid:\n{e}"));
+    let summary =
+        check_dir(&repo("pricing")).unwrap_or_else(|e| panic!("shipped pricing/ is invalid:\n{e}"));
     assert!(summary.contains("book standard"), "{summary}");
     let set = PricingSet::load_dir(&repo("pricing")).unwrap();
     assert_eq!(set.hash().len(), 64);
@@ -236,18 +243,51 @@ volme_rate = 1
     let expect = [
         ("assets.toml:2: credits.precision", "precision_overflow"),
         ("assignments.toml:3: tenants.acme", "unknown_book"),
-        ("standard.toml:10: versions[0].prices[0].pricing_model", "unknown_model"),
-        ("standard.toml:22: versions[0].prices[1].tiers[1].up_to", "tiers_unordered"),
-        ("standard.toml:34: versions[0].prices[2].tiers[0]", "open_tier_not_last"),
-        ("standard.toml:35: versions[0].prices[2].tiers[1].up_to", "last_tier_bounded"),
-        ("standard.toml:43: versions[0].prices[3].unit_price", "negative_price"),
-        ("standard.toml:45: versions[0].prices[4].volume_field", "missing_volume_field"),
-        ("standard.toml:50: versions[0].prices[4].volume_rate", "precision_overflow"),
-        ("standard.toml:57: versions[0].prices[5].asset", "unknown_asset"),
-        ("standard.toml:61: versions[0].prices[6].id", "duplicate_price_id"),
+        (
+            "standard.toml:10: versions[0].prices[0].pricing_model",
+            "unknown_model",
+        ),
+        (
+            "standard.toml:22: versions[0].prices[1].tiers[1].up_to",
+            "tiers_unordered",
+        ),
+        (
+            "standard.toml:34: versions[0].prices[2].tiers[0]",
+            "open_tier_not_last",
+        ),
+        (
+            "standard.toml:35: versions[0].prices[2].tiers[1].up_to",
+            "last_tier_bounded",
+        ),
+        (
+            "standard.toml:43: versions[0].prices[3].unit_price",
+            "negative_price",
+        ),
+        (
+            "standard.toml:45: versions[0].prices[4].volume_field",
+            "missing_volume_field",
+        ),
+        (
+            "standard.toml:50: versions[0].prices[4].volume_rate",
+            "precision_overflow",
+        ),
+        (
+            "standard.toml:57: versions[0].prices[5].asset",
+            "unknown_asset",
+        ),
+        (
+            "standard.toml:61: versions[0].prices[6].id",
+            "duplicate_price_id",
+        ),
         ("versions[0].prices[7].rows[1]", "ambiguous_dimensions"),
-        ("standard.toml:84: versions[0].prices[8].volume_rate", "invalid_decimal"),
-        ("standard.toml:85: versions[0].prices[8].volme_rate", "unknown_key"),
+        (
+            "standard.toml:84: versions[0].prices[8].volume_rate",
+            "invalid_decimal",
+        ),
+        (
+            "standard.toml:85: versions[0].prices[8].volme_rate",
+            "unknown_key",
+        ),
     ];
     let mut missing = Vec::new();
     for (location, code) in expect {
@@ -273,13 +313,30 @@ fn broken_references_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write(d, "assignments.toml", "default = \"ghost\"\n");
-    write(d, "a.toml", "extends = \"b\"\n[[versions]]\neffective_from = 2026-01-01T00:00:00Z\nprices = []\n");
-    write(d, "b.toml", "extends = \"a\"\n[[versions]]\neffective_from = 2026-01-01T00:00:00Z\nprices = []\n");
-    write(d, "d.toml", "[[versions]]\neffective_from = \"2026-01-01\"\nprices = []\n");
+    write(
+        d,
+        "a.toml",
+        "extends = \"b\"\n[[versions]]\neffective_from = 2026-01-01T00:00:00Z\nprices = []\n",
+    );
+    write(
+        d,
+        "b.toml",
+        "extends = \"a\"\n[[versions]]\neffective_from = 2026-01-01T00:00:00Z\nprices = []\n",
+    );
+    write(
+        d,
+        "d.toml",
+        "[[versions]]\neffective_from = \"2026-01-01\"\nprices = []\n",
+    );
     write(d, "c.toml", "[[versions]\n");
     let errors = PricingSet::load_dir(d).unwrap_err();
     let codes: Vec<&str> = errors.errors().iter().map(|e| e.code()).collect();
-    for code in ["unknown_book", "extends_cycle", "invalid_date", "toml_syntax"] {
+    for code in [
+        "unknown_book",
+        "extends_cycle",
+        "invalid_date",
+        "toml_syntax",
+    ] {
         assert!(codes.contains(&code), "{code} missing from:\n{errors}");
     }
 }
@@ -331,7 +388,10 @@ async fn hot_reload_keeps_last_good_and_swaps_good_edits() {
     write(d, "standard.toml", &BOOK_V1.replace("0.99", "-1"));
     wait_for(|| pricing.last_error().is_some(), "error reported").await;
     let err = pricing.last_error().unwrap();
-    assert!(err.contains("standard.toml:9") && err.contains("negative_price"), "{err}");
+    assert!(
+        err.contains("standard.toml:9") && err.contains("negative_price"),
+        "{err}"
+    );
     assert_eq!(amount(&pricing), "0.99");
     assert_eq!(pricing.current().hash(), h1);
     assert!(pricing.reload_now().is_err());
@@ -343,7 +403,7 @@ async fn hot_reload_keeps_last_good_and_swaps_good_edits() {
     let q = quote_json(&pricing.current(), "demo", EVENT).unwrap();
     assert_ne!(q["pricing_hash"], Value::String(h1.clone()));
     assert_ne!(q["pricing_version"], Value::String(v1));
-    assert_eq!(pricing.reload_now().unwrap(), false);
+    assert!(!pricing.reload_now().unwrap());
     watcher.abort();
 }
 
