@@ -479,8 +479,12 @@ fn parse_book(
                 .enumerate()
             {
                 let path = format!("versions[{vi}]");
-                if let Some(v) = parse_version(cx, vt, &vspan, &path, assets) {
-                    if let Some(prev) = seen_from.insert(v.effective_from, vi) {
+                // Checked even when the version has other mistakes, so both are reported.
+                if let Some((_, at)) = vt
+                    .get("effective_from")
+                    .and_then(|i| read_instant(cx.text, i))
+                {
+                    if let Some(prev) = seen_from.insert(at, vi) {
                         cx.err(
                             &key_span(vt, "effective_from"),
                             &join(&path, "effective_from"),
@@ -488,6 +492,8 @@ fn parse_book(
                             format!("same effective_from instant as versions[{prev}]"),
                         );
                     }
+                }
+                if let Some(v) = parse_version(cx, vt, &vspan, &path, assets) {
                     versions.push(v);
                 }
             }
@@ -502,6 +508,19 @@ fn parse_book(
         extends,
         versions,
     })
+}
+
+/// An `effective_from` value: TOML datetime (its literal text) or string, RFC 3339 with offset.
+fn read_instant(text: &str, item: &Item) -> Option<(String, DateTime<Utc>)> {
+    let literal = match item.as_value()? {
+        Value::Datetime(d) => d.span().and_then(|s| text.get(s))?.trim().to_owned(),
+        Value::String(s) => s.value().trim().to_owned(),
+        _ => return None,
+    };
+    let at = DateTime::parse_from_rfc3339(&literal)
+        .ok()?
+        .with_timezone(&Utc);
+    Some((literal, at))
 }
 
 fn parse_version(
@@ -523,18 +542,8 @@ fn parse_version(
             "missing required key `effective_from`",
         ),
         Some(item) => {
-            let literal = match item.as_value() {
-                Some(Value::Datetime(d)) => {
-                    d.span().and_then(|s| cx.text.get(s)).map(str::to_owned)
-                }
-                Some(Value::String(s)) => Some(s.value().clone()),
-                _ => None,
-            };
-            match literal
-                .as_deref()
-                .and_then(|l| DateTime::parse_from_rfc3339(l.trim()).ok().map(|d| (l.trim().to_owned(), d)))
-            {
-                Some((l, d)) => effective = Some((l, d.with_timezone(&Utc))),
+            match read_instant(cx.text, item) {
+                Some(v) => effective = Some(v),
                 None => cx.err(
                     &item.span(),
                     &join(path, "effective_from"),
@@ -1421,4 +1430,113 @@ fn resolve(
     });
     memo.insert(name.to_owned(), book.clone());
     Some(book)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn files(book: &str) -> Vec<SourceFile> {
+        vec![
+            SourceFile {
+                name: ASSIGNMENTS_FILE.into(),
+                text: "default = \"b\"\n".into(),
+            },
+            SourceFile {
+                name: "b.toml".into(),
+                text: book.into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn toml_numbers_are_read_from_their_literal_text() {
+        let set = build(&files(
+            r#"[[versions]]
+effective_from = 2026-01-01T00:00:00Z
+[[versions.prices]]
+id = "p"
+event_type = "e"
+usage_type = "volume"
+volume_field = "q"
+asset = "USD"
+pricing_model = "tiered"
+package_size = 1.000_000_000_000_000_001
+tiers = [
+  { up_to = 9007199254740993, volume_rate = 1.005 },
+  { up_to = "9007199254740994.5", volume_rate = 0.1 },
+  { volume_rate = 2.5e-7 },
+]
+"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let book = set.book("b").unwrap();
+        let price = &book.timeline[0].prices[0];
+        let VolumePart::Tiered {
+            tiers,
+            package_size,
+        } = price.rows[0].rates.volume.clone().unwrap()
+        else {
+            panic!("not tiered")
+        };
+        assert_eq!(package_size, Some(dec!(1.000000000000000001)));
+        assert_eq!(
+            tiers[0].up_to,
+            Some(Decimal::from(9_007_199_254_740_993_i64))
+        );
+        assert_eq!(tiers[0].volume_rate, dec!(1.005));
+        assert_eq!(tiers[1].up_to, Some(dec!(9007199254740994.5)));
+        assert_eq!(tiers[2].volume_rate, dec!(0.00000025));
+    }
+
+    #[test]
+    fn rows_are_sorted_most_specific_first() {
+        let set = build(&files(
+            r#"[[versions]]
+effective_from = 2026-01-01T00:00:00Z
+[[versions.prices]]
+id = "p"
+event_type = "e"
+usage_type = "unit"
+asset = "USD"
+unit_price = 1
+dimensions = ["a", "b"]
+rows = [
+  { dimensions = { a = "*", b = "*" } },
+  { dimensions = { a = "x", b = "y" }, unit_price = 3 },
+  { dimensions = { a = "x", b = "*" }, unit_price = 2 },
+]
+"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let price = &set.book("b").unwrap().timeline[0].prices[0];
+        let specs: Vec<usize> = price.rows.iter().map(|r| r.specificity).collect();
+        assert_eq!(specs, vec![2, 1, 0]);
+        assert_eq!(price.rows[2].rates.unit_price, Some(dec!(1)));
+    }
+
+    #[test]
+    fn duplicate_effective_from_and_duplicate_rows_are_errors() {
+        let errors = build(&files(
+            r#"[[versions]]
+effective_from = 2026-01-01T00:00:00Z
+prices = []
+[[versions]]
+effective_from = "2026-01-01T01:00:00+01:00"
+[[versions.prices]]
+id = "p"
+event_type = "e"
+usage_type = "unit"
+asset = "USD"
+unit_price = 1
+dimensions = ["a"]
+rows = [ { dimensions = { a = "x" } }, { dimensions = { a = "x" } } ]
+"#,
+        ))
+        .unwrap_err();
+        let codes: Vec<&str> = errors.errors().iter().map(|e| e.code()).collect();
+        assert!(codes.contains(&"duplicate_effective_from"), "{errors}");
+        assert!(codes.contains(&"ambiguous_dimensions"), "{errors}");
+    }
 }
