@@ -290,11 +290,7 @@ fn get_decimal(cx: &mut Cx<'_>, t: &dyn TableLike, path: &str, key: &str) -> Got
     match parsed {
         Ok(d) => Ok(Some((d, span))),
         Err(e) => {
-            let code = match e {
-                DecimalTextError::NotANumber(_) => "invalid_decimal",
-                DecimalTextError::NotRepresentable(_) => "precision_overflow",
-            };
-            cx.err(&span, &p, code, e.to_string());
+            cx.err(&span, &p, e.code(), e.to_string());
             Err(())
         }
     }

@@ -36,6 +36,15 @@ pub enum DecimalTextError {
     NotRepresentable(String),
 }
 
+impl DecimalTextError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecimalTextError::NotANumber(_) => "invalid_decimal",
+            DecimalTextError::NotRepresentable(_) => "precision_overflow",
+        }
+    }
+}
+
 /// Parses decimal text exactly: optional sign, digits with an optional fraction, optional
 /// exponent (`1.25e-6`). `_` digit separators are accepted only when `allow_underscores`
 /// (TOML literals; the TOML parser has already checked they sit between digits).
