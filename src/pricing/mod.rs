@@ -1,53 +1,89 @@
-//! Price books (placeholder API until the pricing engine lands; replaced wholesale by it).
+//! Price books: local pricing of usage events, modelled on Credyt's product prices.
+//!
+//! Contract: a [`PricingSet`] is one validated, immutable snapshot of the pricing directory
+//! (books, assets, tenant assignments), identified by the sha256 of its content. Pricing an
+//! event ([`PricingSet::price`]) is pure and lock-free: tenant -> book, `occurred_at` -> the
+//! book version in force, `event_type` -> its prices, one fee per price, each rounded once
+//! (`money::round_fee`). [`Pricing`] is the hot-reloadable handle the server shares.
+//! The file format is documented in `pricing/README.md`.
+//!
+//! Submodules: `book` (validated model), `load` (read + parse + validate), `money` (exact
+//! decimals, assets, the rounding rule), `engine` (rate an event), `reload` (hot reload),
+//! `quote` (CLI helpers).
 
+pub mod book;
+pub mod engine;
+pub mod load;
+pub mod money;
+pub mod quote;
+pub mod reload;
+
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use engine::PricingError;
+pub use load::{LoadError, LoadErrors};
+pub use quote::{check_dir, quote_json, QuoteError};
+pub use reload::Pricing;
+
 use crate::domain::{Fee, UsageEvent};
+use book::ResolvedBook;
 
-#[derive(Debug, thiserror::Error)]
-pub enum PricingError {
-    #[error("no price for event type `{0}`")]
-    UnknownEventType(String),
+/// One validated, immutable set of books and assignments.
+#[derive(Debug)]
+pub struct PricingSet {
+    pub(crate) books: HashMap<String, Arc<ResolvedBook>>,
+    pub(crate) tenants: HashMap<String, Arc<ResolvedBook>>,
+    pub(crate) default: Option<Arc<ResolvedBook>>,
+    pub(crate) hash: String,
+    pub(crate) version: String,
 }
-
-impl PricingError {
-    pub fn code(&self) -> &'static str {
-        "unknown_event_type"
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LoadErrors(pub String);
-
-pub struct PricingSet;
 
 impl PricingSet {
+    /// Reads, parses and validates the whole directory; every mistake is in the error.
+    pub fn load_dir(dir: &Path) -> Result<PricingSet, LoadErrors> {
+        load::build(&load::read_dir_files(dir)?)
+    }
+
+    /// Human label of the set: `<version key>+<hash prefix>`, or the hash prefix alone.
     pub fn version(&self) -> &str {
-        "none"
+        &self.version
     }
+
+    /// sha256 hex of the loaded files (names and contents).
     pub fn hash(&self) -> &str {
-        "none"
+        &self.hash
     }
-    pub fn price(&self, _tenant: &str, event: &UsageEvent) -> Result<Vec<Fee>, PricingError> {
-        Err(PricingError::UnknownEventType(event.event_type.clone()))
-    }
-}
 
-pub struct Pricing(Arc<PricingSet>);
+    /// The book a tenant uses: its assignment, else the default book.
+    pub fn book_for(&self, tenant: &str) -> Option<&ResolvedBook> {
+        self.tenants
+            .get(tenant)
+            .or(self.default.as_ref())
+            .map(|b| b.as_ref())
+    }
 
-impl Pricing {
-    pub fn load(_dir: &Path) -> Result<Pricing, LoadErrors> {
-        Ok(Pricing(Arc::new(PricingSet)))
+    /// A book by name (assigned or not).
+    pub fn book(&self, name: &str) -> Option<&ResolvedBook> {
+        self.books.get(name).map(|b| b.as_ref())
     }
-    pub fn current(&self) -> Arc<PricingSet> {
-        self.0.clone()
+
+    /// Names of all books, sorted.
+    pub fn book_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.books.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
     }
-    pub fn spawn_watcher(
-        self: &Arc<Self>,
-        _interval: std::time::Duration,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async {})
+
+    /// Prices one event for one tenant: one fee per price of its `event_type`, or one error
+    /// for the whole event.
+    pub fn price(&self, tenant: &str, event: &UsageEvent) -> Result<Vec<Fee>, PricingError> {
+        let book = self
+            .book_for(tenant)
+            .ok_or_else(|| PricingError::UnknownTenant {
+                tenant: tenant.to_owned(),
+            })?;
+        engine::price_event(book, &self.hash, event)
     }
 }

@@ -1,0 +1,480 @@
+//! Rating: one event against one resolved book version -> one fee per matching price.
+//!
+//! Contract: pure (no I/O, no locks, no clock); exact decimal arithmetic with overflow checks;
+//! every fee is rounded once, at the end, by `money::round_fee`. An event is either fully priced
+//! (every price of its `event_type` yields a fee) or rejected with one [`PricingError`]: a missing
+//! or invalid volume, or a dimension combination no row covers, never becomes a free event.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+
+use super::book::{Price, ResolvedBook, Row, Tier, VolumePart};
+use super::money::{self, parse_decimal};
+use crate::domain::{DataValue, EventData, Fee, UsageEvent};
+
+/// Why an event could not be priced. `code()` is stable and goes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PricingError {
+    #[error("tenant `{tenant}` has no price book (not in assignments.toml and no default)")]
+    UnknownTenant { tenant: String },
+    #[error("price book `{book}` has no price for event_type `{event_type}`")]
+    UnknownEventType { book: String, event_type: String },
+    #[error("price book `{book}` has no version in force at {occurred_at}")]
+    NotYetEffective { book: String, occurred_at: String },
+    #[error("price `{price_id}`: no dimension row matches {found}")]
+    NoMatchingPrice { price_id: String, found: String },
+    #[error("price `{price_id}`: volume field `{field}` is missing from the event data")]
+    MissingVolume { price_id: String, field: String },
+    #[error("price `{price_id}`: volume field `{field}` is invalid: {reason}")]
+    InvalidVolume {
+        price_id: String,
+        field: String,
+        reason: String,
+    },
+    #[error("price `{price_id}`: the amount overflows the decimal range")]
+    AmountOverflow { price_id: String },
+}
+
+impl PricingError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            PricingError::UnknownTenant { .. } => "unknown_tenant",
+            PricingError::UnknownEventType { .. } => "unknown_event_type",
+            PricingError::NotYetEffective { .. } => "not_yet_effective",
+            PricingError::NoMatchingPrice { .. } => "no_matching_price",
+            PricingError::MissingVolume { .. } => "missing_volume",
+            PricingError::InvalidVolume { .. } => "invalid_volume",
+            PricingError::AmountOverflow { .. } => "amount_overflow",
+        }
+    }
+}
+
+/// Prices `event` with the version of `book` in force at its `occurred_at`.
+pub(crate) fn price_event(
+    book: &ResolvedBook,
+    pricing_hash: &str,
+    event: &UsageEvent,
+) -> Result<Vec<Fee>, PricingError> {
+    let version =
+        book.version_at(event.occurred_at)
+            .ok_or_else(|| PricingError::NotYetEffective {
+                book: book.name.clone(),
+                occurred_at: event.occurred_at.to_rfc3339(),
+            })?;
+    let prices = version
+        .by_event
+        .get(event.event_type.as_str())
+        .ok_or_else(|| PricingError::UnknownEventType {
+            book: book.name.clone(),
+            event_type: event.event_type.clone(),
+        })?;
+    let mut fees = Vec::with_capacity(prices.len());
+    for price in prices.iter() {
+        let rated = rate(price, &event.data)?;
+        fees.push(Fee {
+            price_id: price.id.clone(),
+            price_name: price.name.clone(),
+            usage_type: price.usage_type,
+            dimensions: rated.dimensions,
+            volume_field: rated.volume.and(price.volume_field.clone()),
+            volume: rated.volume,
+            unit_price: rated.row.rates.unit_price,
+            volume_rate: rated.volume_rate,
+            package_size: rated.package_size,
+            // The one rounding of this fee.
+            amount: money::round_fee(rated.raw_amount, price.precision),
+            asset: price.asset.clone(),
+            book: book.name.clone(),
+            book_version: version.label.clone(),
+            pricing_hash: pricing_hash.to_owned(),
+        });
+    }
+    Ok(fees)
+}
+
+/// One price applied to one event's data, before rounding.
+pub(crate) struct Rated<'p> {
+    pub row: &'p Row,
+    pub dimensions: BTreeMap<String, String>,
+    pub volume: Option<Decimal>,
+    pub volume_rate: Option<Decimal>,
+    pub package_size: Option<Decimal>,
+    /// Exact (unrounded) sum of the unit part and every band of the volume part.
+    pub raw_amount: Decimal,
+}
+
+pub(crate) fn rate<'p>(price: &'p Price, data: &EventData) -> Result<Rated<'p>, PricingError> {
+    let row = match_row(price, data).ok_or_else(|| PricingError::NoMatchingPrice {
+        price_id: price.id.clone(),
+        found: describe_dimensions(price, data),
+    })?;
+    let overflow = || PricingError::AmountOverflow {
+        price_id: price.id.clone(),
+    };
+    let mut raw_amount = row.rates.unit_price.unwrap_or(Decimal::ZERO);
+    let mut volume = None;
+    let mut volume_rate = None;
+    let mut package_size = None;
+    if let Some(part) = &row.rates.volume {
+        let q = read_volume(price, data)?;
+        let out = volume_amount(part, q).ok_or_else(overflow)?;
+        raw_amount = raw_amount.checked_add(out.amount).ok_or_else(overflow)?;
+        volume = Some(q);
+        volume_rate = out.rate;
+        package_size = out.package_size;
+    }
+    let dimensions = price
+        .dimensions
+        .iter()
+        .zip(row.values.iter())
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.to_string())))
+        .collect();
+    Ok(Rated {
+        row,
+        dimensions,
+        volume,
+        volume_rate,
+        package_size,
+        raw_amount,
+    })
+}
+
+/// First row (most specific first) whose every non-wildcard value equals the event's value.
+/// A dimension missing from the data matches only a wildcard.
+fn match_row<'p>(price: &'p Price, data: &EventData) -> Option<&'p Row> {
+    price.rows.iter().find(|row| {
+        row.values
+            .iter()
+            .zip(price.dimensions.iter())
+            .all(|(want, key)| match want {
+                None => true,
+                Some(want) => data
+                    .get(key.as_str())
+                    .is_some_and(|v| v.as_dimension() == **want),
+            })
+    })
+}
+
+fn describe_dimensions(price: &Price, data: &EventData) -> String {
+    let parts: Vec<String> = price
+        .dimensions
+        .iter()
+        .map(|k| match data.get(k.as_str()) {
+            Some(v) => format!("{k}={}", v.as_dimension()),
+            None => format!("{k} (absent)"),
+        })
+        .collect();
+    parts.join(", ")
+}
+
+fn read_volume(price: &Price, data: &EventData) -> Result<Decimal, PricingError> {
+    let field = price.volume_field.as_deref().unwrap_or_default();
+    let invalid = |reason: String| PricingError::InvalidVolume {
+        price_id: price.id.clone(),
+        field: field.to_owned(),
+        reason,
+    };
+    let q = match data.get(field) {
+        None => {
+            return Err(PricingError::MissingVolume {
+                price_id: price.id.clone(),
+                field: field.to_owned(),
+            })
+        }
+        Some(DataValue::Number(d)) => *d,
+        Some(DataValue::String(s)) => {
+            parse_decimal(s, false).map_err(|e| invalid(e.to_string()))?
+        }
+        Some(DataValue::Bool(_)) => return Err(invalid("a boolean is not a quantity".into())),
+    };
+    if q.is_sign_negative() && !q.is_zero() {
+        return Err(invalid(format!("{q} is negative")));
+    }
+    Ok(q)
+}
+
+/// The volume part of a fee: exact amount, the rate to show, the package size applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeOutcome {
+    pub amount: Decimal,
+    /// The single rate used; `None` for graduated tiers when the quantity spans several bands.
+    pub rate: Option<Decimal>,
+    pub package_size: Option<Decimal>,
+}
+
+/// Exact, unrounded; `None` only on decimal overflow. `q` is non-negative.
+pub(crate) fn volume_amount(part: &VolumePart, q: Decimal) -> Option<VolumeOutcome> {
+    match part {
+        VolumePart::Flat { rate, package_size } => Some(VolumeOutcome {
+            amount: per_package(rate.checked_mul(q)?, *package_size)?,
+            rate: Some(*rate),
+            package_size: *package_size,
+        }),
+        VolumePart::Package { rate, package_size } => Some(VolumeOutcome {
+            amount: rate.checked_mul(packages(q, *package_size)?)?,
+            rate: Some(*rate),
+            package_size: Some(*package_size),
+        }),
+        VolumePart::Tiered {
+            tiers,
+            package_size,
+        } => {
+            let (sum, rate) = graduated(tiers, q)?;
+            Some(VolumeOutcome {
+                amount: per_package(sum, *package_size)?,
+                rate,
+                package_size: *package_size,
+            })
+        }
+        VolumePart::Bulk {
+            tiers,
+            package_size,
+        } => {
+            let rate = bulk_tier(tiers, q)?.volume_rate;
+            Some(VolumeOutcome {
+                amount: per_package(rate.checked_mul(q)?, *package_size)?,
+                rate: Some(rate),
+                package_size: *package_size,
+            })
+        }
+    }
+}
+
+/// Rates quoted per package are prorated: amount / package_size. The quotient is carried at
+/// `Decimal`'s 28 significant digits; a rounding tie at the asset precision is a terminating
+/// decimal and so is exact here.
+fn per_package(amount: Decimal, package_size: Option<Decimal>) -> Option<Decimal> {
+    match package_size {
+        Some(size) => amount.checked_div(size),
+        None => Some(amount),
+    }
+}
+
+/// ceil(q / size), computed exactly through the remainder (a 28-digit quotient could round a
+/// tiny excess away).
+pub(crate) fn packages(q: Decimal, size: Decimal) -> Option<Decimal> {
+    let rem = q.checked_rem(size)?;
+    let whole = q.checked_sub(rem)?.checked_div(size)?;
+    if rem.is_zero() {
+        Some(whole)
+    } else {
+        whole.checked_add(Decimal::ONE)
+    }
+}
+
+/// Graduated tiers: sum of each band's quantity x its rate; also the rate when one band only.
+fn graduated(tiers: &[Tier], q: Decimal) -> Option<(Decimal, Option<Decimal>)> {
+    let mut lower = Decimal::ZERO;
+    let mut sum = Decimal::ZERO;
+    let mut bands = 0usize;
+    let mut shown = tiers.first().map(|t| t.volume_rate);
+    for tier in tiers {
+        let upper = tier.up_to.map_or(q, |u| u.min(q));
+        let in_band = upper.checked_sub(lower)?;
+        if in_band <= Decimal::ZERO {
+            break;
+        }
+        sum = sum.checked_add(in_band.checked_mul(tier.volume_rate)?)?;
+        bands += 1;
+        shown = Some(tier.volume_rate);
+        match tier.up_to {
+            Some(u) => lower = u,
+            None => break,
+        }
+    }
+    Some((sum, if bands <= 1 { shown } else { None }))
+}
+
+/// Bulk: the band q falls in (`up_to` inclusive); the last band is open, so there is one.
+fn bulk_tier(tiers: &[Tier], q: Decimal) -> Option<&Tier> {
+    tiers.iter().find(|t| t.up_to.is_none_or(|u| q <= u))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rust_decimal_macros::dec;
+
+    fn tiers(spec: &[(Option<Decimal>, Decimal)]) -> Box<[Tier]> {
+        spec.iter()
+            .map(|(u, r)| Tier {
+                up_to: *u,
+                volume_rate: *r,
+            })
+            .collect()
+    }
+
+    fn standard_tiers() -> Box<[Tier]> {
+        tiers(&[
+            (Some(dec!(100)), dec!(0.10)),
+            (Some(dec!(1000)), dec!(0.05)),
+            (None, dec!(0.01)),
+        ])
+    }
+
+    #[test]
+    fn graduated_and_bulk_at_boundaries() {
+        let grad = VolumePart::Tiered {
+            tiers: standard_tiers(),
+            package_size: None,
+        };
+        let bulk = VolumePart::Bulk {
+            tiers: standard_tiers(),
+            package_size: None,
+        };
+        let g = |q| volume_amount(&grad, q).unwrap();
+        let b = |q| volume_amount(&bulk, q).unwrap();
+        assert_eq!(g(dec!(100)).amount, dec!(10.00));
+        assert_eq!(g(dec!(100)).rate, Some(dec!(0.10)));
+        assert_eq!(g(dec!(101)).amount, dec!(10.05));
+        assert_eq!(g(dec!(101)).rate, None);
+        assert_eq!(b(dec!(100)).amount, dec!(10.00));
+        assert_eq!(b(dec!(101)).amount, dec!(5.05));
+        assert_eq!(b(dec!(1001)).rate, Some(dec!(0.01)));
+        assert_eq!(packages(dec!(0), dec!(10)), Some(dec!(0)));
+        assert_eq!(packages(dec!(10), dec!(10)), Some(dec!(1)));
+        assert_eq!(packages(dec!(10.0000001), dec!(10)), Some(dec!(2)));
+    }
+
+    fn qty() -> impl Strategy<Value = Decimal> {
+        // Up to 10^12 with up to 6 decimals.
+        (0u64..1_000_000_000_000_000_000u64, 0u32..=6)
+            .prop_map(|(m, s)| Decimal::new(m as i64 / 1000, s))
+    }
+
+    fn rate_val() -> impl Strategy<Value = Decimal> {
+        (0i64..10_000_000, 0u32..=8).prop_map(|(m, s)| Decimal::new(m, s))
+    }
+
+    fn tier_set() -> impl Strategy<Value = Box<[Tier]>> {
+        proptest::collection::vec((1i64..1_000_000, 0u32..=3, rate_val()), 1..5).prop_map(|v| {
+            let mut bound = Decimal::ZERO;
+            let n = v.len();
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (step, s, r))| {
+                    bound += Decimal::new(step, s);
+                    Tier {
+                        up_to: (i + 1 < n).then_some(bound),
+                        volume_rate: r,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn size() -> impl Strategy<Value = Decimal> {
+        (1i64..10_000_000, 0u32..=3).prop_map(|(m, s)| Decimal::new(m, s))
+    }
+
+    /// Models that must be monotonic in q (everything but bulk).
+    fn monotone_part() -> impl Strategy<Value = VolumePart> {
+        prop_oneof![
+            (rate_val(), proptest::option::of(size()))
+                .prop_map(|(rate, package_size)| VolumePart::Flat { rate, package_size }),
+            (rate_val(), size())
+                .prop_map(|(rate, package_size)| VolumePart::Package { rate, package_size }),
+            (tier_set(), proptest::option::of(size())).prop_map(|(tiers, package_size)| {
+                VolumePart::Tiered {
+                    tiers,
+                    package_size,
+                }
+            }),
+        ]
+    }
+
+    fn part() -> impl Strategy<Value = VolumePart> {
+        prop_oneof![
+            (rate_val(), proptest::option::of(size()))
+                .prop_map(|(rate, package_size)| VolumePart::Flat { rate, package_size }),
+            (rate_val(), size())
+                .prop_map(|(rate, package_size)| VolumePart::Package { rate, package_size }),
+            (tier_set(), proptest::option::of(size())).prop_map(|(tiers, package_size)| {
+                VolumePart::Tiered {
+                    tiers,
+                    package_size,
+                }
+            }),
+            (tier_set(), proptest::option::of(size())).prop_map(|(tiers, package_size)| {
+                VolumePart::Bulk {
+                    tiers,
+                    package_size,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn amount_is_non_negative(p in part(), q in qty(), prec in 0u32..=8) {
+            let out = volume_amount(&p, q).unwrap();
+            prop_assert!(out.amount >= Decimal::ZERO);
+            prop_assert!(money::round_fee(out.amount, prec) >= Decimal::ZERO);
+        }
+
+        #[test]
+        fn monotonic_except_bulk(p in monotone_part(), a in qty(), b in qty(), prec in 0u32..=8) {
+            let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+            let x = volume_amount(&p, lo).unwrap().amount;
+            let y = volume_amount(&p, hi).unwrap().amount;
+            prop_assert!(x <= y, "{x} > {y} for {lo} <= {hi}");
+            prop_assert!(money::round_fee(x, prec) <= money::round_fee(y, prec));
+        }
+
+        #[test]
+        fn graduated_is_continuous_at_every_boundary(t in tier_set(), k in 1i64..10) {
+            // Piecewise linear with no jump: just below a bound the slope is the band's rate,
+            // just above it the next band's rate, and both one-sided limits meet at the bound.
+            let part = VolumePart::Tiered { tiers: t.clone(), package_size: None };
+            // Below the narrowest band (0.001) and coarse enough that every sum stays within
+            // Decimal's 28 significant digits, so the equalities are exact.
+            let eps = Decimal::new(k, 4);
+            for (i, tier) in t.iter().enumerate() {
+                let Some(u) = tier.up_to else { continue };
+                let at = volume_amount(&part, u).unwrap().amount;
+                let below = volume_amount(&part, u - eps).unwrap().amount;
+                let above = volume_amount(&part, u + eps).unwrap().amount;
+                prop_assert_eq!(at - below, eps * tier.volume_rate);
+                prop_assert_eq!(above - at, eps * t[i + 1].volume_rate);
+            }
+        }
+
+        #[test]
+        fn package_is_ceil_times_rate(rate in rate_val(), size in size(), n in 0i64..100_000, f in 0i64..10_000) {
+            // q = (n + f/10^4) x size: exactly n packages when f = 0, else n + 1.
+            let q = (Decimal::from(n) + Decimal::new(f, 4)) * size;
+            let out = volume_amount(&VolumePart::Package { rate, package_size: size }, q).unwrap();
+            let expected = Decimal::from(n) + if f == 0 { Decimal::ZERO } else { Decimal::ONE };
+            prop_assert_eq!(out.amount, expected * rate);
+        }
+
+        #[test]
+        fn rounding_happens_once(t in tier_set(), q in qty(), unit in proptest::option::of(rate_val()), prec in 0u32..=4) {
+            // Sum every band unrounded (computed independently here), add the unit part, round
+            // once: that must be the fee amount the engine produces.
+            let mut lower = Decimal::ZERO;
+            let mut bands = Vec::new();
+            for tier in t.iter() {
+                let upper = tier.up_to.map_or(q, |u| u.min(q));
+                if upper <= lower { break; }
+                bands.push((upper - lower) * tier.volume_rate);
+                match tier.up_to { Some(u) => lower = u, None => break }
+            }
+            let expected = money::round_fee(bands.iter().copied().sum::<Decimal>() + unit.unwrap_or_default(), prec);
+            let price = Price {
+                id: "p".into(), name: None, event_type: "e".into(),
+                usage_type: if unit.is_some() { crate::domain::UsageType::UnitAndVolume } else { crate::domain::UsageType::Volume },
+                model: super::super::book::PricingModel::Tiered, volume_field: Some("q".into()),
+                asset: "X".into(), precision: prec, dimensions: Box::new([]),
+                rows: Box::new([Row { values: Box::new([]), specificity: 0, rates: super::super::book::Rates {
+                    unit_price: unit, volume: Some(VolumePart::Tiered { tiers: t.clone(), package_size: None }) } }]),
+            };
+            let mut data = EventData::new();
+            data.insert("q".into(), DataValue::Number(q));
+            let rated = rate(&price, &data).unwrap();
+            prop_assert_eq!(money::round_fee(rated.raw_amount, prec), expected);
+        }
+    }
+}
