@@ -217,10 +217,15 @@ impl RequestLog {
 }
 
 /// The counter key for a request: the matched route pattern, with a marker for
-/// `GET /customers?external_id=` lookups so tests can count them apart from listings.
+/// `GET /customers?external_id=` lookups (external id without other filters, the 303/404
+/// form) so tests can count them apart from listings.
 pub(crate) fn request_kind(method: &str, pattern: Option<&str>, query: &str) -> String {
     let pattern = pattern.unwrap_or("<unmatched>");
-    if pattern == "/customers" && method == "GET" && query_has(query, "external_id") {
+    let lookup = query_has(query, "external_id")
+        && !["customer_id", "email", "name", "status"]
+            .iter()
+            .any(|k| query_has(query, k));
+    if pattern == "/customers" && method == "GET" && lookup {
         return "GET /customers?external_id".to_owned();
     }
     format!("{method} {pattern}")
