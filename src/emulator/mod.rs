@@ -41,7 +41,7 @@ use state::Store;
 use webhooks::Deliverer;
 
 /// Emulator settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EmulatorConfig {
     /// Accepted `X-CREDYT-API-KEY` values; each one is a separate platform.
     pub platform_keys: Vec<String>,
@@ -55,6 +55,23 @@ pub struct EmulatorConfig {
     pub request_log_capacity: usize,
     /// actix worker threads (default 1).
     pub workers: usize,
+}
+
+// Hand-written so the API keys never end up in logs.
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field(
+                "platform_keys",
+                &format!("<{} redacted>", self.platform_keys.len()),
+            )
+            .field("default_threshold", &self.default_threshold)
+            .field("webhook_retry_schedule", &self.webhook_retry_schedule)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("request_log_capacity", &self.request_log_capacity)
+            .field("workers", &self.workers)
+            .finish()
+    }
 }
 
 impl Default for EmulatorConfig {

@@ -240,6 +240,16 @@ async fn accounts_are_partitioned_and_authenticated() {
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(v["status"], 409);
 
+    // Account external ids are unique per platform.
+    let (s, v) = emu
+        .post_raw(
+            "/accounts",
+            None,
+            r#"{"name":"again","external_id":"ext-alpha"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+
     // /accounts/self describes the connected account under X-CREDYT-ACCOUNT.
     let (_, me) = emu
         .call(Method::GET, "/accounts/self", Some(&a), None)
