@@ -190,7 +190,13 @@ impl RequestLog {
     pub fn push(&self, record: RequestRecord) {
         let mut inner = self.inner.lock();
         inner.total += 1;
-        *inner.counters.entry(record.kind.clone()).or_default() += 1;
+        // Look up before inserting so the hot path does not allocate a key per request.
+        match inner.counters.get_mut(&record.kind) {
+            Some(count) => *count += 1,
+            None => {
+                inner.counters.insert(record.kind.clone(), 1);
+            }
+        }
         if self.capacity == 0 {
             return;
         }

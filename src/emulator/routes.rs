@@ -457,10 +457,13 @@ async fn movement(
     let ctx = Ctx::from_request(&shared, &req)?;
     let body: MovementRequest = parse_body(&body)?;
     let transaction_id = body.transaction_id.clone().unwrap_or_default();
-    {
-        // A replay answers the original result whatever the payload (API.md §12.3); an unknown
-        // customer is still a 404 first.
-        let data = ctx.partition.data.lock();
+    // Validated before locking, but only reported after the replay check: a replay answers the
+    // original result whatever the payload (API.md §12.3).
+    let validated = validate_movement(kind, body);
+    let default_threshold = *shared.store.default_threshold.read();
+    let (response, hit) = {
+        let mut data = ctx.partition.data.lock();
+        // An unknown customer is a 404 even for a known transaction id.
         data.customer(&customer_id)?;
         if let Some(original) = data.transactions.get(&transaction_id) {
             let body = MovementResponse {
@@ -470,7 +473,19 @@ async fn movement(
             drop(data);
             return Ok(created(&body));
         }
+        data.apply_movement(&ctx.partition, &customer_id, validated?, default_threshold)?
+    };
+    if let Some(hit) = hit {
+        let destinations = ctx.platform.data.lock().webhooks.clone();
+        shared.deliverer.dispatch(&destinations, &hit);
     }
+    Ok(created(&response))
+}
+
+fn validate_movement(
+    kind: MovementKind,
+    body: MovementRequest,
+) -> Result<super::state::Movement, ApiError> {
     let mut errors = Errors::default();
     required_string(&mut errors, "transaction_id", &body.transaction_id);
     required_string(&mut errors, "asset", &body.asset);
@@ -503,9 +518,9 @@ async fn movement(
     }
     errors.into_result()?;
     let amount = body.amount.unwrap_or_default();
-    let movement = super::state::Movement {
+    Ok(super::state::Movement {
         kind,
-        transaction_id,
+        transaction_id: body.transaction_id.unwrap_or_default(),
         account_name: body
             .account_name
             .filter(|n| !n.trim().is_empty())
@@ -519,19 +534,7 @@ async fn movement(
         amount,
         description: body.description.or(body.subject),
         metadata: body.metadata,
-    };
-    let default_threshold = *shared.store.default_threshold.read();
-    let (response, hit) = ctx.partition.data.lock().apply_movement(
-        &ctx.partition,
-        &customer_id,
-        movement,
-        default_threshold,
-    )?;
-    if let Some(hit) = hit {
-        let destinations = ctx.platform.data.lock().webhooks.clone();
-        shared.deliverer.dispatch(&destinations, &hit);
-    }
-    Ok(created(&response))
+    })
 }
 
 async fn get_transaction(
