@@ -57,7 +57,13 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             web::get().to(get_wallet_account),
         )
         .route("/events", web::post().to(send_usage))
+        .route("/events", web::get().to(list_events))
         .route("/events/{event_id}", web::get().to(get_event))
+        .route("/top-ups", web::post().to(payments_restricted))
+        .route(
+            "/billing-portal/sessions",
+            web::post().to(payments_restricted),
+        )
         .route("/webhooks", web::post().to(create_webhook))
         .route("/webhooks", web::get().to(list_webhooks))
         .route("/webhooks/{webhook_id}", web::get().to(get_webhook))
@@ -705,14 +711,105 @@ async fn send_usage(shared: web::Data<Shared>, req: HttpRequest, body: web::Byte
             .unwrap_or_default()
             .to_owned();
         // Idempotent per account: a known event id is never stored (or billed) twice.
-        data.events.entry(id).or_insert_with(|| StoredEvent {
-            customer_id: customer_id.clone(),
-            created_at: now,
-            body: obj.clone(),
-        });
+        if data.events.contains_key(&id) {
+            continue;
+        }
+        data.event_order.push(id.clone());
+        data.events.insert(
+            id,
+            StoredEvent {
+                customer_id: customer_id.clone(),
+                created_at: now,
+                body: obj.clone(),
+            },
+        );
     }
     drop(data);
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// `GET /events`: newest submission first; no event has fees (the emulator prices nothing).
+async fn list_events(shared: web::Data<Shared>, req: HttpRequest) -> ApiResult {
+    let ctx = Ctx::from_request(&shared, &req)?;
+    let query = query_map(&req)?;
+    let (offset, limit) = paging(&query)?;
+    let has_fees = parse_bool(&query, "has_fees")?;
+    let mut errors = Errors::default();
+    let mut date = |name: &str| -> Option<chrono::NaiveDate> {
+        let raw = query.get(name)?;
+        match chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+            Ok(d) => Some(d),
+            Err(_) => {
+                errors.add(name, format!("{name} must be a date (YYYY-MM-DD)."));
+                None
+            }
+        }
+    };
+    let period_from = date("period_from");
+    let period_to = date("period_to");
+    errors.into_result()?;
+    let event_types: Option<Vec<&str>> = query
+        .get("event_types")
+        .map(|t| t.split(',').map(str::trim).collect());
+    let text =
+        |obj: &Map<String, Value>, k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+    let data = ctx.partition.data.lock();
+    let external_filter = match query.get("customer_external_id") {
+        None => None,
+        Some(ext) => Some(
+            data.by_external
+                .get(ext)
+                .map(|&i| data.customers[i].id.clone())
+                .unwrap_or_default(),
+        ),
+    };
+    let all: Vec<Value> = data
+        .event_order
+        .iter()
+        .rev()
+        .filter_map(|id| data.events.get(id).map(|e| (id, e)))
+        .filter(|(id, e)| {
+            let occurred = text(&e.body, "occurred_at")
+                .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| t.with_timezone(&Utc).date_naive());
+            query.get("event_id").is_none_or(|v| v == *id)
+                && query.get("customer_id").is_none_or(|v| *v == e.customer_id)
+                && external_filter.as_ref().is_none_or(|v| *v == e.customer_id)
+                && query
+                    .get("subject")
+                    .is_none_or(|v| text(&e.body, "subject").as_ref() == Some(v))
+                && event_types.as_ref().is_none_or(|types| {
+                    text(&e.body, "event_type").is_some_and(|t| types.contains(&t.as_str()))
+                })
+                && has_fees.is_none_or(|h| !h)
+                && period_from.is_none_or(|from| occurred.is_some_and(|o| o >= from))
+                && period_to.is_none_or(|to| occurred.is_some_and(|o| o <= to))
+        })
+        .map(|(id, e)| {
+            let external_id = data
+                .by_id
+                .get(&e.customer_id)
+                .and_then(|&i| data.customers[i].external_id.clone())
+                .unwrap_or_default();
+            let mut item = Map::new();
+            item.insert("id".into(), Value::String(id.clone()));
+            item.insert("customer_id".into(), Value::String(e.customer_id.clone()));
+            item.insert("external_id".into(), Value::String(external_id));
+            for k in ["event_type", "subject", "description", "occurred_at"] {
+                if let Some(v) = e.body.get(k) {
+                    item.insert(k.into(), v.clone());
+                }
+            }
+            item.insert(
+                "created_at".into(),
+                serde_json::to_value(e.created_at).unwrap_or(Value::Null),
+            );
+            item.insert("has_fees".into(), Value::Bool(false));
+            Value::Object(item)
+        })
+        .collect();
+    drop(data);
+    Ok(HttpResponse::Ok().json(page(all, offset, limit)))
 }
 
 async fn get_event(
@@ -893,6 +990,20 @@ async fn delete_webhook(
         return Err(webhook_not_found(&path));
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Built-in top-ups and portal sessions: refused on connected accounts (C4P restriction,
+/// API.md §9); the emulator has no payment rails, so the platform gets "not emulated".
+async fn payments_restricted(shared: web::Data<Shared>, req: HttpRequest) -> ApiResult {
+    let ctx = Ctx::from_request(&shared, &req)?;
+    if ctx.partition.connected {
+        return Err(ApiError::field(
+            "X-CREDYT-ACCOUNT",
+            "Top-ups and billing portal sessions are not supported on connected accounts; \
+             fund wallets with adjustments (external_topup).",
+        ));
+    }
+    not_found(shared, req).await
 }
 
 /// Anything not emulated: an authenticated 404 problem.

@@ -57,6 +57,8 @@ pub(crate) struct PartitionData {
     pub by_external: HashMap<String, usize>,
     pub transactions: HashMap<String, Transaction>,
     pub events: HashMap<String, StoredEvent>,
+    /// Event ids in submission order (listing is newest first).
+    pub event_order: Vec<String>,
 }
 
 pub(crate) struct Customer {

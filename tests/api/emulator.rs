@@ -303,6 +303,17 @@ async fn accounts_are_partitioned_and_authenticated() {
         assert_eq!(v["status"], 403);
         assert!(v["detail"].as_str().unwrap().contains(acc));
     }
+    // C4P: no built-in top-ups on connected accounts.
+    let (s, v) = emu
+        .post_raw(
+            "/top-ups",
+            Some(&a),
+            r#"{"customer_id":"x","amount":5,"currency":"USD"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(v["errors"]["X-CREDYT-ACCOUNT"].is_array(), "{v}");
+
     // The other platform sees none of this platform's accounts.
     let res = emu
         .request_as(OTHER_KEY, Method::GET, &format!("/accounts/{a}"), None)
@@ -1001,6 +1012,30 @@ async fn usage_events_are_validated_stored_and_idempotent() {
     assert_eq!(dec(&v["data"]["ratio"]), d("0.125"));
     let (s, _) = emu.call(Method::GET, "/events/ev-1", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "events are partitioned too");
+
+    let second = json!({ "customer_id": cust, "events": [
+        { "id": "ev-2", "event_type": "video_generated", "occurred_at": now, "subject": "s-2" }]})
+    .to_string();
+    let (s, _) = emu.post_raw("/events", Some(&acc), &second).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = emu.call(Method::GET, "/events", Some(&acc), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["total_count"], 2);
+    assert_eq!(v["items"][0]["id"], "ev-2", "newest first");
+    assert_eq!(v["items"][1]["external_id"], "e-1");
+    assert_eq!(v["items"][1]["has_fees"], false);
+    for (query, count) in [
+        ("event_types=image_generated", 1),
+        ("subject=s-2", 1),
+        ("customer_external_id=e-1", 2),
+        ("customer_external_id=ghost", 0),
+        ("has_fees=true", 0),
+    ] {
+        let (_, v) = emu
+            .call(Method::GET, &format!("/events?{query}"), Some(&acc), None)
+            .await;
+        assert_eq!(v["total_count"], count, "{query}");
+    }
     emu.em.stop().await;
 }
 
