@@ -754,15 +754,12 @@ async fn list_events(shared: web::Data<Shared>, req: HttpRequest) -> ApiResult {
     let text =
         |obj: &Map<String, Value>, k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
     let data = ctx.partition.data.lock();
-    let external_filter = match query.get("customer_external_id") {
-        None => None,
-        Some(ext) => Some(
-            data.by_external
-                .get(ext)
-                .map(|&i| data.customers[i].id.clone())
-                .unwrap_or_default(),
-        ),
-    };
+    let external_filter = query.get("customer_external_id").map(|ext| {
+        data.by_external
+            .get(ext)
+            .map(|&i| data.customers[i].id.clone())
+            .unwrap_or_default()
+    });
     let all: Vec<Value> = data
         .event_order
         .iter()
