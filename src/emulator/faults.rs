@@ -1,0 +1,335 @@
+//! Fault injection and the request log, applied by one middleware around every route.
+//!
+//! Contract:
+//! - Rules match by path prefix and optional method; the first matching rule applies. A rule
+//!   adds latency and/or, with the given probabilities, answers 429 (with `Retry-After`), 500,
+//!   503 (with `Retry-After`), or drops the connection without any HTTP answer.
+//! - Dropping works by shutting down the request's TCP socket: at connect time the server keeps
+//!   a duplicate of the socket's file descriptor in the connection data (see [`capture_socket`]);
+//!   `shutdown(Both)` on it makes the peer read EOF before any response byte.
+//! - `/_emulator/*` is never faulted nor logged, so tests can always reach the control API.
+//! - The request log is a bounded ring plus counters per `METHOD route-pattern`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// One fault rule as accepted by `PUT /_emulator/faults`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultRule {
+    /// Requests whose path starts with this (e.g. `/customers`; `/` matches everything).
+    pub path_prefix: String,
+    /// Only this method (case-insensitive) when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub latency_ms: u64,
+    #[serde(default)]
+    pub rate_429: f64,
+    #[serde(default)]
+    pub rate_500: f64,
+    #[serde(default)]
+    pub rate_503: f64,
+    #[serde(default)]
+    pub rate_drop: f64,
+    /// `Retry-After` seconds on 429/503 answers (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default)]
+pub(crate) struct FaultSet {
+    pub rules: Vec<FaultRule>,
+}
+
+impl FaultSet {
+    /// Field errors for rates outside 0..=1 or summing above 1.
+    pub fn validate(&self) -> super::error::Errors {
+        let mut errors = super::error::Errors::default();
+        for (i, r) in self.rules.iter().enumerate() {
+            let rates = [
+                ("rate_429", r.rate_429),
+                ("rate_500", r.rate_500),
+                ("rate_503", r.rate_503),
+                ("rate_drop", r.rate_drop),
+            ];
+            for (name, v) in rates {
+                if !(0.0..=1.0).contains(&v) {
+                    errors.add(format!("rules[{i}].{name}"), "must be between 0 and 1.");
+                }
+            }
+            if rates.iter().map(|(_, v)| v).sum::<f64>() > 1.0 + 1e-9 {
+                errors.add(format!("rules[{i}]"), "rates must sum to at most 1.");
+            }
+            if !r.path_prefix.starts_with('/') {
+                errors.add(format!("rules[{i}].path_prefix"), "must start with '/'.");
+            }
+        }
+        errors
+    }
+}
+
+/// What to do with one request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    Pass,
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+    },
+    Drop,
+}
+
+#[derive(Default)]
+pub(crate) struct Faults {
+    set: RwLock<FaultSet>,
+}
+
+impl Faults {
+    pub fn replace(&self, set: FaultSet) {
+        *self.set.write() = set;
+    }
+
+    pub fn current(&self) -> FaultSet {
+        self.set.read().clone()
+    }
+
+    /// Latency to add and the action for `method path`.
+    pub fn decide(&self, method: &str, path: &str) -> (Duration, Action) {
+        let set = self.set.read();
+        let Some(rule) = set.rules.iter().find(|r| {
+            path.starts_with(&r.path_prefix)
+                && r.method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
+        }) else {
+            return (Duration::ZERO, Action::Pass);
+        };
+        let latency = Duration::from_millis(rule.latency_ms);
+        let roll: f64 = rand::thread_rng().gen();
+        let retry_after = Some(rule.retry_after_secs.unwrap_or(1));
+        let mut edge = rule.rate_drop;
+        if roll < edge {
+            return (latency, Action::Drop);
+        }
+        edge += rule.rate_429;
+        if roll < edge {
+            return (
+                latency,
+                Action::Status {
+                    status: 429,
+                    retry_after,
+                },
+            );
+        }
+        edge += rule.rate_500;
+        if roll < edge {
+            return (
+                latency,
+                Action::Status {
+                    status: 500,
+                    retry_after: None,
+                },
+            );
+        }
+        edge += rule.rate_503;
+        if roll < edge {
+            return (
+                latency,
+                Action::Status {
+                    status: 503,
+                    retry_after,
+                },
+            );
+        }
+        (latency, Action::Pass)
+    }
+}
+
+/// One logged request.
+#[derive(Serialize, Clone)]
+pub(crate) struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The HTTP status, or 0 when the connection was dropped by a fault.
+    pub status: u16,
+    /// `METHOD route-pattern`, the counter key.
+    pub kind: String,
+    pub time: DateTime<Utc>,
+}
+
+pub(crate) struct RequestLog {
+    capacity: usize,
+    inner: Mutex<RequestLogInner>,
+}
+
+#[derive(Default)]
+struct RequestLogInner {
+    ring: VecDeque<RequestRecord>,
+    counters: BTreeMap<String, u64>,
+    total: u64,
+}
+
+impl RequestLog {
+    pub fn new(capacity: usize) -> Self {
+        RequestLog {
+            capacity,
+            inner: Mutex::new(RequestLogInner::default()),
+        }
+    }
+
+    pub fn push(&self, record: RequestRecord) {
+        let mut inner = self.inner.lock();
+        inner.total += 1;
+        // Look up before inserting so the hot path does not allocate a key per request.
+        match inner.counters.get_mut(&record.kind) {
+            Some(count) => *count += 1,
+            None => {
+                inner.counters.insert(record.kind.clone(), 1);
+            }
+        }
+        if self.capacity == 0 {
+            return;
+        }
+        if inner.ring.len() >= self.capacity {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back(record);
+    }
+
+    /// The newest `limit` records (oldest first), the counters and the total.
+    pub fn snapshot(&self, limit: usize) -> (Vec<RequestRecord>, BTreeMap<String, u64>, u64) {
+        let inner = self.inner.lock();
+        let skip = inner.ring.len().saturating_sub(limit);
+        (
+            inner.ring.iter().skip(skip).cloned().collect(),
+            inner.counters.clone(),
+            inner.total,
+        )
+    }
+
+    pub fn clear(&self) {
+        *self.inner.lock() = RequestLogInner::default();
+    }
+}
+
+/// The counter key for a request: the matched route pattern, with a marker for
+/// `GET /customers?external_id=` lookups (external id without other filters, the 303/404
+/// form) so tests can count them apart from listings.
+pub(crate) fn request_kind(method: &str, pattern: Option<&str>, query: &str) -> String {
+    let pattern = pattern.unwrap_or("<unmatched>");
+    let lookup = query_has(query, "external_id")
+        && !["customer_id", "email", "name", "status"]
+            .iter()
+            .any(|k| query_has(query, k));
+    if pattern == "/customers" && method == "GET" && lookup {
+        return "GET /customers?external_id".to_owned();
+    }
+    format!("{method} {pattern}")
+}
+
+fn query_has(query: &str, key: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some(key))
+}
+
+/// A duplicate of the connection's socket, kept in the connection data to drop it on demand.
+#[cfg(unix)]
+pub(crate) struct ConnKiller(std::net::TcpStream);
+
+#[cfg(unix)]
+impl ConnKiller {
+    pub fn kill(&self) -> bool {
+        self.0.shutdown(std::net::Shutdown::Both).is_ok()
+    }
+}
+
+/// `HttpServer::on_connect` hook: keeps a duplicate fd of each plain TCP connection.
+pub(crate) fn capture_socket(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            match tcp.as_fd().try_clone_to_owned() {
+                Ok(fd) => {
+                    ext.insert(ConnKiller(std::net::TcpStream::from(fd)));
+                }
+                Err(error) => tracing::warn!(%error, "cannot keep socket for drop faults"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (conn, ext);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(prefix: &str) -> FaultRule {
+        FaultRule {
+            path_prefix: prefix.into(),
+            ..FaultRule::default()
+        }
+    }
+
+    #[test]
+    fn first_matching_rule_applies_by_prefix_and_method() {
+        let faults = Faults::default();
+        let mut r = rule("/customers");
+        r.method = Some("post".into());
+        r.rate_503 = 1.0;
+        let mut all = rule("/");
+        all.latency_ms = 7;
+        faults.replace(FaultSet {
+            rules: vec![r, all],
+        });
+        assert_eq!(
+            faults.decide("POST", "/customers/x/wallet/charges").1,
+            Action::Status {
+                status: 503,
+                retry_after: Some(1)
+            }
+        );
+        let (latency, action) = faults.decide("GET", "/customers/x");
+        assert_eq!(action, Action::Pass);
+        assert_eq!(latency, Duration::from_millis(7));
+    }
+
+    #[test]
+    fn rates_are_validated() {
+        let mut r = rule("/");
+        r.rate_429 = 0.7;
+        r.rate_500 = 0.7;
+        let set = FaultSet { rules: vec![r] };
+        assert!(set.validate().into_result().is_err());
+    }
+
+    #[test]
+    fn kinds_separate_customer_lookups() {
+        assert_eq!(
+            request_kind("GET", Some("/customers"), "external_id=x"),
+            "GET /customers?external_id"
+        );
+        assert_eq!(
+            request_kind("GET", Some("/customers"), "limit=2"),
+            "GET /customers"
+        );
+        assert_eq!(
+            request_kind("POST", Some("/customers/{customer_id}/wallet/charges"), ""),
+            "POST /customers/{customer_id}/wallet/charges"
+        );
+    }
+}
