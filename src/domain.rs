@@ -223,7 +223,10 @@ mod tests {
         let data: EventData =
             serde_json::from_str(r#"{"n": 9007199254740993, "r": 1.005, "s": "x", "b": true}"#)
                 .unwrap();
-        assert_eq!(data["n"], DataValue::Number(Decimal::from(9_007_199_254_740_993_i64)));
+        assert_eq!(
+            data["n"],
+            DataValue::Number(Decimal::from(9_007_199_254_740_993_i64))
+        );
         assert_eq!(data["r"].as_dimension(), "1.005");
         assert_eq!(data["s"], DataValue::String("x".into()));
         assert_eq!(data["b"].as_dimension(), "true");
