@@ -35,6 +35,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
 
+/// Records staged for the in-memory queue once their group is committed.
+type Added = Vec<(u64, Delivery)>;
+
 pub(crate) enum Msg {
     Append {
         events: Vec<AcceptedEvent>,
@@ -69,7 +72,7 @@ enum Staged {
     Append {
         reply: Reply<Vec<AppendOutcome>>,
         outcomes: Vec<AppendOutcome>,
-        added: Vec<(u64, Delivery)>,
+        added: Added,
     },
     Delivered {
         reply: Reply<()>,
@@ -81,7 +84,7 @@ enum Staged {
     },
     Replay {
         reply: Reply<usize>,
-        added: Vec<(u64, Delivery)>,
+        added: Added,
     },
 }
 
@@ -412,7 +415,7 @@ impl Committer {
         claimed: &mut HashSet<Vec<u8>>,
         pending: usize,
         now_ms: u64,
-    ) -> Result<(Vec<AppendOutcome>, Vec<(u64, Delivery)>), OutboxError> {
+    ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
         let window = self.settings.dedupe_window;
         let mut outcomes = Vec::with_capacity(events.len());
         let mut fresh: Vec<(Vec<u8>, &AcceptedEvent)> = Vec::new();

@@ -653,7 +653,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn outbox_matches_model(ops in prop::collection::vec(op(), 1..40), always in any::<bool>()) {
+    fn outbox_matches_model(ops in prop::collection::vec(op(), 1..30), always in any::<bool>()) {
         let sync = if always {
             SyncPolicy::Always
         } else {
