@@ -8,7 +8,7 @@
 //!    staging its writes into the group's batch;
 //! 2. write the batch to the journal and flush it to the OS (`PersistMode::Buffer`);
 //! 3. with [`SyncPolicy::Always`], `fdatasync` once, if the group holds anything whose loss
-//!    would matter (appends, dead letters, replays; not delivered marks);
+//!    would matter (appends, dead letters, replays, batch memberships; not delivered marks);
 //! 4. only then apply the group to the in-memory queue, wake the forwarder and answer.
 //!
 //! If 2 or 3 fails, every request of the group gets an error, nothing is applied, and the
@@ -22,8 +22,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use uuid::Uuid;
 
-use super::store::{encode_dead, encode_record, seq_key, Store};
+use super::store::{encode_dead, encode_record, seq_key, store_batch_value, Store};
 use super::{
     dedupe, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
     SyncPolicy,
@@ -58,6 +59,15 @@ pub(crate) enum Msg {
         seqs: Option<Vec<u64>>,
         reply: Reply<usize>,
     },
+    PersistBatch {
+        id: Uuid,
+        seqs: Vec<u64>,
+        reply: Reply<()>,
+    },
+    CompleteBatch {
+        id: Uuid,
+        reply: Reply<()>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -86,6 +96,9 @@ enum Staged {
         reply: Reply<usize>,
         added: Added,
     },
+    Done {
+        reply: Reply<()>,
+    },
 }
 
 impl Staged {
@@ -93,9 +106,9 @@ impl Staged {
         // A caller that went away no longer needs the answer.
         let _ = match self {
             Staged::Append { reply, .. } => reply.send(Err(err())).map_err(drop),
-            Staged::Delivered { reply, .. } | Staged::DeadLetter { reply, .. } => {
-                reply.send(Err(err())).map_err(drop)
-            }
+            Staged::Delivered { reply, .. }
+            | Staged::DeadLetter { reply, .. }
+            | Staged::Done { reply } => reply.send(Err(err())).map_err(drop),
             Staged::Replay { reply, .. } => reply.send(Err(err())).map_err(drop),
         };
     }
@@ -378,6 +391,35 @@ impl Committer {
                         }
                     }
                 }
+                Msg::PersistBatch { id, seqs, reply } => match store_batch_value(&seqs) {
+                    Ok(bytes) => {
+                        batch.insert(&self.store.batches, id.as_bytes().to_vec(), bytes);
+                        needs_sync = true;
+                        staged.push(Staged::Done { reply });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Msg::CompleteBatch { id, reply } => match self.store.get_batch(id) {
+                    Ok(members) => {
+                        let members = members.unwrap_or_default();
+                        for &seq in &members {
+                            batch.remove(&self.store.records, seq_key(seq).to_vec());
+                        }
+                        batch.remove(&self.store.batches, id.as_bytes().to_vec());
+                        staged.push(Staged::Delivered {
+                            reply,
+                            seqs: members,
+                        });
+                    }
+                    Err(e) => {
+                        if e.is_fatal() {
+                            self.poison("complete_batch", &e);
+                        }
+                        let _ = reply.send(Err(e));
+                    }
+                },
                 Msg::Close { reply } => stop = Some(Stop::Close(reply)),
                 #[cfg(test)]
                 Msg::Crash { reply } => stop = Some(Stop::Crash(reply)),
@@ -526,6 +568,11 @@ impl Committer {
                         let _ = reply.send(Ok(()));
                     }));
                 }
+                Staged::Done { reply } => {
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(()));
+                    }));
+                }
                 Staged::Replay { reply, added } => {
                     let n = added.len();
                     woke |= n > 0;
@@ -557,9 +604,10 @@ impl Committer {
 fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError, stop: &mut Option<Stop>) {
     let _ = match msg {
         Msg::Append { reply, .. } => reply.send(Err(err())).map_err(drop),
-        Msg::Delivered { reply, .. } | Msg::DeadLetter { reply, .. } => {
-            reply.send(Err(err())).map_err(drop)
-        }
+        Msg::Delivered { reply, .. }
+        | Msg::DeadLetter { reply, .. }
+        | Msg::PersistBatch { reply, .. }
+        | Msg::CompleteBatch { reply, .. } => reply.send(Err(err())).map_err(drop),
         Msg::Replay { reply, .. } => reply.send(Err(err())).map_err(drop),
         Msg::Close { reply } => {
             *stop = Some(Stop::Close(reply));

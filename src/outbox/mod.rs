@@ -42,6 +42,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
+use uuid::Uuid;
 
 use crate::domain::{Delivery, EventId, TenantId};
 
@@ -344,6 +345,41 @@ impl Outbox {
         self.check_poisoned()?;
         let seqs = seqs.map(<[u64]>::to_vec);
         self.call(|reply| Msg::Replay { seqs, reply }).await
+    }
+
+    /// Leases exactly the given records (those pending and not leased; others are skipped):
+    /// for re-sending a coalesced batch with its persisted membership after a restart.
+    pub fn lease(&self, seqs: &[u64]) -> Vec<Pending> {
+        self.inner.shared.queue.lock().lease_seqs(seqs)
+    }
+
+    /// Durably records (per the sync policy) which records a coalesced send is made of, before
+    /// the first send: a retry after a crash must send the same membership under the same id.
+    pub async fn persist_batch(&self, batch_id: Uuid, seqs: &[u64]) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        let seqs = seqs.to_vec();
+        self.call(|reply| Msg::PersistBatch {
+            id: batch_id,
+            seqs,
+            reply,
+        })
+        .await
+    }
+
+    /// Batches persisted and not completed: to be re-sent as they are (see [`Outbox::lease`]).
+    pub fn persisted_batches(&self) -> Result<Vec<(Uuid, Vec<u64>)>, OutboxError> {
+        self.inner.store.batches()
+    }
+
+    /// Upstream accepted the batch: forgets its membership and removes its records, in one
+    /// write (unsynced, like [`Outbox::mark_delivered`]). Unknown batch ids are a no-op.
+    pub async fn complete_batch(&self, batch_id: Uuid) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        self.call(|reply| Msg::CompleteBatch {
+            id: batch_id,
+            reply,
+        })
+        .await
     }
 
     /// Undelivered (pending or leased) records; dead letters are not counted.

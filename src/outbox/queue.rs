@@ -77,6 +77,28 @@ impl Queue {
         out
     }
 
+    /// Leases the given records if they are pending and not leased (for a coalesced batch
+    /// that must be re-sent with exactly its persisted membership).
+    pub(crate) fn lease_seqs(&mut self, seqs: &[u64]) -> Vec<Pending> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if !self.ready.remove(seq) {
+                continue;
+            }
+            let Some(entry) = self.entries.get_mut(seq) else {
+                continue;
+            };
+            entry.leased = true;
+            out.push(Pending {
+                seq: *seq,
+                delivery: entry.delivery.clone(),
+                attempts: entry.attempts,
+            });
+            entry.attempts = entry.attempts.saturating_add(1);
+        }
+        out
+    }
+
     /// Marks records leased (without handing them out) while a write about them is in flight.
     pub(crate) fn hold(&mut self, seqs: &[u64]) {
         for seq in seqs {

@@ -7,6 +7,7 @@
 //!   dead              seq (u64 BE)                      -> JSON DeadLetter
 //!   dedupe            dedupe key (see dedupe.rs)        -> accepted_at ms (u64 BE)
 //!   dedupe_exp        accepted_at ms (u64 BE) ++ key    -> empty (time index for pruning)
+//!   batches           batch id (16-byte UUID)           -> JSON [seq, ...] (coalesced sends)
 //!   meta              "next_seq"                        -> u64 BE
 //! ```
 //!
@@ -21,6 +22,7 @@ use std::path::Path;
 use fjall::{Batch, Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use super::{DeadLetter, OutboxError};
 use crate::domain::Delivery;
@@ -47,6 +49,7 @@ pub(crate) struct Store {
     pub(crate) dead: PartitionHandle,
     pub(crate) dedupe: PartitionHandle,
     pub(crate) dedupe_exp: PartitionHandle,
+    pub(crate) batches: PartitionHandle,
     pub(crate) meta: PartitionHandle,
     _lock: File,
 }
@@ -107,6 +110,7 @@ impl Store {
             dead: open("dead")?,
             dedupe: open("dedupe")?,
             dedupe_exp: open("dedupe_exp")?,
+            batches: open("batches")?,
             meta: open("meta")?,
             keyspace,
             _lock: lock,
@@ -208,6 +212,38 @@ impl Store {
             moved.push((letter.seq, letter.delivery));
         }
         Ok(moved)
+    }
+}
+
+pub(crate) fn store_batch_value(seqs: &[u64]) -> Result<Vec<u8>, OutboxError> {
+    serde_json::to_vec(seqs).map_err(OutboxError::Encode)
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<Vec<u64>, OutboxError> {
+    serde_json::from_slice(bytes).map_err(|source| OutboxError::Corrupt {
+        partition: "batches",
+        source,
+    })
+}
+
+impl Store {
+    pub(crate) fn get_batch(&self, id: Uuid) -> Result<Option<Vec<u64>>, OutboxError> {
+        self.batches
+            .get(id.as_bytes())?
+            .map(|v| decode_batch(&v))
+            .transpose()
+    }
+
+    pub(crate) fn batches(&self) -> Result<Vec<(Uuid, Vec<u64>)>, OutboxError> {
+        let mut out = Vec::new();
+        for kv in self.batches.iter() {
+            let (k, v) = kv?;
+            let Ok(id) = Uuid::from_slice(&k) else {
+                continue;
+            };
+            out.push((id, decode_batch(&v)?));
+        }
+        Ok(out)
     }
 }
 

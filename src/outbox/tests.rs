@@ -662,3 +662,39 @@ proptest! {
         rt().block_on(run_model(ops, sync));
     }
 }
+
+#[test]
+fn batch_membership_survives_a_crash_until_completed() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), SyncPolicy::Always);
+        let ob = Outbox::open(s.clone()).unwrap();
+        ob.append(vec![
+            event("t", "e1", 1),
+            event("t", "e2", 1),
+            event("t", "e3", 1),
+        ])
+        .await
+        .unwrap();
+        let leased = ob.next_batch(2);
+        let seqs: Vec<u64> = leased.iter().map(|p| p.seq).collect();
+        let id = Uuid::from_u128(7);
+        ob.persist_batch(id, &seqs).await.unwrap();
+        ob.crash().await;
+
+        let ob = Outbox::open(s.clone()).unwrap();
+        assert_eq!(ob.persisted_batches().unwrap(), vec![(id, seqs.clone())]);
+        let again = ob.lease(&seqs);
+        assert_eq!(again.len(), 2);
+        assert!(ob.lease(&seqs).is_empty(), "already leased");
+        ob.complete_batch(id).await.unwrap();
+        assert!(ob.persisted_batches().unwrap().is_empty());
+        assert_eq!(ob.depth(), 1);
+        ob.close().await.unwrap();
+
+        let ob = Outbox::open(s).unwrap();
+        assert_eq!(ob.depth(), 1);
+        assert_eq!(ob.next_batch(10)[0].delivery.event_id().as_str(), "e3");
+        ob.close().await.unwrap();
+    });
+}
