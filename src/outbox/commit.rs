@@ -225,13 +225,20 @@ impl Committer {
             }
         }
         if self.last_prune.elapsed() >= PRUNE_EVERY {
-            self.last_prune = Instant::now();
+            // One chunk between groups; if more expired entries remain, the timer is left
+            // expired so the next pass (after the next group or idle wake-up) continues.
             match self
                 .store
-                .prune_dedupe(dedupe::now_ms(), self.settings.dedupe_window)
+                .prune_dedupe(dedupe::now_ms(), self.settings.dedupe_window, 1)
             {
-                Ok(n) if n > 0 => tracing::debug!(pruned = n, "outbox dedupe entries expired"),
-                Ok(_) => {}
+                Ok((n, more)) => {
+                    if n > 0 {
+                        tracing::debug!(pruned = n, "outbox dedupe entries expired");
+                    }
+                    if !more {
+                        self.last_prune = Instant::now();
+                    }
+                }
                 Err(e) => self.poison("prune", &e),
             }
         }

@@ -79,12 +79,19 @@ impl Store {
         batch.insert(&self.dedupe_exp, exp_key(at_ms, key), Vec::new());
     }
 
-    /// Deletes entries older than the window. Losing a pruning batch in a crash is harmless
-    /// (it is redone), so it is written without a sync. Returns how many ids were forgotten.
-    pub(crate) fn prune_dedupe(&self, now_ms: u64, window: Duration) -> Result<usize, OutboxError> {
+    /// Deletes entries older than the window, in batches of [`PRUNE_CHUNK`], at most
+    /// `max_chunks` of them (so a running outbox interleaves pruning with appends). Losing a
+    /// pruning batch in a crash is harmless (it is redone), so it is written without a sync.
+    /// Returns how many ids were forgotten and whether expired entries may remain.
+    pub(crate) fn prune_dedupe(
+        &self,
+        now_ms: u64,
+        window: Duration,
+        max_chunks: usize,
+    ) -> Result<(usize, bool), OutboxError> {
         let cutoff = now_ms.saturating_sub(window_ms(window));
         let mut total = 0;
-        loop {
+        for _ in 0..max_chunks {
             let mut batch = self.batch();
             let mut n = 0;
             for kv in self.dedupe_exp.range(..cutoff.to_be_bytes().to_vec()) {
@@ -106,12 +113,13 @@ impl Store {
                 }
             }
             if n == 0 {
-                return Ok(total);
+                return Ok((total, false));
             }
             batch.commit()?;
             if n < PRUNE_CHUNK {
-                return Ok(total);
+                return Ok((total, false));
             }
         }
+        Ok((total, true))
     }
 }

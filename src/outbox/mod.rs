@@ -207,7 +207,8 @@ impl Outbox {
     pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
         let store = Arc::new(Store::open(&settings.dir)?);
         let recovered = store.recover()?;
-        let pruned = store.prune_dedupe(dedupe::now_ms(), settings.dedupe_window)?;
+        let (pruned, _) =
+            store.prune_dedupe(dedupe::now_ms(), settings.dedupe_window, usize::MAX)?;
         let queue = Queue::from_records(recovered.pending);
         tracing::info!(
             dir = %settings.dir.display(),
