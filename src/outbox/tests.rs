@@ -698,3 +698,27 @@ fn batch_membership_survives_a_crash_until_completed() {
         ob.close().await.unwrap();
     });
 }
+
+#[test]
+fn failed_interval_sync_poisons() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), SyncPolicy::Interval(Duration::from_millis(5)));
+        let ob = Outbox::open(s).unwrap();
+        ob.shared().faults.fail_sync.store(true, Ordering::SeqCst);
+        ob.append(vec![event("t", "e1", 1)]).await.unwrap();
+        for _ in 0..500 {
+            if ob.stats().poisoned {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(ob.stats().poisoned);
+        let err = ob.append(vec![event("t", "e2", 1)]).await.unwrap_err();
+        assert_eq!(err.code(), "outbox_poisoned");
+        assert_eq!(
+            ob.mark_delivered(&[0]).await.unwrap_err().code(),
+            "outbox_poisoned"
+        );
+    });
+}
