@@ -1,1 +1,428 @@
-//! The durable outbox (being built).
+//! The durable outbox: every priced delivery is on disk before the tenant hears "accepted".
+//!
+//! # Contract
+//!
+//! * [`Outbox::open`] recovers before it returns: the pending queue is rebuilt from disk and the
+//!   dedupe index (an fjall partition) is recovered from the journal. Nothing is accepted before
+//!   that, so readiness may be released as soon as `open` returned.
+//! * [`Outbox::append`]: one call is one atomic write. The records of all its new events and
+//!   their dedupe entries go into the same fjall write batch; concurrent calls are merged into
+//!   one batch and one sync (group commit, see [`commit`]). The call returns `Ok` only once that
+//!   batch is durable per [`SyncPolicy`]. An event id is `Duplicate` only if its commit is
+//!   durable; an id whose commit is in flight is answered with the result of that commit, because
+//!   one thread applies groups strictly one after the other.
+//! * A failed write or sync answers the whole group with an error and claims nothing. A failed
+//!   sync (or any storage error after bytes may have reached the file) poisons the outbox: every
+//!   later write fails with [`OutboxError::Poisoned`] until the process restarts. No fsync is
+//!   ever retried on the same file ("fsyncgate").
+//! * The work of a call (commit, dedupe, hand-off to the pending queue) runs on the commit
+//!   thread, not in the caller's future: a caller that is dropped (client disconnect) cannot
+//!   leave a half-done append behind.
+//! * Delivered marks are written without their own sync: losing them in a crash only redelivers
+//!   a record whose Credyt transaction id is deterministic, which Credyt answers idempotently.
+//!
+//! What each [`SyncPolicy`] guarantees is spelled out on the type.
+
+mod commit;
+mod dedupe;
+mod dlq;
+mod error;
+mod queue;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Notify};
+use uuid::Uuid;
+
+use crate::domain::{Delivery, EventId, TenantId};
+
+use commit::{Committer, Msg};
+use queue::Queue;
+use store::Store;
+
+pub use dlq::{dlq_list, dlq_replay};
+pub use error::OutboxError;
+
+/// When an append is acknowledged, relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Answer after `fdatasync` of the group's journal write returned. Survives power loss and
+    /// kernel crashes.
+    Always,
+    /// Answer after the group's write reached the OS page cache (survives the process being
+    /// killed, even with SIGKILL, but not power loss); `fdatasync` runs every interval, so a
+    /// power loss can lose up to one interval of acknowledged events.
+    Interval(Duration),
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        SyncPolicy::Interval(Duration::from_millis(500))
+    }
+}
+
+/// How the outbox is opened.
+#[derive(Clone, Debug)]
+pub struct OutboxSettings {
+    /// Data directory; holds `LOCK` and the fjall keyspace under `store/`.
+    pub dir: PathBuf,
+    pub sync: SyncPolicy,
+    /// Bound on undelivered (pending or leased) records; an append that would exceed it gets
+    /// [`OutboxError::Full`].
+    pub max_pending: usize,
+    /// How long accepted event ids are remembered for dedupe.
+    pub dedupe_window: Duration,
+    /// Most append calls merged into one commit group.
+    pub max_group: usize,
+}
+
+impl OutboxSettings {
+    /// Defaults: `interval` sync every 500 ms, 1M pending records, 7-day dedupe window,
+    /// groups of up to 512 appends.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            sync: SyncPolicy::default(),
+            max_pending: 1_000_000,
+            dedupe_window: Duration::from_secs(7 * 24 * 3600),
+            max_group: 512,
+        }
+    }
+}
+
+/// One accepted usage event and the deliveries pricing made of it (at least one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AcceptedEvent {
+    pub tenant: TenantId,
+    pub event_id: EventId,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// What happened to one event of an append call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Newly recorded, durably, with all its deliveries.
+    Accepted,
+    /// Already recorded (durably) within the dedupe window; nothing was written again.
+    Duplicate,
+}
+
+/// A leased pending delivery handed to the forwarder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    pub seq: u64,
+    pub delivery: Delivery,
+    /// How many times this record was leased before this lease, since the process started
+    /// (kept in memory only: it resets on restart).
+    pub attempts: u32,
+}
+
+/// A delivery the forwarder gave up on, with why, kept until an operator replays it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub delivery: Delivery,
+    pub reason: String,
+    pub upstream_status: Option<u16>,
+    pub upstream_body: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Counters for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Undelivered records (pending or leased), as [`Outbox::depth`].
+    pub depth: usize,
+    pub dead_letters: usize,
+    /// `fdatasync` calls made since open (group syncs plus interval syncs).
+    pub syncs: u64,
+    /// Commit groups written since open.
+    pub groups: u64,
+    /// Append calls that were part of a written group.
+    pub appends: u64,
+    /// Duration of the last `fdatasync`.
+    pub last_sync_latency: Option<Duration>,
+    pub poisoned: bool,
+}
+
+/// State shared by the handles and the commit thread.
+pub(crate) struct Shared {
+    pub(crate) queue: Mutex<Queue>,
+    pub(crate) notify: Notify,
+    pub(crate) poisoned: AtomicBool,
+    pub(crate) dead_count: AtomicUsize,
+    pub(crate) syncs: AtomicU64,
+    pub(crate) groups: AtomicU64,
+    pub(crate) appends: AtomicU64,
+    /// Nanoseconds of the last sync, `u64::MAX` before the first.
+    pub(crate) last_sync_nanos: AtomicU64,
+    #[cfg(test)]
+    pub(crate) faults: tests::Faults,
+}
+
+impl Shared {
+    pub(crate) fn wake(&self) {
+        // notify_waiters wakes every forwarder task waiting now; notify_one stores a permit for
+        // one that checks its queue and then waits, so the wake-up cannot fall in between.
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    /// Keeps the keyspace (and the directory lock) alive for reads such as `dead_letters`.
+    store: Arc<Store>,
+}
+
+/// The durable outbox. Cheap to clone; all clones share one store and one commit thread.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("depth", &self.depth())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `settings.dir` and recovers it: the pending queue and
+    /// the dedupe index are rebuilt from disk and expired dedupe entries are pruned before this
+    /// returns. Blocking: call it at startup or from `spawn_blocking`.
+    pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
+        let store = Arc::new(Store::open(&settings.dir)?);
+        let recovered = store.recover()?;
+        let (pruned, _) =
+            store.prune_dedupe(dedupe::now_ms(), settings.dedupe_window, usize::MAX)?;
+        let queue = Queue::from_records(recovered.pending);
+        tracing::info!(
+            dir = %settings.dir.display(),
+            pending = queue.len(),
+            dead_letters = recovered.dead_count,
+            next_seq = recovered.next_seq,
+            pruned_dedupe = pruned,
+            "outbox recovered"
+        );
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(queue),
+            notify: Notify::new(),
+            poisoned: AtomicBool::new(false),
+            dead_count: AtomicUsize::new(recovered.dead_count),
+            syncs: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            last_sync_nanos: AtomicU64::new(u64::MAX),
+            #[cfg(test)]
+            faults: tests::Faults::default(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let committer = Committer::new(
+            Arc::clone(&store),
+            Arc::clone(&shared),
+            settings,
+            recovered.next_seq,
+        );
+        std::thread::Builder::new()
+            .name("outbox-commit".into())
+            .spawn(move || committer.run(rx))
+            .map_err(OutboxError::Io)?;
+        Ok(Outbox {
+            inner: Arc::new(Inner { tx, shared, store }),
+        })
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Msg,
+    ) -> Result<T, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(make(reply))
+            .map_err(|_| OutboxError::Closed)?;
+        // The commit thread finishes the work whether or not this future is still polled.
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    fn check_poisoned(&self) -> Result<(), OutboxError> {
+        if self.inner.shared.poisoned.load(Ordering::Acquire) {
+            return Err(OutboxError::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// Durably records the events' deliveries and dedupe entries, in one atomic write shared
+    /// with concurrent callers. Returns one outcome per event, in order.
+    pub async fn append(
+        &self,
+        events: Vec<AcceptedEvent>,
+    ) -> Result<Vec<AppendOutcome>, OutboxError> {
+        self.check_poisoned()?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(ev) = events.iter().find(|e| e.deliveries.is_empty()) {
+            return Err(OutboxError::InvalidEvent {
+                event_id: ev.event_id.to_string(),
+                reason: "no deliveries",
+            });
+        }
+        self.call(|reply| Msg::Append { events, reply }).await
+    }
+
+    /// Leases up to `max` pending deliveries that are not currently leased, oldest first.
+    pub fn next_batch(&self, max: usize) -> Vec<Pending> {
+        self.inner.shared.queue.lock().lease(max)
+    }
+
+    /// Resolves when there may be new pending work (spurious wake-ups are possible).
+    pub async fn wait_pending(&self) {
+        self.inner.shared.notify.notified().await;
+    }
+
+    /// Removes delivered records. Written without a sync of their own (see the module docs).
+    pub async fn mark_delivered(&self, seqs: &[u64]) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        // Keep them leased until the removal is written so nobody leases them again.
+        self.inner.shared.queue.lock().hold(seqs);
+        let seqs = seqs.to_vec();
+        self.call(|reply| Msg::Delivered { seqs, reply }).await
+    }
+
+    /// Gives leased records back to the queue to be retried.
+    pub fn release(&self, seqs: &[u64]) {
+        let released = self.inner.shared.queue.lock().release(seqs);
+        if released > 0 {
+            self.inner.shared.wake();
+        }
+    }
+
+    /// Atomically moves a pending record to the dead-letter store, with why it failed.
+    pub async fn dead_letter(
+        &self,
+        seq: u64,
+        reason: String,
+        upstream_status: Option<u16>,
+        upstream_body: Option<String>,
+    ) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        self.inner.shared.queue.lock().hold(&[seq]);
+        self.call(|reply| Msg::DeadLetter {
+            seq,
+            reason,
+            upstream_status,
+            upstream_body,
+            reply,
+        })
+        .await
+    }
+
+    /// All dead letters, oldest sequence first. Reads the store (blocking, but rare: admin use).
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+        self.inner.store.dead_letters()
+    }
+
+    /// Moves dead letters (the given ones, or all) back to pending; returns how many moved.
+    /// Unknown sequence numbers are skipped. Replayed records may exceed `max_pending`.
+    pub async fn replay(&self, seqs: Option<&[u64]>) -> Result<usize, OutboxError> {
+        self.check_poisoned()?;
+        let seqs = seqs.map(<[u64]>::to_vec);
+        self.call(|reply| Msg::Replay { seqs, reply }).await
+    }
+
+    /// Leases exactly the given records (those pending and not leased; others are skipped):
+    /// for re-sending a coalesced batch with its persisted membership after a restart.
+    pub fn lease(&self, seqs: &[u64]) -> Vec<Pending> {
+        self.inner.shared.queue.lock().lease_seqs(seqs)
+    }
+
+    /// Durably records (per the sync policy) which records a coalesced send is made of, before
+    /// the first send: a retry after a crash must send the same membership under the same id.
+    pub async fn persist_batch(&self, batch_id: Uuid, seqs: &[u64]) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        let seqs = seqs.to_vec();
+        self.call(|reply| Msg::PersistBatch {
+            id: batch_id,
+            seqs,
+            reply,
+        })
+        .await
+    }
+
+    /// Batches persisted and not completed: to be re-sent as they are (see [`Outbox::lease`]).
+    pub fn persisted_batches(&self) -> Result<Vec<(Uuid, Vec<u64>)>, OutboxError> {
+        self.inner.store.batches()
+    }
+
+    /// Upstream accepted the batch: forgets its membership and removes its records, in one
+    /// write (unsynced, like [`Outbox::mark_delivered`]). Unknown batch ids are a no-op.
+    pub async fn complete_batch(&self, batch_id: Uuid) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        self.call(|reply| Msg::CompleteBatch {
+            id: batch_id,
+            reply,
+        })
+        .await
+    }
+
+    /// Undelivered (pending or leased) records; dead letters are not counted.
+    pub fn depth(&self) -> usize {
+        self.inner.shared.queue.lock().len()
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        let s = &self.inner.shared;
+        let nanos = s.last_sync_nanos.load(Ordering::Relaxed);
+        OutboxStats {
+            depth: self.depth(),
+            dead_letters: s.dead_count.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
+            groups: s.groups.load(Ordering::Relaxed),
+            appends: s.appends.load(Ordering::Relaxed),
+            last_sync_latency: (nanos != u64::MAX).then(|| Duration::from_nanos(nanos)),
+            poisoned: s.poisoned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes what is queued, syncs once more, stops the commit thread and, if this was the
+    /// last handle, closes the store and releases the directory lock. Other clones get
+    /// [`OutboxError::Closed`] afterwards.
+    pub async fn close(self) -> Result<(), OutboxError> {
+        let result = self.call(|reply| Msg::Close { reply }).await;
+        // Dropping the last handle drops the keyspace, which joins fjall's threads: blocking.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        result
+    }
+
+    /// Test-only crash: the commit thread stops without its final sync and the store is
+    /// dropped as a killed process would leave it (every acknowledged write already reached
+    /// the OS; nothing else is flushed).
+    #[cfg(test)]
+    pub(crate) async fn crash(self) {
+        let _ = self.call(|reply| Msg::Crash { reply }).await;
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+}

@@ -3,6 +3,7 @@
 
 mod emulator;
 mod ingest;
+mod outbox;
 mod pricing;
 mod proxy;
 mod sdk;

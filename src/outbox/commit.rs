@@ -1,0 +1,629 @@
+//! Group commit: one thread turns every queued request into one fjall batch and one sync.
+//!
+//! The thread blocks for the first request, then drains whatever else queued up while it was
+//! busy (up to `max_group` appends): under load, requests arrive during the previous group's
+//! `fdatasync` and are written together by the next. For each group, in order:
+//!
+//! 1. decide every request against the store and the group so far (dedupe lookups, `Full`),
+//!    staging its writes into the group's batch;
+//! 2. write the batch to the journal and flush it to the OS (`PersistMode::Buffer`);
+//! 3. with [`SyncPolicy::Always`], `fdatasync` once, if the group holds anything whose loss
+//!    would matter (appends, dead letters, replays, batch memberships; not delivered marks);
+//! 4. only then apply the group to the in-memory queue, wake the forwarder and answer.
+//!
+//! If 2 or 3 fails, every request of the group gets an error, nothing is applied, and the
+//! outbox is poisoned. Groups never overlap, so an id in flight in one request is decided by
+//! the time a later request looks it up; within a group, a repeated id is answered
+//! `Duplicate` only once the group (with the first occurrence) is durable.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::store::{encode_dead, encode_record, seq_key, store_batch_value, Store};
+use super::{
+    dedupe, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
+    SyncPolicy,
+};
+use crate::domain::Delivery;
+
+/// How often expired dedupe entries are pruned while running.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
+
+/// Records staged for the in-memory queue once their group is committed.
+type Added = Vec<(u64, Delivery)>;
+
+pub(crate) enum Msg {
+    Append {
+        events: Vec<AcceptedEvent>,
+        reply: Reply<Vec<AppendOutcome>>,
+    },
+    Delivered {
+        seqs: Vec<u64>,
+        reply: Reply<()>,
+    },
+    DeadLetter {
+        seq: u64,
+        reason: String,
+        upstream_status: Option<u16>,
+        upstream_body: Option<String>,
+        reply: Reply<()>,
+    },
+    Replay {
+        seqs: Option<Vec<u64>>,
+        reply: Reply<usize>,
+    },
+    PersistBatch {
+        id: Uuid,
+        seqs: Vec<u64>,
+        reply: Reply<()>,
+    },
+    CompleteBatch {
+        id: Uuid,
+        reply: Reply<()>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+    #[cfg(test)]
+    Crash {
+        reply: Reply<()>,
+    },
+}
+
+/// A request decided and staged into the group's batch, waiting for the commit.
+enum Staged {
+    Append {
+        reply: Reply<Vec<AppendOutcome>>,
+        outcomes: Vec<AppendOutcome>,
+        added: Added,
+    },
+    Delivered {
+        reply: Reply<()>,
+        seqs: Vec<u64>,
+    },
+    DeadLetter {
+        reply: Reply<()>,
+        seq: u64,
+    },
+    Replay {
+        reply: Reply<usize>,
+        added: Added,
+    },
+    Done {
+        reply: Reply<()>,
+    },
+}
+
+impl Staged {
+    fn fail(self, err: impl Fn() -> OutboxError) {
+        // A caller that went away no longer needs the answer.
+        let _ = match self {
+            Staged::Append { reply, .. } => reply.send(Err(err())).map_err(drop),
+            Staged::Delivered { reply, .. }
+            | Staged::DeadLetter { reply, .. }
+            | Staged::Done { reply } => reply.send(Err(err())).map_err(drop),
+            Staged::Replay { reply, .. } => reply.send(Err(err())).map_err(drop),
+        };
+    }
+}
+
+enum Stop {
+    Close(Reply<()>),
+    #[cfg(test)]
+    Crash(Reply<()>),
+}
+
+pub(crate) struct Committer {
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    settings: OutboxSettings,
+    next_seq: u64,
+    /// Whether something was written since the last sync (for `interval`).
+    dirty: bool,
+    last_sync: Instant,
+    last_prune: Instant,
+}
+
+impl Committer {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        shared: Arc<Shared>,
+        settings: OutboxSettings,
+        next_seq: u64,
+    ) -> Self {
+        Self {
+            store,
+            shared,
+            settings,
+            next_seq,
+            dirty: false,
+            last_sync: Instant::now(),
+            last_prune: Instant::now(),
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let stop = loop {
+            let first = match rx.recv_timeout(self.idle_timeout()) {
+                Ok(msg) => msg,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.maintain();
+                    continue;
+                }
+                // Every handle is gone without close(): flush what we have, as close would.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            };
+            let mut group = vec![first];
+            let mut appends = usize::from(matches!(group[0], Msg::Append { .. }));
+            while appends < self.settings.max_group.max(1) {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        appends += usize::from(matches!(msg, Msg::Append { .. }));
+                        let is_stop = matches!(msg, Msg::Close { .. });
+                        #[cfg(test)]
+                        let is_stop = is_stop || matches!(msg, Msg::Crash { .. });
+                        group.push(msg);
+                        if is_stop {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let stop = self.process(group);
+            if stop.is_some() {
+                break stop;
+            }
+            self.maintain();
+        };
+        // Requests still queued behind a stop are answered `Closed` when their reply senders
+        // drop with the receiver.
+        match stop {
+            None => {
+                let _ = self.final_sync();
+            }
+            Some(Stop::Close(reply)) => {
+                let result = self.final_sync();
+                let store = self.store;
+                drop(store);
+                let _ = reply.send(result);
+            }
+            #[cfg(test)]
+            Some(Stop::Crash(reply)) => {
+                let store = self.store;
+                drop(store);
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        let prune_in = PRUNE_EVERY.saturating_sub(self.last_prune.elapsed());
+        match self.settings.sync {
+            SyncPolicy::Interval(every) if self.dirty => {
+                every.saturating_sub(self.last_sync.elapsed()).min(prune_in)
+            }
+            _ => prune_in,
+        }
+    }
+
+    /// Interval syncs and dedupe pruning, between groups.
+    fn maintain(&mut self) {
+        if self.poisoned() {
+            return;
+        }
+        if let SyncPolicy::Interval(every) = self.settings.sync {
+            if self.dirty && self.last_sync.elapsed() >= every {
+                let _ = self.sync_or_poison();
+            }
+        }
+        if self.last_prune.elapsed() >= PRUNE_EVERY {
+            // One chunk between groups; if more expired entries remain, the timer is left
+            // expired so the next pass (after the next group or idle wake-up) continues.
+            match self
+                .store
+                .prune_dedupe(dedupe::now_ms(), self.settings.dedupe_window, 1)
+            {
+                Ok((n, more)) => {
+                    if n > 0 {
+                        tracing::debug!(pruned = n, "outbox dedupe entries expired");
+                    }
+                    if !more {
+                        self.last_prune = Instant::now();
+                    }
+                }
+                Err(e) => self.poison("prune", &e),
+            }
+        }
+    }
+
+    fn final_sync(&mut self) -> Result<(), OutboxError> {
+        if self.poisoned() {
+            return Err(OutboxError::Poisoned);
+        }
+        if self.dirty {
+            self.sync_or_poison()?;
+        }
+        tracing::info!("outbox closed");
+        Ok(())
+    }
+
+    fn poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    fn poison(&self, stage: &'static str, err: &OutboxError) {
+        self.shared.poisoned.store(true, Ordering::Release);
+        tracing::error!(
+            stage,
+            error = %err,
+            cause = ?std::error::Error::source(err),
+            "outbox write failed, refusing writes until restart"
+        );
+    }
+
+    fn sync_or_poison(&mut self) -> Result<(), OutboxError> {
+        let started = Instant::now();
+        #[cfg(test)]
+        let result = if self.shared.faults.take_sync() {
+            Err(OutboxError::Io(std::io::Error::other(
+                "injected sync failure",
+            )))
+        } else {
+            self.store.sync()
+        };
+        #[cfg(not(test))]
+        let result = self.store.sync();
+        let took = started.elapsed();
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.last_sync_nanos.store(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1),
+            Ordering::Relaxed,
+        );
+        match result {
+            Ok(()) => {
+                self.dirty = false;
+                self.last_sync = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                // Never retried: after a failed fsync the kernel may have dropped the dirty
+                // pages, so a later "successful" fsync would prove nothing.
+                self.poison("sync", &e);
+                Err(OutboxError::Poisoned)
+            }
+        }
+    }
+
+    /// Decides, writes and answers one group. Returns a stop request if the group had one.
+    fn process(&mut self, group: Vec<Msg>) -> Option<Stop> {
+        let mut batch = self.store.batch();
+        let mut staged = Vec::with_capacity(group.len());
+        let mut claimed: HashSet<Vec<u8>> = HashSet::new();
+        let mut pending = self.shared.queue.lock().len();
+        let mut needs_sync = false;
+        let mut appends = 0u64;
+        let mut stop = None;
+        let first_seq = self.next_seq;
+        let now_ms = dedupe::now_ms();
+
+        for msg in group {
+            if self.poisoned() {
+                fail_msg(msg, || OutboxError::Poisoned, &mut stop);
+                continue;
+            }
+            match msg {
+                Msg::Append { events, reply } => {
+                    match self.stage_append(&mut batch, &events, &mut claimed, pending, now_ms) {
+                        Ok((outcomes, added)) => {
+                            pending += added.len();
+                            needs_sync |= !added.is_empty();
+                            appends += 1;
+                            staged.push(Staged::Append {
+                                reply,
+                                outcomes,
+                                added,
+                            });
+                        }
+                        Err(e) => {
+                            if e.is_fatal() {
+                                self.poison("append", &e);
+                            }
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Msg::Delivered { seqs, reply } => {
+                    let queue = self.shared.queue.lock();
+                    let seqs: Vec<u64> = seqs
+                        .into_iter()
+                        .filter(|s| queue.get(*s).is_some())
+                        .collect();
+                    drop(queue);
+                    for &seq in &seqs {
+                        batch.remove(&self.store.records, seq_key(seq).to_vec());
+                    }
+                    staged.push(Staged::Delivered { reply, seqs });
+                }
+                Msg::DeadLetter {
+                    seq,
+                    reason,
+                    upstream_status,
+                    upstream_body,
+                    reply,
+                } => {
+                    let delivery = self.shared.queue.lock().get(seq).cloned();
+                    let Some(delivery) = delivery else {
+                        let _ = reply.send(Err(OutboxError::UnknownSeq { seq }));
+                        continue;
+                    };
+                    let letter = DeadLetter {
+                        seq,
+                        delivery,
+                        reason,
+                        upstream_status,
+                        upstream_body,
+                        at: chrono::Utc::now(),
+                    };
+                    match encode_dead(&letter) {
+                        Ok(bytes) => {
+                            batch.remove(&self.store.records, seq_key(seq).to_vec());
+                            batch.insert(&self.store.dead, seq_key(seq).to_vec(), bytes);
+                            needs_sync = true;
+                            staged.push(Staged::DeadLetter { reply, seq });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Msg::Replay { seqs, reply } => {
+                    match self.store.stage_replay(&mut batch, seqs.as_deref()) {
+                        Ok(added) => {
+                            needs_sync |= !added.is_empty();
+                            staged.push(Staged::Replay { reply, added });
+                        }
+                        Err(e) => {
+                            if e.is_fatal() {
+                                self.poison("replay", &e);
+                            }
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Msg::PersistBatch { id, seqs, reply } => match store_batch_value(&seqs) {
+                    Ok(bytes) => {
+                        batch.insert(&self.store.batches, id.as_bytes().to_vec(), bytes);
+                        needs_sync = true;
+                        staged.push(Staged::Done { reply });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Msg::CompleteBatch { id, reply } => match self.store.get_batch(id) {
+                    Ok(members) => {
+                        let members = members.unwrap_or_default();
+                        for &seq in &members {
+                            batch.remove(&self.store.records, seq_key(seq).to_vec());
+                        }
+                        batch.remove(&self.store.batches, id.as_bytes().to_vec());
+                        staged.push(Staged::Delivered {
+                            reply,
+                            seqs: members,
+                        });
+                    }
+                    Err(e) => {
+                        if e.is_fatal() {
+                            self.poison("complete_batch", &e);
+                        }
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Msg::Close { reply } => stop = Some(Stop::Close(reply)),
+                #[cfg(test)]
+                Msg::Crash { reply } => stop = Some(Stop::Crash(reply)),
+            }
+        }
+
+        if self.next_seq != first_seq {
+            self.store.set_next_seq(&mut batch, self.next_seq);
+        }
+        if let Err(e) = self.write(batch, needs_sync) {
+            // Nothing of the group is applied in memory; seqs are not reused (harmless gap).
+            let injected = matches!(e, OutboxError::Io(_)) && !self.poisoned();
+            for s in staged {
+                s.fail(|| {
+                    if injected {
+                        OutboxError::Io(std::io::Error::other("outbox write failed"))
+                    } else {
+                        OutboxError::Poisoned
+                    }
+                });
+            }
+            return stop;
+        }
+        self.shared.groups.fetch_add(1, Ordering::Relaxed);
+        self.shared.appends.fetch_add(appends, Ordering::Relaxed);
+        self.apply(staged);
+        stop
+    }
+
+    /// Decides one append call: outcomes, and the writes of its new events staged into `batch`.
+    fn stage_append(
+        &mut self,
+        batch: &mut fjall::Batch,
+        events: &[AcceptedEvent],
+        claimed: &mut HashSet<Vec<u8>>,
+        pending: usize,
+        now_ms: u64,
+    ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
+        let window = self.settings.dedupe_window;
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut fresh: Vec<(Vec<u8>, &AcceptedEvent)> = Vec::new();
+        for ev in events {
+            let key = dedupe::key(&ev.tenant, &ev.event_id);
+            // Claimed earlier in this group (this call or another): durable together with it.
+            let dup = claimed.contains(&key)
+                || fresh.iter().any(|(k, _)| *k == key)
+                || self.store.is_seen(&key, now_ms, window)?;
+            if dup {
+                outcomes.push(AppendOutcome::Duplicate);
+            } else {
+                outcomes.push(AppendOutcome::Accepted);
+                fresh.push((key, ev));
+            }
+        }
+        let new_records: usize = fresh.iter().map(|(_, ev)| ev.deliveries.len()).sum();
+        let max_pending = self.settings.max_pending;
+        if new_records > 0 && pending.saturating_add(new_records) > max_pending {
+            return Err(OutboxError::Full {
+                pending,
+                max_pending,
+            });
+        }
+        // Encode everything before touching the batch, so a failure leaves it unchanged.
+        let mut encoded = Vec::with_capacity(new_records);
+        for (_, ev) in &fresh {
+            for d in &ev.deliveries {
+                encoded.push((encode_record(d)?, d.clone()));
+            }
+        }
+        let mut added = Vec::with_capacity(new_records);
+        for (bytes, delivery) in encoded {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            batch.insert(&self.store.records, seq_key(seq).to_vec(), bytes);
+            added.push((seq, delivery));
+        }
+        for (key, _) in fresh {
+            self.store.stage_seen(batch, &key, now_ms);
+            claimed.insert(key);
+        }
+        Ok((outcomes, added))
+    }
+
+    /// Writes the group's batch (flushed to the OS) and syncs it if the policy says so.
+    fn write(&mut self, batch: fjall::Batch, needs_sync: bool) -> Result<(), OutboxError> {
+        if self.poisoned() {
+            // Something failed while the group was decided: write none of it.
+            return Err(OutboxError::Poisoned);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.shared.faults.take_write() {
+            // A failure before any byte reached the journal: nothing to poison.
+            return Err(OutboxError::Io(std::io::Error::other(
+                "injected write failure",
+            )));
+        }
+        if let Err(e) = batch.commit() {
+            // fjall poisons itself when a journal flush fails; we do the same for any error
+            // because we cannot know how much of the batch reached the file.
+            let e = OutboxError::from(e);
+            self.poison("write", &e);
+            return Err(e);
+        }
+        self.dirty = true;
+        if needs_sync && self.settings.sync == SyncPolicy::Always {
+            self.sync_or_poison()?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, staged: Vec<Staged>) {
+        let mut woke = false;
+        let mut queue = self.shared.queue.lock();
+        let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(staged.len());
+        for s in staged {
+            match s {
+                Staged::Append {
+                    reply,
+                    outcomes,
+                    added,
+                } => {
+                    woke |= !added.is_empty();
+                    for (seq, d) in added {
+                        queue.insert(seq, d);
+                    }
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(outcomes));
+                    }));
+                }
+                Staged::Delivered { reply, seqs } => {
+                    for seq in seqs {
+                        queue.remove(seq);
+                    }
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(()));
+                    }));
+                }
+                Staged::DeadLetter { reply, seq } => {
+                    if queue.remove(seq).is_some() {
+                        self.shared.dead_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(()));
+                    }));
+                }
+                Staged::Done { reply } => {
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(()));
+                    }));
+                }
+                Staged::Replay { reply, added } => {
+                    let n = added.len();
+                    woke |= n > 0;
+                    for (seq, d) in added {
+                        queue.insert(seq, d);
+                    }
+                    let _ = self.shared.dead_count.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |c| Some(c.saturating_sub(n)),
+                    );
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(n));
+                    }));
+                }
+            }
+        }
+        // Answer outside the queue lock: a woken caller may call next_batch at once.
+        drop(queue);
+        if woke {
+            self.shared.wake();
+        }
+        for r in replies {
+            r();
+        }
+    }
+}
+
+fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError, stop: &mut Option<Stop>) {
+    let _ = match msg {
+        Msg::Append { reply, .. } => reply.send(Err(err())).map_err(drop),
+        Msg::Delivered { reply, .. }
+        | Msg::DeadLetter { reply, .. }
+        | Msg::PersistBatch { reply, .. }
+        | Msg::CompleteBatch { reply, .. } => reply.send(Err(err())).map_err(drop),
+        Msg::Replay { reply, .. } => reply.send(Err(err())).map_err(drop),
+        Msg::Close { reply } => {
+            *stop = Some(Stop::Close(reply));
+            Ok(())
+        }
+        #[cfg(test)]
+        Msg::Crash { reply } => {
+            *stop = Some(Stop::Crash(reply));
+            Ok(())
+        }
+    };
+}

@@ -1,0 +1,137 @@
+//! The in-memory pending queue: undelivered records and their leases.
+//!
+//! It mirrors the `records` partition (rebuilt from it on open) and is changed only after the
+//! write that justifies the change is committed, except for leases, which are memory-only by
+//! design: a lease dies with the process and the record is simply leased again. Memory is
+//! bounded by `max_pending` records (plus replayed dead letters).
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::Pending;
+use crate::domain::Delivery;
+
+struct Entry {
+    delivery: Delivery,
+    attempts: u32,
+    leased: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    entries: HashMap<u64, Entry>,
+    /// Seqs not leased, oldest first.
+    ready: BTreeSet<u64>,
+}
+
+impl Queue {
+    pub(crate) fn from_records(records: Vec<(u64, Delivery)>) -> Queue {
+        let mut q = Queue::default();
+        for (seq, delivery) in records {
+            q.insert(seq, delivery);
+        }
+        q
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn insert(&mut self, seq: u64, delivery: Delivery) {
+        self.entries.insert(
+            seq,
+            Entry {
+                delivery,
+                attempts: 0,
+                leased: false,
+            },
+        );
+        self.ready.insert(seq);
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64) -> Option<Delivery> {
+        self.ready.remove(&seq);
+        self.entries.remove(&seq).map(|e| e.delivery)
+    }
+
+    pub(crate) fn get(&self, seq: u64) -> Option<&Delivery> {
+        self.entries.get(&seq).map(|e| &e.delivery)
+    }
+
+    pub(crate) fn lease(&mut self, max: usize) -> Vec<Pending> {
+        let mut out = Vec::with_capacity(max.min(self.ready.len()));
+        while out.len() < max {
+            let Some(seq) = self.ready.pop_first() else {
+                break;
+            };
+            let Some(entry) = self.entries.get_mut(&seq) else {
+                continue;
+            };
+            entry.leased = true;
+            out.push(Pending {
+                seq,
+                delivery: entry.delivery.clone(),
+                attempts: entry.attempts,
+            });
+            entry.attempts = entry.attempts.saturating_add(1);
+        }
+        out
+    }
+
+    /// Leases the given records if they are pending and not leased (for a coalesced batch
+    /// that must be re-sent with exactly its persisted membership).
+    pub(crate) fn lease_seqs(&mut self, seqs: &[u64]) -> Vec<Pending> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if !self.ready.remove(seq) {
+                continue;
+            }
+            let Some(entry) = self.entries.get_mut(seq) else {
+                continue;
+            };
+            entry.leased = true;
+            out.push(Pending {
+                seq: *seq,
+                delivery: entry.delivery.clone(),
+                attempts: entry.attempts,
+            });
+            entry.attempts = entry.attempts.saturating_add(1);
+        }
+        out
+    }
+
+    /// Marks records leased (without handing them out) while a write about them is in flight.
+    pub(crate) fn hold(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Some(entry) = self.entries.get_mut(seq) {
+                entry.leased = true;
+                self.ready.remove(seq);
+            }
+        }
+    }
+
+    /// Returns leased records to the ready set; returns how many were released.
+    pub(crate) fn release(&mut self, seqs: &[u64]) -> usize {
+        let mut n = 0;
+        for seq in seqs {
+            if let Some(entry) = self.entries.get_mut(seq) {
+                if entry.leased {
+                    entry.leased = false;
+                    self.ready.insert(*seq);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self) -> Vec<(u64, Delivery)> {
+        let mut all: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(s, e)| (*s, e.delivery.clone()))
+            .collect();
+        all.sort_by_key(|(s, _)| *s);
+        all
+    }
+}

@@ -1,0 +1,259 @@
+//! On-disk layout of the outbox, on fjall (an LSM tree with a write-ahead journal).
+//!
+//! ```text
+//! DIR/LOCK            exclusive flock: one process per directory (proxy or offline dlq tool)
+//! DIR/store/          fjall keyspace, partitions:
+//!   records           seq (u64 BE)                      -> JSON StoredRecord { delivery }
+//!   dead              seq (u64 BE)                      -> JSON DeadLetter
+//!   dedupe            dedupe key (see dedupe.rs)        -> accepted_at ms (u64 BE)
+//!   dedupe_exp        accepted_at ms (u64 BE) ++ key    -> empty (time index for pruning)
+//!   batches           batch id (16-byte UUID)           -> JSON [seq, ...] (coalesced sends)
+//!   meta              "next_seq"                        -> u64 BE
+//! ```
+//!
+//! Every change is an fjall write batch: atomic across partitions, journaled before it becomes
+//! visible, recovered on open. A record lives in exactly one of `records` and `dead`, moved in
+//! one batch. Sequence numbers only grow (`meta/next_seq` is written with every group that
+//! assigns some), so a seq names one record for the lifetime of the directory.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use fjall::{Batch, Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+use rustix::fs::{flock, FlockOperation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{DeadLetter, OutboxError};
+use crate::domain::Delivery;
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+
+/// The value stored in `records`. Versioned by field presence: new optional fields only.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct StoredRecord {
+    pub(crate) delivery: Delivery,
+}
+
+pub(crate) struct Recovered {
+    pub(crate) pending: Vec<(u64, Delivery)>,
+    pub(crate) dead_count: usize,
+    pub(crate) next_seq: u64,
+}
+
+/// The open keyspace and its partitions. Field order matters: the keyspace is dropped (its
+/// threads joined) before the directory lock is released.
+pub(crate) struct Store {
+    pub(crate) keyspace: Keyspace,
+    pub(crate) records: PartitionHandle,
+    pub(crate) dead: PartitionHandle,
+    pub(crate) dedupe: PartitionHandle,
+    pub(crate) dedupe_exp: PartitionHandle,
+    pub(crate) batches: PartitionHandle,
+    pub(crate) meta: PartitionHandle,
+    _lock: File,
+}
+
+pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub(crate) fn seq_from_key(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+pub(crate) fn encode_record(delivery: &Delivery) -> Result<Vec<u8>, OutboxError> {
+    #[derive(Serialize)]
+    struct Ref<'a> {
+        delivery: &'a Delivery,
+    }
+    serde_json::to_vec(&Ref { delivery }).map_err(OutboxError::Encode)
+}
+
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<Delivery, OutboxError> {
+    serde_json::from_slice::<StoredRecord>(bytes)
+        .map(|r| r.delivery)
+        .map_err(|source| OutboxError::Corrupt {
+            partition: "records",
+            source,
+        })
+}
+
+fn lock_dir(dir: &Path) -> Result<File, OutboxError> {
+    std::fs::create_dir_all(dir).map_err(OutboxError::Io)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(OutboxError::Io)?;
+    // An flock belongs to the open file description: a second open in this process conflicts
+    // too, and the kernel releases it when the process dies, however it dies.
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(OutboxError::Locked { dir: dir.into() }),
+        Err(e) => Err(OutboxError::Io(e.into())),
+    }
+}
+
+impl Store {
+    /// Locks `dir` and opens (recovering the journal of) the keyspace in `dir/store`.
+    pub(crate) fn open(dir: &Path) -> Result<Store, OutboxError> {
+        let lock = lock_dir(dir)?;
+        // We decide durability per batch; fjall must not add syncs or buffering of its own.
+        let keyspace = Config::new(dir.join("store"))
+            .manual_journal_persist(true)
+            .open()?;
+        let open = |name: &str| keyspace.open_partition(name, PartitionCreateOptions::default());
+        Ok(Store {
+            records: open("records")?,
+            dead: open("dead")?,
+            dedupe: open("dedupe")?,
+            dedupe_exp: open("dedupe_exp")?,
+            batches: open("batches")?,
+            meta: open("meta")?,
+            keyspace,
+            _lock: lock,
+        })
+    }
+
+    /// Reads the pending records and the sequence counter (blocking, at open only).
+    pub(crate) fn recover(&self) -> Result<Recovered, OutboxError> {
+        let mut pending = Vec::new();
+        let mut max_seq = None::<u64>;
+        for kv in self.records.iter() {
+            let (k, v) = kv?;
+            let Some(seq) = seq_from_key(&k) else {
+                continue;
+            };
+            pending.push((seq, decode_record(&v)?));
+            max_seq = max_seq.max(Some(seq));
+        }
+        let mut dead_count = 0;
+        for kv in self.dead.iter() {
+            let (k, _) = kv?;
+            if let Some(seq) = seq_from_key(&k) {
+                dead_count += 1;
+                max_seq = max_seq.max(Some(seq));
+            }
+        }
+        let stored_next = self
+            .meta
+            .get(NEXT_SEQ)?
+            .and_then(|v| seq_from_key(&v))
+            .unwrap_or(0);
+        let next_seq = stored_next.max(max_seq.map_or(0, |s| s + 1));
+        Ok(Recovered {
+            pending,
+            dead_count,
+            next_seq,
+        })
+    }
+
+    pub(crate) fn set_next_seq(&self, batch: &mut Batch, next_seq: u64) {
+        batch.insert(&self.meta, NEXT_SEQ, seq_key(next_seq).to_vec());
+    }
+
+    pub(crate) fn batch(&self) -> Batch {
+        self.keyspace.batch().durability(Some(PersistMode::Buffer))
+    }
+
+    pub(crate) fn sync(&self) -> Result<(), OutboxError> {
+        self.keyspace
+            .persist(PersistMode::SyncData)
+            .map_err(OutboxError::from)
+    }
+
+    pub(crate) fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+        self.dead
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode_dead(&v)
+            })
+            .collect()
+    }
+
+    pub(crate) fn get_dead(&self, seq: u64) -> Result<Option<DeadLetter>, OutboxError> {
+        self.dead
+            .get(seq_key(seq))?
+            .map(|v| decode_dead(&v))
+            .transpose()
+    }
+
+    /// Adds to `batch` the moves of the given (or all) dead letters back to `records`.
+    pub(crate) fn stage_replay(
+        &self,
+        batch: &mut Batch,
+        seqs: Option<&[u64]>,
+    ) -> Result<Vec<(u64, Delivery)>, OutboxError> {
+        let letters = match seqs {
+            None => self.dead_letters()?,
+            Some(seqs) => {
+                let mut out = Vec::with_capacity(seqs.len());
+                for &seq in seqs {
+                    if let Some(letter) = self.get_dead(seq)? {
+                        out.push(letter);
+                    }
+                }
+                out.sort_by_key(|l| l.seq);
+                out.dedup_by_key(|l| l.seq);
+                out
+            }
+        };
+        let mut moved = Vec::with_capacity(letters.len());
+        for letter in letters {
+            batch.remove(&self.dead, seq_key(letter.seq).to_vec());
+            batch.insert(
+                &self.records,
+                seq_key(letter.seq).to_vec(),
+                encode_record(&letter.delivery)?,
+            );
+            moved.push((letter.seq, letter.delivery));
+        }
+        Ok(moved)
+    }
+}
+
+pub(crate) fn store_batch_value(seqs: &[u64]) -> Result<Vec<u8>, OutboxError> {
+    serde_json::to_vec(seqs).map_err(OutboxError::Encode)
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<Vec<u64>, OutboxError> {
+    serde_json::from_slice(bytes).map_err(|source| OutboxError::Corrupt {
+        partition: "batches",
+        source,
+    })
+}
+
+impl Store {
+    pub(crate) fn get_batch(&self, id: Uuid) -> Result<Option<Vec<u64>>, OutboxError> {
+        self.batches
+            .get(id.as_bytes())?
+            .map(|v| decode_batch(&v))
+            .transpose()
+    }
+
+    pub(crate) fn batches(&self) -> Result<Vec<(Uuid, Vec<u64>)>, OutboxError> {
+        let mut out = Vec::new();
+        for kv in self.batches.iter() {
+            let (k, v) = kv?;
+            let Ok(id) = Uuid::from_slice(&k) else {
+                continue;
+            };
+            out.push((id, decode_batch(&v)?));
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn encode_dead(letter: &DeadLetter) -> Result<Vec<u8>, OutboxError> {
+    serde_json::to_vec(letter).map_err(OutboxError::Encode)
+}
+
+fn decode_dead(bytes: &[u8]) -> Result<DeadLetter, OutboxError> {
+    serde_json::from_slice(bytes).map_err(|source| OutboxError::Corrupt {
+        partition: "dead",
+        source,
+    })
+}
