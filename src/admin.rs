@@ -36,9 +36,12 @@ pub struct AdminState {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/livez", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+    cfg.route(
+        "/livez",
+        web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+    )
+    .route("/readyz", web::get().to(readyz))
+    .route("/metrics", web::get().to(metrics));
 }
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {

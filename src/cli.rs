@@ -13,7 +13,11 @@ use crate::app::Application;
 use crate::config::Settings;
 
 #[derive(Parser, Debug)]
-#[command(name = "credyt-proxy", version, about = "Usage-metering sidecar for Credyt for Platforms")]
+#[command(
+    name = "credyt-proxy",
+    version,
+    about = "Usage-metering sidecar for Credyt for Platforms"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -49,7 +49,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events", web::post().to(post_events))
         .route("/v1/events", web::post().to(post_v1_events))
         .route("/v1/quote", web::post().to(post_quote))
-        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().finish() }));
+        .route(
+            "/healthz",
+            web::get().to(|| async { HttpResponse::Ok().finish() }),
+        );
 }
 
 /// Answers unknown paths and methods with problem+json.
@@ -70,7 +73,10 @@ fn api_key(req: &HttpRequest) -> Option<&str> {
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
 }
 
@@ -122,9 +128,7 @@ async fn run(
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
     // The pipeline runs in its own task: if the client disconnects, actix drops this handler
     // future, but the hand-off to the sink (and the dedupe claim after it) still completes.
-    let task = tokio::spawn(async move {
-        pipeline::process(&state, &tenant, &body, mode).await
-    });
+    let task = tokio::spawn(async move { pipeline::process(&state, &tenant, &body, mode).await });
     task.await
         .map_err(|_| ApiError::Unavailable("the request task failed"))?
 }

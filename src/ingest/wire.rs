@@ -48,15 +48,17 @@ pub fn parse_request(
     limits: &IngestSettings,
     now: DateTime<Utc>,
 ) -> Result<ParsedRequest, ApiError> {
-    let root: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let root: Value = serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let Value::Object(mut root) = root else {
         return Err(ApiError::BadJson("the body must be a JSON object".into()));
     };
     let whole = |code, field: &str, msg: &str| {
         ApiError::Validation(vec![reject(code, field.to_string(), msg)])
     };
-    let customer = match (root.remove("customer_id"), root.remove("customer_external_id")) {
+    let customer = match (
+        root.remove("customer_id"),
+        root.remove("customer_external_id"),
+    ) {
         (Some(Value::String(id)), None | Some(Value::Null)) if valid_text(&id, 128) => {
             CustomerRef::Id(id)
         }
@@ -91,7 +93,11 @@ pub fn parse_request(
         None => return Err(whole("missing_events", "events", "events is required")),
     };
     if events.is_empty() {
-        return Err(whole("invalid_events", "events", "events must not be empty"));
+        return Err(whole(
+            "invalid_events",
+            "events",
+            "events must not be empty",
+        ));
     }
     if events.len() > limits.max_events_per_request {
         return Err(whole(
@@ -113,7 +119,10 @@ pub fn parse_request(
                 return Err(reject(
                     "duplicate_id_in_request",
                     format!("events[{i}].id"),
-                    format!("event id `{}` appears more than once in this request", event.id),
+                    format!(
+                        "event id `{}` appears more than once in this request",
+                        event.id
+                    ),
                 ));
             }
             Ok(event)
@@ -134,7 +143,11 @@ fn parse_event(
 ) -> Result<UsageEvent, Rejection> {
     let field = |name: &str| format!("events[{i}].{name}");
     let Value::Object(mut obj) = value else {
-        return Err(reject("invalid_event", format!("events[{i}]"), "each event must be an object"));
+        return Err(reject(
+            "invalid_event",
+            format!("events[{i}]"),
+            "each event must be an object",
+        ));
     };
     let id = match obj.remove("id") {
         Some(Value::String(id)) if valid_text(&id, limits.max_event_id_len) => id,
@@ -193,7 +206,10 @@ fn parse_event(
             Some(_) => Err(reject(
                 "invalid_field",
                 field(name),
-                format!("{name} must be a string of at most {} bytes", limits.max_field_len),
+                format!(
+                    "{name} must be a string of at most {} bytes",
+                    limits.max_field_len
+                ),
             )),
         }
     };
@@ -202,11 +218,23 @@ fn parse_event(
     let data = match obj.remove("data") {
         None | Some(Value::Null) => EventData::new(),
         Some(Value::Object(map)) => parse_data(i, map, limits)?,
-        Some(_) => return Err(reject("invalid_data", field("data"), "data must be an object")),
+        Some(_) => {
+            return Err(reject(
+                "invalid_data",
+                field("data"),
+                "data must be an object",
+            ))
+        }
     };
     match obj.remove("costs") {
         None | Some(Value::Null) | Some(Value::Array(_)) => {}
-        Some(_) => return Err(reject("invalid_field", field("costs"), "costs must be an array")),
+        Some(_) => {
+            return Err(reject(
+                "invalid_field",
+                field("costs"),
+                "costs must be an array",
+            ))
+        }
     }
     Ok(UsageEvent {
         id: EventId::new(id),
@@ -227,7 +255,9 @@ fn parse_time(
         .map_err(|_| {
             (
                 "invalid_occurred_at",
-                format!("`{s}` is not an RFC 3339 timestamp with a zone, e.g. 2026-01-05T10:15:00Z"),
+                format!(
+                    "`{s}` is not an RFC 3339 timestamp with a zone, e.g. 2026-01-05T10:15:00Z"
+                ),
             )
         })?
         .with_timezone(&Utc);
@@ -236,13 +266,19 @@ fn parse_time(
     if t > now + future {
         return Err((
             "occurred_at_in_future",
-            format!("occurred_at is more than {}s in the future", limits.future_skew.as_secs()),
+            format!(
+                "occurred_at is more than {}s in the future",
+                limits.future_skew.as_secs()
+            ),
         ));
     }
     if t < now - past {
         return Err((
             "occurred_at_too_old",
-            format!("occurred_at is older than the accepted window of {}s", limits.past_window.as_secs()),
+            format!(
+                "occurred_at is older than the accepted window of {}s",
+                limits.past_window.as_secs()
+            ),
         ));
     }
     Ok(t)
@@ -264,7 +300,11 @@ fn parse_data(
     for (key, value) in map {
         let field = format!("events[{i}].data.{key}");
         if !valid_text(&key, 128) {
-            return Err(reject("invalid_data", field, "data keys must be 1 to 128 characters"));
+            return Err(reject(
+                "invalid_data",
+                field,
+                "data keys must be 1 to 128 characters",
+            ));
         }
         let v = match value {
             Value::String(s) if s.len() <= limits.max_field_len => DataValue::String(s),
@@ -305,7 +345,9 @@ pub fn exact_decimal(literal: &str) -> Option<Decimal> {
         (exp <= 40).then_some(value)
     } else {
         let scale = i64::from(m.scale()) - exp;
-        let scale = u32::try_from(scale).ok().filter(|s| *s <= Decimal::MAX_SCALE)?;
+        let scale = u32::try_from(scale)
+            .ok()
+            .filter(|s| *s <= Decimal::MAX_SCALE)?;
         Decimal::try_from_i128_with_scale(m.mantissa(), scale).ok()
     }
 }
@@ -331,7 +373,10 @@ mod tests {
 
     #[test]
     fn exact_numbers_never_go_through_floats() {
-        assert_eq!(exact_decimal("9007199254740993").unwrap().to_string(), "9007199254740993");
+        assert_eq!(
+            exact_decimal("9007199254740993").unwrap().to_string(),
+            "9007199254740993"
+        );
         assert_eq!(exact_decimal("1.005").unwrap().to_string(), "1.005");
         assert_eq!(exact_decimal("5e-05").unwrap().to_string(), "0.00005");
         assert_eq!(exact_decimal("2.5E3").unwrap(), Decimal::from(2500));
@@ -378,8 +423,14 @@ mod tests {
     #[test]
     fn request_level_problems_fail_the_request() {
         let l = limits();
-        assert!(matches!(parse_request(b"{not json", &l, now()), Err(ApiError::BadJson(_))));
-        assert!(matches!(parse_request(b"[]", &l, now()), Err(ApiError::BadJson(_))));
+        assert!(matches!(
+            parse_request(b"{not json", &l, now()),
+            Err(ApiError::BadJson(_))
+        ));
+        assert!(matches!(
+            parse_request(b"[]", &l, now()),
+            Err(ApiError::BadJson(_))
+        ));
         assert!(matches!(
             parse_request(br#"{"events":[]}"#, &l, now()),
             Err(ApiError::Validation(_))

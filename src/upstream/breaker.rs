@@ -132,6 +132,9 @@ mod tests {
             assert_eq!(b.permit(now), Permit::Probe);
             b.on_failure(now, None);
         }
-        assert_eq!(b.permit(now), Permit::WaitUntil(now + Duration::from_secs(4)));
+        assert_eq!(
+            b.permit(now),
+            Permit::WaitUntil(now + Duration::from_secs(4))
+        );
     }
 }

@@ -149,7 +149,11 @@ mod tests {
         for attempt in 0..20 {
             let d = b.delay(attempt, None);
             assert!(d <= Duration::from_secs(2));
-            assert!(d >= (Duration::from_millis(100) * (1 << attempt.min(4))).min(Duration::from_secs(2)) / 2);
+            assert!(
+                d >= (Duration::from_millis(100) * (1 << attempt.min(4)))
+                    .min(Duration::from_secs(2))
+                    / 2
+            );
         }
         assert!(b.delay(0, Some(Duration::from_secs(5))) >= Duration::from_secs(5));
     }

@@ -43,7 +43,10 @@ async fn sdk_send_usage_through_the_proxy_debits_the_price_book_amounts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let state = w.state().await;
-    assert_eq!(account_of(&state, &cust).as_deref(), Some(w.a.account.as_str()));
+    assert_eq!(
+        account_of(&state, &cust).as_deref(),
+        Some(w.a.account.as_str())
+    );
     // video_promoted 0.50 + input 1,000,000 tokens 1.25 + output 500,000 tokens 5.00:
     // three fees, three charges, once each although the first event was sent twice.
     let (available, count, total) = wallet(&state, &cust, "USD").unwrap();
@@ -116,12 +119,26 @@ async fn v1_mixed_batch_gets_one_result_per_event_and_charges_only_the_valid() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     let results = body["results"].as_array().unwrap();
-    let status: Vec<&str> = results.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    let status: Vec<&str> = results
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
     assert_eq!(
         status,
-        ["accepted", "duplicate", "rejected", "rejected", "rejected", "rejected", "accepted"]
+        [
+            "accepted",
+            "duplicate",
+            "rejected",
+            "rejected",
+            "rejected",
+            "rejected",
+            "accepted"
+        ]
     );
-    let codes: Vec<&str> = results[2..6].iter().map(|r| r["code"].as_str().unwrap()).collect();
+    let codes: Vec<&str> = results[2..6]
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
     assert_eq!(codes[0], "duplicate_id_in_request");
     assert_eq!(codes[1], "unknown_event_type");
     assert_eq!(codes[2], "invalid_occurred_at");
@@ -155,7 +172,11 @@ async fn tenants_cannot_reach_each_others_customers_whatever_they_send() {
 
     // A names B's customer id directly: not in A's account -> 404, nothing charged.
     let r = w
-        .post("/events", &w.a.key, &json!({"customer_id": b_cust, "events": [event("x1")]}))
+        .post(
+            "/events",
+            &w.a.key,
+            &json!({"customer_id": b_cust, "events": [event("x1")]}),
+        )
         .await;
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
@@ -176,7 +197,11 @@ async fn tenants_cannot_reach_each_others_customers_whatever_they_send() {
     assert_eq!(r.status(), 204);
     let state = w.state().await;
     let (available, count, _) = wallet(&state, &b_cust, "USD").unwrap();
-    assert_eq!((available, count), (dec!(20), 0), "B's customer must be untouched");
+    assert_eq!(
+        (available, count),
+        (dec!(20), 0),
+        "B's customer must be untouched"
+    );
     assert_eq!(total_charges(&state), 1);
     let a_accounts: Vec<&Value> = state["accounts"]
         .as_array()
@@ -193,12 +218,20 @@ async fn tenants_cannot_reach_each_others_customers_whatever_they_send() {
     // Wrong or missing key -> 401, B's own key works for B's customer.
     for key in ["cpk_not_a_key", ""] {
         let r = w
-            .post("/events", key, &json!({"customer_id": b_cust, "events": [event("x3")]}))
+            .post(
+                "/events",
+                key,
+                &json!({"customer_id": b_cust, "events": [event("x3")]}),
+            )
             .await;
         assert_eq!(r.status(), 401);
     }
     let r = w
-        .post("/events", &w.b.key, &json!({"customer_id": b_cust, "events": [event("x4")]}))
+        .post(
+            "/events",
+            &w.b.key,
+            &json!({"customer_id": b_cust, "events": [event("x4")]}),
+        )
         .await;
     assert_eq!(r.status(), 204);
     let (available, count, _) = wallet(&w.state().await, &b_cust, "USD").unwrap();
@@ -226,10 +259,17 @@ async fn many_concurrent_misses_for_one_new_end_user_make_one_lookup() {
         }
     });
     let statuses = futures_util::future::join_all(requests).await;
-    assert!(statuses.iter().all(|s| matches!(s, Ok(204))), "{:?}", &statuses[..5]);
+    assert!(
+        statuses.iter().all(|s| matches!(s, Ok(204))),
+        "{:?}",
+        &statuses[..5]
+    );
     let log: Value = w
         .http
-        .get(format!("{}/_emulator/requests?limit=100000", w.emulator.url()))
+        .get(format!(
+            "{}/_emulator/requests?limit=100000",
+            w.emulator.url()
+        ))
         .header("X-CREDYT-API-KEY", PLATFORM_KEY)
         .send()
         .await
@@ -282,7 +322,12 @@ async fn over_quota_gets_429_with_headers_and_other_tenants_are_unaffected() {
         }
     };
     for i in 0..3 {
-        assert_eq!(post(w.a.key.clone(), "a-user", format!("r{i}")).await.status(), 204);
+        assert_eq!(
+            post(w.a.key.clone(), "a-user", format!("r{i}"))
+                .await
+                .status(),
+            204
+        );
     }
     let limited = post(w.a.key.clone(), "a-user", "r3".into()).await;
     assert_eq!(limited.status(), 429);
@@ -296,7 +341,12 @@ async fn over_quota_gets_429_with_headers_and_other_tenants_are_unaffected() {
     assert_eq!(body["code"], "rate_limited");
     // Tenant B, at the same moment, is not limited.
     for i in 0..5 {
-        assert_eq!(post(w.b.key.clone(), "b-user", format!("b{i}")).await.status(), 204);
+        assert_eq!(
+            post(w.b.key.clone(), "b-user", format!("b{i}"))
+                .await
+                .status(),
+            204
+        );
     }
     w.stop().await;
 }
@@ -313,11 +363,16 @@ async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
     ]});
     // Warm the identity cache, then make half of Credyt's wallet answers fail.
     let warm = w
-        .post("/events", &w.a.key, &json!({"customer_external_id": "flaky-user", "events": [
-            {"id": "warm", "event_type": "video_promoted", "occurred_at": ago(5)}]}))
+        .post(
+            "/events",
+            &w.a.key,
+            &json!({"customer_external_id": "flaky-user", "events": [
+            {"id": "warm", "event_type": "video_promoted", "occurred_at": ago(5)}]}),
+        )
         .await;
     assert_eq!(warm.status(), 204);
-    let faults = json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 1.0}]});
+    let faults =
+        json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 1.0}]});
     let put = w
         .http
         .put(format!("{}/_emulator/faults", w.emulator.url()))
@@ -334,7 +389,8 @@ async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
     assert_eq!(body["code"], "upstream_unavailable");
 
     // Partial outage: some charges of the retry get through, some do not.
-    let half = json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 0.5}]});
+    let half =
+        json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 0.5}]});
     w.http
         .put(format!("{}/_emulator/faults", w.emulator.url()))
         .header("X-CREDYT-API-KEY", PLATFORM_KEY)

@@ -14,7 +14,6 @@ pub const PLATFORM_KEY: &str = "platform-test-key";
 
 /// One tenant of the test world.
 pub struct TestTenant {
-    pub id: String,
     pub key: String,
     pub account: String,
 }
@@ -27,7 +26,8 @@ pub struct World {
     pub a: TestTenant,
     pub b: TestTenant,
     pub http: reqwest::Client,
-    pub dir: tempfile::TempDir,
+    /// Holds the tenants file and the outbox; removed when the world is dropped.
+    _dir: tempfile::TempDir,
 }
 
 /// Options of a test world.
@@ -150,8 +150,22 @@ impl World {
         let emulator = start_emulator().await;
         let http = reqwest::Client::new();
         let dir = tempfile::tempdir().unwrap();
-        let acc_a = emu_post(&http, &emulator, "/accounts", None, json!({"name": "Tenant A", "external_id": "tenant-a"})).await;
-        let acc_b = emu_post(&http, &emulator, "/accounts", None, json!({"name": "Tenant B", "external_id": "tenant-b"})).await;
+        let acc_a = emu_post(
+            &http,
+            &emulator,
+            "/accounts",
+            None,
+            json!({"name": "Tenant A", "external_id": "tenant-a"}),
+        )
+        .await;
+        let acc_b = emu_post(
+            &http,
+            &emulator,
+            "/accounts",
+            None,
+            json!({"name": "Tenant B", "external_id": "tenant-b"}),
+        )
+        .await;
         let (key_a, hash_a) = credyt_proxy::identity::tenants::generate_key();
         let (key_b, hash_b) = credyt_proxy::identity::tenants::generate_key();
         let tenants = format!(
@@ -180,19 +194,17 @@ impl World {
         let app = Application::build(settings).await.unwrap();
         World {
             a: TestTenant {
-                id: "tenant-a".into(),
                 key: key_a,
                 account: acc_a["id"].as_str().unwrap().to_string(),
             },
             b: TestTenant {
-                id: "tenant-b".into(),
                 key: key_b,
                 account: acc_b["id"].as_str().unwrap().to_string(),
             },
             emulator,
             app,
             http,
-            dir,
+            _dir: dir,
         }
     }
 

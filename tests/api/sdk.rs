@@ -29,9 +29,6 @@ fn run_checked(cmd: &mut Command, what: &str) {
 }
 
 /// The venv's python, with the SDK installed (created once, under a lock).
-// `File::lock` is stable since Rust 1.89 while Cargo.toml still declares rust-version 1.85;
-// the toolchain that runs these tests has it (raise rust-version to drop this allow).
-#[allow(clippy::incompatible_msrv)]
 pub fn python() -> PathBuf {
     let target = root().join("target");
     let venv = target.join("sdk-venv");
