@@ -1535,4 +1535,75 @@ rows = [ { dimensions = { a = "x" } }, { dimensions = { a = "x" } } ]
         assert!(codes.contains(&"duplicate_effective_from"), "{errors}");
         assert!(codes.contains(&"ambiguous_dimensions"), "{errors}");
     }
+
+    #[test]
+    fn most_specific_row_wins_in_every_order() {
+        use crate::domain::{DataValue, EventData, EventId, UsageEvent};
+        let rows = [
+            ("{ model = \"*\", region = \"*\" }", "1"),
+            ("{ model = \"gpt-4o\", region = \"*\" }", "2"),
+            ("{ model = \"*\", region = \"eu\" }", "3"),
+            ("{ model = \"gpt-4o\", region = \"eu\" }", "4"),
+        ];
+        let cases = [
+            ("gpt-4o", "eu", dec!(4)),
+            ("gpt-4o", "us", dec!(2)),
+            ("mini", "eu", dec!(3)),
+            ("mini", "us", dec!(1)),
+        ];
+        // Every permutation of the four rows (Heap's algorithm, iteratively).
+        let mut order = [0usize, 1, 2, 3];
+        let mut c = [0usize; 4];
+        let mut perms = vec![order];
+        let mut i = 0;
+        while i < 4 {
+            if c[i] < i {
+                if i % 2 == 0 {
+                    order.swap(0, i)
+                } else {
+                    order.swap(c[i], i)
+                }
+                perms.push(order);
+                c[i] += 1;
+                i = 0;
+            } else {
+                c[i] = 0;
+                i += 1;
+            }
+        }
+        assert_eq!(perms.len(), 24);
+        for perm in perms {
+            let listed: Vec<String> = perm
+                .iter()
+                .map(|&r| {
+                    format!(
+                        "  {{ dimensions = {}, unit_price = {} }},",
+                        rows[r].0, rows[r].1
+                    )
+                })
+                .collect();
+            let book = format!(
+                "[[versions]]\neffective_from = 2026-01-01T00:00:00Z\n[[versions.prices]]\nid = \"p\"\nevent_type = \"e\"\nusage_type = \"unit\"\nasset = \"USD\"\ndimensions = [\"model\", \"region\"]\nrows = [\n{}\n]\n",
+                listed.join("\n")
+            );
+            let set = build(&files(&book)).unwrap_or_else(|e| panic!("{e}"));
+            for (model, region, want) in cases {
+                let mut data = EventData::new();
+                data.insert("model".into(), DataValue::String(model.into()));
+                data.insert("region".into(), DataValue::String(region.into()));
+                let event = UsageEvent {
+                    id: EventId::from("x"),
+                    event_type: "e".into(),
+                    occurred_at: DateTime::parse_from_rfc3339("2026-02-01T00:00:00Z")
+                        .unwrap()
+                        .with_timezone(&Utc),
+                    subject: None,
+                    description: None,
+                    data,
+                };
+                let fees = set.price("t", &event).unwrap();
+                assert_eq!(fees[0].amount, want, "order {perm:?}, {model}/{region}");
+            }
+        }
+    }
 }
