@@ -13,7 +13,9 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
 use crate::admin::{AdminState, Readiness};
-use crate::config::{AckMode, Settings};
+use crate::config::{AckMode, Settings, SyncMode};
+use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
+use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::identity::{Identity, Tenants};
 use crate::ingest::sink::Sink;
 use crate::ingest::{self, AppState};
@@ -33,6 +35,28 @@ pub struct Application {
     state: Arc<AppState>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     grace: std::time::Duration,
+    outbox: Option<Outbox>,
+    forwarder: Option<ForwarderHandle>,
+}
+
+/// Opens (and recovers) the outbox before anything is accepted.
+async fn open_outbox(settings: &Settings) -> anyhow::Result<Outbox> {
+    let s = &settings.outbox;
+    let outbox_settings = OutboxSettings {
+        dir: s.dir.clone(),
+        sync: match s.sync {
+            SyncMode::Always => SyncPolicy::Always,
+            SyncMode::Interval => SyncPolicy::Interval(s.sync_interval),
+        },
+        max_pending: s.max_pending,
+        dedupe_window: settings.ingest.dedupe_window,
+        max_group: s.max_group,
+    };
+    let dir = s.dir.clone();
+    tokio::task::spawn_blocking(move || Outbox::open(outbox_settings))
+        .await
+        .context("opening the outbox")?
+        .with_context(|| format!("opening the outbox in {}", dir.display()))
 }
 
 impl Application {
@@ -53,11 +77,29 @@ impl Application {
         );
         let client = CredytClient::new(&settings.credyt).context("building the credyt client")?;
         let identity = Arc::new(Identity::new(client.clone(), &settings.identity));
-        let sink = match settings.ingest.ack {
-            AckMode::Upstream => Sink::upstream(Forwarder::new(client), &settings.ingest),
-            AckMode::Durable => anyhow::bail!(
-                "ingest.ack = \"durable\" needs the durable outbox, which this build does not have yet; set ingest.ack = \"upstream\""
+        let (sink, outbox, forwarder) = match settings.ingest.ack {
+            AckMode::Upstream => (
+                Sink::upstream(Forwarder::new(client), &settings.ingest),
+                None,
+                None,
             ),
+            AckMode::Durable => {
+                let outbox = open_outbox(&settings).await?;
+                let forwarder = settings.outbox.forwarder.then(|| {
+                    ForwarderHandle::spawn(
+                        outbox.clone(),
+                        client,
+                        ForwarderSettings {
+                            concurrency: settings.outbox.forwarder_concurrency,
+                            ..ForwarderSettings::default()
+                        },
+                    )
+                });
+                if forwarder.is_none() {
+                    tracing::warn!("outbox forwarder disabled: accepted debits stay on disk until it runs");
+                }
+                (Sink::Durable(outbox.clone()), Some(outbox), forwarder)
+            }
         };
         let state = Arc::new(AppState {
             settings: settings.clone(),
@@ -65,6 +107,7 @@ impl Application {
             identity,
             pricing: pricing.clone(),
             sink,
+            outbox: outbox.clone(),
             counters: Arc::new(OutcomeCounters::default()),
         });
         let tasks = vec![
@@ -129,6 +172,8 @@ impl Application {
             state,
             tasks,
             grace: settings.server.shutdown_grace,
+            outbox,
+            forwarder,
         })
     }
 
@@ -150,17 +195,37 @@ impl Application {
         self.stop().await;
     }
 
-    /// Drains: not ready -> stop accepting, finish in-flight requests -> stop background tasks.
+    /// The outbox, when `ack = "durable"`.
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.outbox.as_ref()
+    }
+
+    /// Drains: not ready -> stop accepting and finish in-flight requests -> let the forwarder
+    /// deliver what it can within the grace period -> sync and close the outbox. What is not
+    /// delivered stays on disk for the next start.
     pub async fn stop(self) {
+        let started = std::time::Instant::now();
         self.readiness.set_draining();
         let graceful = self.tenant_server.stop(true);
         if tokio::time::timeout(self.grace, graceful).await.is_err() {
             tracing::warn!(grace = ?self.grace, "in-flight requests did not finish within the grace period");
         }
-        self.admin_server.stop(true).await;
         for t in self.tasks {
             t.abort();
         }
+        if let Some(forwarder) = self.forwarder {
+            let left = self.grace.saturating_sub(started.elapsed());
+            forwarder.stop(left.max(std::time::Duration::from_millis(100))).await;
+        }
+        // The state holds a clone of the outbox; closing ours syncs it.
+        if let Some(outbox) = self.outbox {
+            let depth = outbox.depth();
+            if let Err(e) = outbox.close().await {
+                tracing::error!(error = %e, "closing the outbox failed");
+            }
+            tracing::info!(undelivered = depth, "outbox closed");
+        }
+        self.admin_server.stop(true).await;
         tracing::info!("credyt-proxy stopped");
     }
 }

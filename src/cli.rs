@@ -72,6 +72,29 @@ pub enum Command {
     },
     /// Print a fresh tenant API key and the hash line for the tenants file.
     TenantKey,
+    /// Inspect or replay the outbox's dead letters (the proxy must be stopped: the outbox
+    /// directory is locked while it runs).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// List dead letters as JSON lines.
+    List {
+        /// The outbox directory (`outbox.dir` of the config).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Move dead letters back to the pending queue (all, or the given sequence numbers).
+    Replay {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long = "seq")]
+        seqs: Vec<u64>,
+    },
 }
 
 /// Parses the command line and runs it.
@@ -140,6 +163,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("key_hashes = [\"{hash}\"]");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dlq { action } => match action {
+            DlqAction::List { data_dir } => {
+                let letters = crate::outbox::dlq_list(&data_dir)?;
+                for letter in &letters {
+                    println!("{}", serde_json::to_string(letter)?);
+                }
+                eprintln!("{} dead letter(s)", letters.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            DlqAction::Replay { data_dir, seqs } => {
+                let only = (!seqs.is_empty()).then_some(seqs.as_slice());
+                let n = crate::outbox::dlq_replay(&data_dir, only)?;
+                println!("{n} dead letter(s) moved back to pending; they are sent at the next start");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Emulator {
             listen,
             platform_keys,

@@ -152,6 +152,10 @@ pub struct OutboxSettings {
     pub sync: SyncMode,
     pub sync_interval: Duration,
     pub max_pending: usize,
+    pub max_group: usize,
+    pub forwarder: bool,
+    pub forwarder_concurrency: usize,
+    pub coalesce_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

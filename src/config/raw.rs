@@ -179,6 +179,16 @@ pub struct RawOutbox {
     pub sync: String,
     pub sync_interval_ms: u64,
     pub max_pending: u64,
+    /// Most concurrent appends merged into one commit group.
+    pub max_group: u64,
+    /// Run the forwarder that drains the outbox to Credyt (off only for request-path
+    /// benchmarks: records then stay on disk until a run with it on).
+    pub forwarder: bool,
+    /// Deliveries in flight at once.
+    pub forwarder_concurrency: u64,
+    /// 0 = off. Fees for the same (account, customer, asset) within this window go out as one
+    /// charge.
+    pub coalesce_window_ms: u64,
 }
 
 impl Default for RawOutbox {
@@ -187,7 +197,11 @@ impl Default for RawOutbox {
             dir: "data/outbox".into(),
             sync: "interval".into(),
             sync_interval_ms: 500,
-            max_pending: 1_000_000,
+            max_pending: 100_000,
+            max_group: 512,
+            forwarder: true,
+            forwarder_concurrency: 64,
+            coalesce_window_ms: 0,
         }
     }
 }
@@ -360,7 +374,21 @@ impl RawSettings {
             sync,
             sync_interval: p.positive_ms("outbox.sync_interval_ms", self.outbox.sync_interval_ms),
             max_pending: p.nonzero("outbox.max_pending", self.outbox.max_pending) as usize,
+            max_group: p.nonzero("outbox.max_group", self.outbox.max_group) as usize,
+            forwarder: self.outbox.forwarder,
+            forwarder_concurrency: p
+                .nonzero("outbox.forwarder_concurrency", self.outbox.forwarder_concurrency)
+                as usize,
+            coalesce_window: (self.outbox.coalesce_window_ms > 0)
+                .then(|| Duration::from_millis(self.outbox.coalesce_window_ms)),
         };
+
+        if self.outbox.coalesce_window_ms > 0 {
+            p.push(
+                "outbox.coalesce_window_ms",
+                "coalescing is not available in this build yet; leave it at 0",
+            );
+        }
 
         let rate_limit = RateLimitDefaults {
             per_second: nonzero_u32(&mut p, "rate_limit.per_second", self.rate_limit.per_second),

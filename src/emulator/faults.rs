@@ -35,6 +35,9 @@ pub(crate) struct FaultRule {
     pub rate_500: f64,
     #[serde(default)]
     pub rate_503: f64,
+    /// A permanent refusal (422 ValidationProblem), as Credyt answers a charge it will never take.
+    #[serde(default)]
+    pub rate_422: f64,
     #[serde(default)]
     pub rate_drop: f64,
     /// `Retry-After` seconds on 429/503 answers (default 1).
@@ -56,6 +59,7 @@ impl FaultSet {
                 ("rate_429", r.rate_429),
                 ("rate_500", r.rate_500),
                 ("rate_503", r.rate_503),
+                ("rate_422", r.rate_422),
                 ("rate_drop", r.rate_drop),
             ];
             for (name, v) in rates {
@@ -144,6 +148,16 @@ impl Faults {
                 Action::Status {
                     status: 503,
                     retry_after,
+                },
+            );
+        }
+        edge += rule.rate_422;
+        if roll < edge {
+            return (
+                latency,
+                Action::Status {
+                    status: 422,
+                    retry_after: None,
                 },
             );
         }

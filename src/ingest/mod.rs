@@ -39,6 +39,8 @@ pub struct AppState {
     pub identity: Arc<Identity>,
     pub pricing: Arc<Pricing>,
     pub sink: Sink,
+    /// The outbox, when `ack = "durable"` (for the admin port).
+    pub outbox: Option<crate::outbox::Outbox>,
     pub counters: Arc<OutcomeCounters>,
 }
 

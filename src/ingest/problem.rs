@@ -12,6 +12,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::identity::IdentityError;
+use crate::outbox::OutboxError;
 use crate::outcome::Rejection;
 use crate::ratelimit::RateLimited;
 use crate::upstream::UpstreamError;
@@ -37,6 +38,8 @@ pub enum ApiError {
     Identity(#[from] IdentityError),
     #[error("credyt is unavailable")]
     Upstream(#[source] UpstreamError),
+    #[error("events could not be recorded: {0}")]
+    Outbox(#[source] OutboxError),
     #[error("not accepting events: {0}")]
     Unavailable(&'static str),
     #[error("not found")]
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::Identity(e) => e.code(),
             ApiError::Upstream(e) if e.is_retryable() => "upstream_unavailable",
             ApiError::Upstream(_) => "upstream_rejected",
+            ApiError::Outbox(e) => e.code(),
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
@@ -88,6 +92,8 @@ impl ApiError {
             ApiError::Identity(_) => "Not Found",
             ApiError::Upstream(e) if e.is_retryable() => "Service Unavailable",
             ApiError::Upstream(_) => "Bad Gateway",
+            ApiError::Outbox(e) if e.is_retryable() => "Service Unavailable",
+            ApiError::Outbox(_) => "Internal Server Error",
             ApiError::Unavailable(_) => "Service Unavailable",
             ApiError::NotFound => "Not Found",
             ApiError::MethodNotAllowed => "Method Not Allowed",
@@ -103,6 +109,9 @@ impl ApiError {
                     .map(|d| d.as_secs().clamp(1, 60))
                     .unwrap_or(1),
             ),
+            ApiError::Outbox(e) if e.is_retryable() => {
+                Some(e.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1))
+            }
             ApiError::Identity(IdentityError::Upstream(_)) | ApiError::Unavailable(_) => Some(1),
             _ => None,
         }
@@ -122,6 +131,8 @@ impl ResponseError for ApiError {
             ApiError::Identity(_) => StatusCode::NOT_FOUND,
             ApiError::Upstream(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Outbox(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Outbox(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -138,6 +149,10 @@ impl ResponseError for ApiError {
                 "the billing service did not confirm the request; retry with the same event ids"
                     .to_string()
             }
+            ApiError::Outbox(e) if e.is_retryable() => {
+                "the events were not recorded; retry with the same event ids".to_string()
+            }
+            ApiError::Outbox(_) => "internal error".to_string(),
             other => other.to_string(),
         };
         let errors = match self {

@@ -9,6 +9,9 @@
 //! - `ack = "upstream"`: the deliveries are sent to Credyt now (bounded retries) and the
 //!   answer waits for Credyt's confirmation. Seen ids are kept in memory for the dedupe window;
 //!   across a restart Credyt's idempotency on `transaction_id` still prevents any double charge.
+//! - `ack = "durable"`: the events and their deliveries are appended to the outbox in one atomic,
+//!   group-committed write (which also claims their ids); the answer waits for that write to be
+//!   durable per the sync policy. The forwarder delivers them later, exactly once.
 
 use std::sync::Arc;
 
@@ -16,17 +19,12 @@ use moka::sync::Cache;
 
 use crate::config::IngestSettings;
 use crate::domain::{Delivery, EventId, TenantId};
+use crate::outbox::{AppendOutcome, Outbox};
 use crate::upstream::forward::Forwarder;
 
 use super::problem::ApiError;
 
-/// One accepted event and what must be delivered for it.
-#[derive(Debug, Clone)]
-pub struct AcceptedEvent {
-    pub tenant: TenantId,
-    pub event_id: EventId,
-    pub deliveries: Vec<Delivery>,
-}
+pub use crate::outbox::AcceptedEvent;
 
 /// Whether a submitted event was new.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +37,7 @@ pub enum Submitted {
 #[derive(Clone)]
 pub enum Sink {
     Upstream(Arc<UpstreamSink>),
+    Durable(Outbox),
 }
 
 impl Sink {
@@ -55,6 +54,16 @@ impl Sink {
     pub async fn submit(&self, events: Vec<AcceptedEvent>) -> Result<Vec<Submitted>, ApiError> {
         match self {
             Sink::Upstream(s) => s.submit(events).await,
+            Sink::Durable(outbox) => Ok(outbox
+                .append(events)
+                .await
+                .map_err(ApiError::Outbox)?
+                .into_iter()
+                .map(|o| match o {
+                    AppendOutcome::Accepted => Submitted::Accepted,
+                    AppendOutcome::Duplicate => Submitted::Duplicate,
+                })
+                .collect()),
         }
     }
 }

@@ -38,11 +38,6 @@ pub enum OutboxError {
     UnknownSeq { seq: u64 },
     #[error("outbox directory {dir} is in use by another process")]
     Locked { dir: PathBuf },
-    #[error("invalid event {event_id}: {reason}")]
-    InvalidEvent {
-        event_id: String,
-        reason: &'static str,
-    },
 }
 
 impl OutboxError {
@@ -81,7 +76,6 @@ impl OutboxError {
             OutboxError::Encode(_) => "outbox_encode",
             OutboxError::UnknownSeq { .. } => "outbox_unknown_seq",
             OutboxError::Locked { .. } => "outbox_locked",
-            OutboxError::InvalidEvent { .. } => "outbox_invalid_event",
         }
     }
 

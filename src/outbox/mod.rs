@@ -100,7 +100,8 @@ impl OutboxSettings {
     }
 }
 
-/// One accepted usage event and the deliveries pricing made of it (at least one).
+/// One accepted usage event and the deliveries pricing made of it. An event priced to nothing
+/// (all fees zero) has none: its id is still recorded, so a resend is a duplicate.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AcceptedEvent {
     pub tenant: TenantId,
@@ -275,12 +276,6 @@ impl Outbox {
         self.check_poisoned()?;
         if events.is_empty() {
             return Ok(Vec::new());
-        }
-        if let Some(ev) = events.iter().find(|e| e.deliveries.is_empty()) {
-            return Err(OutboxError::InvalidEvent {
-                event_id: ev.event_id.to_string(),
-                reason: "no deliveries",
-            });
         }
         self.call(|reply| Msg::Append { events, reply }).await
     }

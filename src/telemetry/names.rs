@@ -6,3 +6,15 @@ pub const EVENTS_TOTAL: &str = "credyt_proxy_events_total";
 pub const FEES_TOTAL: &str = "credyt_proxy_fees_total";
 /// End-user identities in the cache.
 pub const IDENTITY_CACHED: &str = "credyt_proxy_identity_cached_customers";
+/// Undelivered debits in the outbox.
+pub const OUTBOX_DEPTH: &str = "credyt_proxy_outbox_depth";
+/// Dead letters awaiting an operator.
+pub const OUTBOX_DEAD_LETTERS: &str = "credyt_proxy_outbox_dead_letters";
+/// fdatasync calls of the outbox.
+pub const OUTBOX_SYNCS_TOTAL: &str = "credyt_proxy_outbox_syncs_total";
+/// Commit groups of the outbox.
+pub const OUTBOX_GROUPS_TOTAL: &str = "credyt_proxy_outbox_groups_total";
+/// Append calls of the outbox.
+pub const OUTBOX_APPENDS_TOTAL: &str = "credyt_proxy_outbox_appends_total";
+/// 1 when a failed write or sync stopped the outbox.
+pub const OUTBOX_POISONED: &str = "credyt_proxy_outbox_poisoned";

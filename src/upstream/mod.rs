@@ -12,6 +12,7 @@
 
 pub mod breaker;
 pub mod forward;
+pub mod forwarder;
 pub mod wire;
 
 use std::time::Duration;
