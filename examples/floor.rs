@@ -26,7 +26,10 @@ async fn parse(body: web::Bytes) -> HttpResponse {
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:18090".to_string());
-    let workers: usize = args.next().map(|w| w.parse().expect("workers")).unwrap_or(1);
+    let workers: usize = args
+        .next()
+        .map(|w| w.parse().expect("workers"))
+        .unwrap_or(1);
     actix_web::rt::System::new().block_on(async move {
         let server = HttpServer::new(|| {
             App::new()

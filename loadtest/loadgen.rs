@@ -32,7 +32,8 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const USAGE: &str = "loadgen --addr 127.0.0.1:8080 --keys FILE [--path /events] [--connections 32] \
+const USAGE: &str =
+    "loadgen --addr 127.0.0.1:8080 --keys FILE [--path /events] [--connections 32] \
 [--duration 5] [--rate R] [--batch 1] [--users 1000] [--event-type video_promoted] \
 [--run-id ID] [--sweep] [--hot-users N --hot-share 0.9] [--timeout 10]";
 
@@ -72,7 +73,10 @@ fn parse_args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value\n{USAGE}"));
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| panic!("{flag} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--addr" => a.addr = val().parse().expect("--addr"),
             "--path" => a.path = val(),
@@ -435,7 +439,10 @@ impl Conn {
                 if n >= total {
                     break;
                 }
-                ((n % a.keys.len() as u64) as u32, (n / a.keys.len() as u64) as u32)
+                (
+                    (n % a.keys.len() as u64) as u32,
+                    (n / a.keys.len() as u64) as u32,
+                )
             } else {
                 if now >= self.deadline {
                     break;
@@ -466,7 +473,12 @@ impl Conn {
                         buf.clear();
                     }
                     Err(_) => {
-                        *self.shared.borrow_mut().errors.entry("connect").or_default() += 1;
+                        *self
+                            .shared
+                            .borrow_mut()
+                            .errors
+                            .entry("connect")
+                            .or_default() += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

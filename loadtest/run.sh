@@ -1,0 +1,10 @@
+#!/bin/sh
+# The load-test kit in one command: build the release binaries, then run every phase.
+#   loadtest/run.sh            full run (about 10 minutes)
+#   loadtest/run.sh --quick    smoke run (about 2 minutes)
+# Options are passed to loadtest/run.py (see --help). Loopback only; needs taskset, python3,
+# and nginx for the nginx-hop reference (apt-get install nginx-light).
+set -eu
+cd "$(dirname "$0")/.."
+cargo build --release --bin credyt-proxy --example floor --example loadgen
+exec python3 loadtest/run.py "$@"
