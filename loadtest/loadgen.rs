@@ -185,11 +185,7 @@ impl Hist {
             p99: self.quantile(0.99),
             p999: self.quantile(0.999),
             max: self.max,
-            mean: if self.count == 0 {
-                0
-            } else {
-                self.sum / self.count
-            },
+            mean: self.sum.checked_div(self.count).unwrap_or(0),
         }
     }
 }
