@@ -161,6 +161,7 @@ class World:
         for i in range(args.tenants):
             self.tenants.append((f"lt{i}", "cpk_lt_" + secrets.token_hex(20), credyt_id("acc")))
         # a tenant of its own for the memory phase (100k end users)
+        self.tenants.append(("ltmem2", "cpk_lt_" + secrets.token_hex(20), credyt_id("acc")))
         self.tenants.append(("ltmem", "cpk_lt_" + secrets.token_hex(20), credyt_id("acc")))
         seed = {"accounts": [{"id": acc, "name": f"Load tenant {tid}", "external_id": tid}
                              for tid, _, acc in self.tenants]}
@@ -173,8 +174,9 @@ class World:
                 f'account = "{acc}"\ncreate_customers = true\nforward = "charges"\n'
                 f'rate_limit = {{ per_second = 1000000000, burst = 1000000000 }}\n')
         (out / "tenants.toml").write_text("\n".join(lines))
-        (out / "keys.txt").write_text("\n".join(k for _, k, _ in self.tenants[:-1]) + "\n")
+        (out / "keys.txt").write_text("\n".join(k for _, k, _ in self.tenants[:-2]) + "\n")
         (out / "keys-mem.txt").write_text(self.tenants[-1][1] + "\n")
+        (out / "keys-mem2.txt").write_text(self.tenants[-2][1] + "\n")
         # (tenant id, user) -> acknowledged events, over every proxy run
         self.acked = {}
         self.unknown = {}
@@ -200,7 +202,8 @@ class World:
         return sum(int(w["charges"]["count"]) for a in st["accounts"] for c in a["customers"]
                    for w in c["wallet"])
 
-    def proxy(self, name, sync, forwarder, coalesce_ms=0, outbox=None, max_pending=3_000_000):
+    def proxy(self, name, sync, forwarder, coalesce_ms=0, outbox=None, max_pending=3_000_000,
+              ack="durable", extra_outbox=""):
         port, admin = free_port(), free_port()
         outbox = outbox or (self.out / f"outbox-{name}")
         cfg = f"""
@@ -224,7 +227,7 @@ file = "{self.out / 'tenants.toml'}"
 dir = "{ROOT / 'pricing'}"
 
 [ingest]
-ack = "durable"
+ack = "{ack}"
 
 [outbox]
 dir = "{outbox}"
@@ -232,6 +235,7 @@ sync = "{sync}"
 max_pending = {max_pending}
 forwarder = {str(forwarder).lower()}
 coalesce_window_ms = {coalesce_ms}
+{extra_outbox}
 
 [rate_limit]
 per_second = 1000000000
@@ -328,8 +332,10 @@ class Runner:
         r = json.loads(res.stdout)
         r.update({"label": label, "phase": phase, "started_s": round(started, 2)})
         tenant_ids = [t[0] for t in self.world.tenants]
-        if keys != "keys.txt":
+        if keys == "keys-mem.txt":
             tenant_ids = [self.world.tenants[-1][0]]
+        elif keys == "keys-mem2.txt":
+            tenant_ids = [self.world.tenants[-2][0]]
         if proxy:
             for k, n in r["acked"].items():
                 ti, u = k.split("/")
@@ -542,6 +548,14 @@ def main():
                 p.stop()
             report["capacity_drain"] = drains
             report["capacity_peak_rss_kib"] = cap_rss
+            # Verify the capacity stage now, then give the later phases a fresh emulator (its
+            # state grows with every charge and shares the server core with the proxy).
+            log("phase V1: verify the capacity stage, then reset the emulator")
+            report.setdefault("verification_stages", {})["capacity"] = v1 = verify(world)
+            log(f"  verification: {json.dumps({k: v for k, v in v1.items() if k != 'mismatches'})}")
+            http("POST", f"http://127.0.0.1:{world.emu_port}/_emulator/reset",
+                 headers={"X-CREDYT-API-KEY": PLATFORM_KEY}, timeout=120)
+            world.acked, world.unknown = {}, {}
 
         # ---- B: sustained end to end ------------------------------------------------------
         e2e_rate = None
@@ -607,11 +621,34 @@ def main():
                                 "peak_rss_kib": p.rss_kib("VmHWM"), "drained": secs is not None}
             log(f"  memory: {report['memory']}")
             p.stop()
+            # the same with ack=upstream (no outbox, no journal/memtable): what the identity
+            # cache itself costs; a second set of end users, so these are misses too
+            p = world.proxy("memory-upstream", "interval", forwarder=True, ack="upstream")
+            rss0 = p.rss_kib()
+            runner.load(p.port, "memory-sweep", 64, sweep=True, keys="keys-mem2.txt",
+                        users=args.mem_users, phase="memory")
+            m = metrics(p)
+            report["memory_ack_upstream"] = {
+                "end_users": args.mem_users,
+                "cached_identities": int(m.get("credyt_proxy_identity_cached_customers", -1)),
+                "rss_start_kib": rss0, "peak_rss_kib": p.rss_kib("VmHWM")}
+            log(f"  memory (ack=upstream): {report['memory_ack_upstream']}")
+            p.stop()
 
         # ---- V: verification --------------------------------------------------------------
         log("phase V: verify emulator charges == acknowledged events x 0.50 USD, per customer")
-        report["verification"] = verify(world)
-        log(f"  verification: {json.dumps({k: v for k, v in report['verification'].items() if k != 'mismatches'})}")
+        stages = report.setdefault("verification_stages", {})
+        stages["sustained+memory"] = verify(world)
+        log(f"  verification: {json.dumps({k: v for k, v in stages['sustained+memory'].items() if k != 'mismatches'})}")
+        report["verification"] = {
+            "exact_match": all(v["exact_match"] for v in stages.values()),
+            "acknowledged_events": sum(v["acknowledged_events"] for v in stages.values()),
+            "unknown_outcome_events": sum(v["unknown_outcome_events"] for v in stages.values()),
+            "customers": sum(v["customers"] for v in stages.values()),
+            "charges": sum(v["charges"] for v in stages.values()),
+            "expected_total_usd": str(sum(Decimal(v["expected_total_usd"]) for v in stages.values())),
+            "charged_total_usd": str(sum(Decimal(v["charged_total_usd"]) for v in stages.values())),
+        }
     finally:
         stop_all()
 
@@ -679,6 +716,11 @@ def figures(slots, conns_list, report):
         for lab in list(f):
             f[lab]["x_floor"] = ratio(f[lab]["median"], fl)
             f[lab]["x_nginx"] = ratio(f[lab]["median"], ng)
+            # paired: each round's slot over the same round's reference slot (they ran seconds
+            # apart), median over rounds: less exposed to the machine's drift than x_floor
+            runs, fr, nr = f[lab]["runs"], f["floor"]["runs"], f["nginx"]["runs"]
+            f[lab]["paired_x_floor"] = round(median([a / b for a, b in zip(runs, fr) if b]), 3)
+            f[lab]["paired_x_nginx"] = round(median([a / b for a, b in zip(runs, nr) if b]), 3)
         figs[f"c{c}"] = f
     s = report.get("sustained", {})
     nginx32 = figs.get("c32", {}).get("nginx", {}).get("median")
@@ -706,7 +748,8 @@ def print_summary(report, out):
             continue
         print(f"\ncapacity at {key[1:]} connections (events/s, median of rounds; ratios to floor / nginx):")
         for lab, v in f.items():
-            print(f"  {lab:22} {v['median']:10.0f}  x_floor {v['x_floor']}  x_nginx {v['x_nginx']}"
+            print(f"  {lab:22} {v['median']:10.0f}  x_floor {v['x_floor']} (paired {v['paired_x_floor']})"
+                  f"  x_nginx {v['x_nginx']} (paired {v['paired_x_nginx']})"
                   f"  p50 {v.get('p50_ms', '-')} p99 {v.get('p99_ms', '-')} max {v.get('max_ms', '-')} ms"
                   f"  errors {v.get('errors', '-')}  runs {v['runs']}")
     for name, s in report.get("sustained", {}).items():
