@@ -85,14 +85,47 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     if let Some(outbox) = &state.app.outbox {
         let stats = outbox.stats();
         for (name, help, kind, value) in [
-            (names::OUTBOX_DEPTH, "undelivered debits in the outbox", "gauge", stats.depth as u64),
-            (names::OUTBOX_DEAD_LETTERS, "dead letters awaiting an operator", "gauge", stats.dead_letters as u64),
-            (names::OUTBOX_SYNCS_TOTAL, "outbox fdatasync calls", "counter", stats.syncs),
-            (names::OUTBOX_GROUPS_TOTAL, "outbox commit groups", "counter", stats.groups),
-            (names::OUTBOX_APPENDS_TOTAL, "outbox append calls", "counter", stats.appends),
-            (names::OUTBOX_POISONED, "1 when a failed write stopped the outbox", "gauge", u64::from(stats.poisoned)),
+            (
+                names::OUTBOX_DEPTH,
+                "undelivered debits in the outbox",
+                "gauge",
+                stats.depth as u64,
+            ),
+            (
+                names::OUTBOX_DEAD_LETTERS,
+                "dead letters awaiting an operator",
+                "gauge",
+                stats.dead_letters as u64,
+            ),
+            (
+                names::OUTBOX_SYNCS_TOTAL,
+                "outbox fdatasync calls",
+                "counter",
+                stats.syncs,
+            ),
+            (
+                names::OUTBOX_GROUPS_TOTAL,
+                "outbox commit groups",
+                "counter",
+                stats.groups,
+            ),
+            (
+                names::OUTBOX_APPENDS_TOTAL,
+                "outbox append calls",
+                "counter",
+                stats.appends,
+            ),
+            (
+                names::OUTBOX_POISONED,
+                "1 when a failed write stopped the outbox",
+                "gauge",
+                u64::from(stats.poisoned),
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
     }
     HttpResponse::Ok()

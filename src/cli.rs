@@ -175,7 +175,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             DlqAction::Replay { data_dir, seqs } => {
                 let only = (!seqs.is_empty()).then_some(seqs.as_slice());
                 let n = crate::outbox::dlq_replay(&data_dir, only)?;
-                println!("{n} dead letter(s) moved back to pending; they are sent at the next start");
+                println!(
+                    "{n} dead letter(s) moved back to pending; they are sent at the next start"
+                );
                 Ok(ExitCode::SUCCESS)
             }
         },

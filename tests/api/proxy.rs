@@ -34,7 +34,10 @@ pub struct World {
 pub struct Options {
     pub ack: &'static str,
     pub rate_a: (u32, u32),
+    /// Whole extra TOML tables appended to the config.
     pub extra_config: String,
+    /// Extra lines inside the `[outbox]` table.
+    pub outbox_config: String,
 }
 
 impl Default for Options {
@@ -43,6 +46,7 @@ impl Default for Options {
             ack: "upstream",
             rate_a: (10_000, 10_000),
             extra_config: String::new(),
+            outbox_config: String::new(),
         }
     }
 }
@@ -184,10 +188,11 @@ impl World {
              [tenants]\nfile = \"tenants.toml\"\n\
              [pricing]\ndir = \"{}\"\n\
              [ingest]\nack = \"{}\"\n\
-             [outbox]\ndir = \"outbox\"\n{}",
+             [outbox]\ndir = \"outbox\"\n{}\n{}",
             emulator.url(),
             repo().join("pricing").display(),
             opts.ack,
+            opts.outbox_config,
             opts.extra_config,
         );
         let settings = Settings::from_toml(&config, dir.path(), Some(Default::default())).unwrap();
