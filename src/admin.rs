@@ -80,7 +80,7 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         out,
         "# HELP {n} cached end-user identities\n# TYPE {n} gauge\n{n} {v}",
         n = names::IDENTITY_CACHED,
-        v = state.app.identity.cached_customers()
+        v = state.app.identity.cached_customers().await
     );
     if let Some(outbox) = &state.app.outbox {
         let stats = outbox.stats();

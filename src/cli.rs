@@ -250,6 +250,9 @@ async fn sandbox(
     settings.credyt.api_key = crate::config::Secret::new(SANDBOX_PLATFORM_KEY);
     settings.server.listen = listen;
     settings.server.admin_listen = admin_listen;
+    // A fresh outbox per sandbox run, removed on exit.
+    let data = std::env::temp_dir().join(format!("credyt-proxy-sandbox-{}", std::process::id()));
+    settings.outbox.dir = data.join("outbox");
     let app = Application::build(settings).await?;
 
     let proxy = format!("http://{}", app.tenant_addr());
@@ -271,5 +274,6 @@ async fn sandbox(
     );
     app.run_until_stopped().await;
     emulator.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }
