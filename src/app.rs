@@ -14,15 +14,15 @@ use anyhow::Context;
 
 use crate::admin::{AdminState, Readiness};
 use crate::config::{AckMode, Settings, SyncMode};
-use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
-use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::identity::{Identity, Tenants};
 use crate::ingest::sink::Sink;
 use crate::ingest::{self, AppState};
+use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
 use crate::outcome::OutcomeCounters;
 use crate::pricing::Pricing;
 use crate::ratelimit::TenantQuota;
 use crate::upstream::forward::Forwarder;
+use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::upstream::CredytClient;
 
 /// A running proxy.
@@ -91,12 +91,15 @@ impl Application {
                         client,
                         ForwarderSettings {
                             concurrency: settings.outbox.forwarder_concurrency,
+                            coalesce_window: settings.outbox.coalesce_window,
                             ..ForwarderSettings::default()
                         },
                     )
                 });
                 if forwarder.is_none() {
-                    tracing::warn!("outbox forwarder disabled: accepted debits stay on disk until it runs");
+                    tracing::warn!(
+                        "outbox forwarder disabled: accepted debits stay on disk until it runs"
+                    );
                 }
                 (Sink::Durable(outbox.clone()), Some(outbox), forwarder)
             }
@@ -215,7 +218,9 @@ impl Application {
         }
         if let Some(forwarder) = self.forwarder {
             let left = self.grace.saturating_sub(started.elapsed());
-            forwarder.stop(left.max(std::time::Duration::from_millis(100))).await;
+            forwarder
+                .stop(left.max(std::time::Duration::from_millis(100)))
+                .await;
         }
         // The state holds a clone of the outbox; closing ours syncs it.
         if let Some(outbox) = self.outbox {

@@ -119,15 +119,21 @@ pub enum UsageType {
 pub struct Fee {
     /// The price's id within its book (stable across versions; part of the transaction id).
     pub price_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_name: Option<String>,
     pub usage_type: UsageType,
     /// The dimension values that selected the rate row (empty when the price has none).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dimensions: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_price: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_rate: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_size: Option<Decimal>,
     pub amount: Decimal,
     pub asset: String,

@@ -378,6 +378,17 @@ impl Outbox {
         .await
     }
 
+    /// Upstream refused a batch for good: forgets its membership (durably) and keeps its records
+    /// pending, so they are sent (and, if refused, dead-lettered) one by one under their own ids.
+    pub async fn forget_batch(&self, batch_id: Uuid) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        self.call(|reply| Msg::ForgetBatch {
+            id: batch_id,
+            reply,
+        })
+        .await
+    }
+
     /// Undelivered (pending or leased) records; dead letters are not counted.
     pub fn depth(&self) -> usize {
         self.inner.shared.queue.lock().len()

@@ -192,7 +192,10 @@ impl Proxy {
         let Ok(Ok((tenant, admin))) = ready else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("proxy did not get ready:\n{}", log.lock().unwrap().join("\n"));
+            panic!(
+                "proxy did not get ready:\n{}",
+                log.lock().unwrap().join("\n")
+            );
         };
         Proxy {
             child,
@@ -366,10 +369,14 @@ async fn kill_under_load(sync: &str, kills: usize) {
     }
     // The last incarnation takes load too, then the clients finish their current request.
     let from = load.acked.load(Ordering::SeqCst);
-    eventually(Duration::from_secs(20), "load after the last restart", || {
-        let load = load.clone();
-        async move { (load.acked.load(Ordering::SeqCst) > from).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "load after the last restart",
+        || {
+            let load = load.clone();
+            async move { (load.acked.load(Ordering::SeqCst) > from).then_some(()) }
+        },
+    )
     .await;
     load.stop.store(true, Ordering::SeqCst);
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
@@ -434,7 +441,9 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     };
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     // Warm user: identity cached before Credyt slows down.
-    let r = post(proxy.url.clone(), body("warm", &["w0".into()])).await.unwrap();
+    let r = post(proxy.url.clone(), body("warm", &["w0".into()]))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     expected.insert("warm".into(), 1);
     proxy.drained(http, Duration::from_secs(10)).await;
@@ -487,10 +496,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
                 retry.push((user, ids));
             }
             Ok(r) => panic!("in-flight request answered {}", r.status()),
-            Err(e) => panic!(
-                "in-flight request got no answer: {e}\n{}",
-                proxy.log()
-            ),
+            Err(e) => panic!("in-flight request got no answer: {e}\n{}", proxy.log()),
         }
     }
     assert_eq!(answered, 4);
@@ -509,7 +515,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     };
     let exited_after = signalled.elapsed();
     assert!(status.success(), "exit status {status:?}\n{}", proxy.log());
-    assert!(proxy.log().contains("credyt-proxy stopped"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("credyt-proxy stopped"),
+        "{}",
+        proxy.log()
+    );
     drop(proxy);
 
     emu_clear_faults(http, &setup.emulator).await;

@@ -23,10 +23,10 @@ const PRICE: Decimal = dec!(0.50);
 const DEPTH: &str = "credyt_proxy_outbox_depth";
 const DEAD: &str = "credyt_proxy_outbox_dead_letters";
 
-fn durable(extra_config: &str) -> Options {
+fn durable(outbox_config: &str) -> Options {
     Options {
         ack: "durable",
-        extra_config: extra_config.to_string(),
+        outbox_config: outbox_config.to_string(),
         ..Default::default()
     }
 }
@@ -102,7 +102,13 @@ async fn outage_keeps_acking_bounds_upstream_traffic_and_drains_exactly_once() {
     // Warm the identity cache (one event per user) and let it be charged.
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     for (u, c) in users.iter().zip(&customers) {
-        let r = w.post("/events", &w.a.key, &events(u, &ids(&format!("warm-{u}"), 1))).await;
+        let r = w
+            .post(
+                "/events",
+                &w.a.key,
+                &events(u, &ids(&format!("warm-{u}"), 1)),
+            )
+            .await;
         assert_eq!(r.status(), 204);
         expected.insert(c.clone(), 1);
     }
@@ -206,7 +212,9 @@ async fn duplicate_across_a_restart_is_charged_once() {
         ["duplicate", "duplicate", "duplicate", "accepted"]
     );
     // /events answers a duplicate with 204 too.
-    let r = w.post("/events", &w.a.key, &events("restart-user", &first)).await;
+    let r = w
+        .post("/events", &w.a.key, &events("restart-user", &first))
+        .await;
     assert_eq!(r.status(), 204);
     drained(&w, Duration::from_secs(10)).await;
     let expected = BTreeMap::from([(customer, 4)]);
@@ -247,7 +255,9 @@ async fn dead_letters_are_listed_replayed_and_charged_once() {
     )
     .await;
     let sent = ids("d", 3);
-    let r = w.post("/events", &w.a.key, &events("dlq-user", &sent)).await;
+    let r = w
+        .post("/events", &w.a.key, &events("dlq-user", &sent))
+        .await;
     assert_eq!(r.status(), 204);
     let admin = w.admin_url();
     eventually(Duration::from_secs(10), "3 dead letters", || async {
@@ -311,27 +321,47 @@ async fn outbox_full_is_503_and_only_acknowledged_events_are_charged() {
     let customer = emu_customer(&w.http, &w.emulator, &w.a.account, "full-user").await;
     let mut acked = 0;
     for i in 0..3 {
-        let r = w.post("/events", &w.a.key, &events("full-user", &[format!("f{i}")])).await;
+        let r = w
+            .post(
+                "/events",
+                &w.a.key,
+                &events("full-user", &[format!("f{i}")]),
+            )
+            .await;
         assert_eq!(r.status(), 204);
         acked += 1;
     }
     // Three more would exceed 5: the whole request is refused, nothing of it recorded.
     let over = ids("over", 3);
-    let r = w.post("/events", &w.a.key, &events("full-user", &over)).await;
+    let r = w
+        .post("/events", &w.a.key, &events("full-user", &over))
+        .await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "outbox_full");
     assert_eq!(body["status"], 503);
     for i in 3..5 {
-        let r = w.post("/events", &w.a.key, &events("full-user", &[format!("f{i}")])).await;
+        let r = w
+            .post(
+                "/events",
+                &w.a.key,
+                &events("full-user", &[format!("f{i}")]),
+            )
+            .await;
         assert_eq!(r.status(), 204);
         acked += 1;
     }
     for id in ["f5", "f6"] {
-        let r = w.post("/events", &w.a.key, &events("full-user", &[id.into()])).await;
+        let r = w
+            .post("/events", &w.a.key, &events("full-user", &[id.into()]))
+            .await;
         assert_eq!(r.status(), 503);
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["code"], "outbox_full");

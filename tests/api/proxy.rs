@@ -29,6 +29,7 @@ pub struct World {
     /// Holds the tenants file and the outbox; removed when the world is dropped.
     _dir: tempfile::TempDir,
     ack: &'static str,
+    extra_config: String,
 }
 
 /// A world whose proxy is stopped (see [`World::park`]): the emulator, the tenants and the
@@ -40,13 +41,17 @@ pub struct Parked {
     pub http: reqwest::Client,
     dir: tempfile::TempDir,
     ack: &'static str,
+    extra_config: String,
 }
 
 /// Options of a test world.
 pub struct Options {
     pub ack: &'static str,
     pub rate_a: (u32, u32),
+    /// Whole extra TOML tables appended to the config.
     pub extra_config: String,
+    /// Extra lines inside the `[outbox]` table.
+    pub outbox_config: String,
 }
 
 impl Default for Options {
@@ -55,6 +60,7 @@ impl Default for Options {
             ack: "upstream",
             rate_a: (10_000, 10_000),
             extra_config: String::new(),
+            outbox_config: String::new(),
         }
     }
 }
@@ -189,7 +195,14 @@ impl World {
             opts.rate_a.1,
         );
         std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
-        let app = build_app(&emulator, dir.path(), opts.ack, &opts.extra_config).await;
+        let app = build_app(
+            &emulator,
+            dir.path(),
+            opts.ack,
+            &opts.outbox_config,
+            &opts.extra_config,
+        )
+        .await;
         World {
             a: TestTenant {
                 key: key_a,
@@ -204,6 +217,7 @@ impl World {
             http,
             _dir: dir,
             ack: opts.ack,
+            extra_config: opts.extra_config,
         }
     }
 
@@ -232,13 +246,14 @@ impl World {
             http: self.http,
             dir: self._dir,
             ack: self.ack,
+            extra_config: self.extra_config,
         }
     }
 
-    /// Stops the proxy and starts a new one on the same data directory, with
-    /// `extra_config` (appended under `[outbox]`) replacing the previous one.
-    pub async fn restart(self, extra_config: &str) -> World {
-        self.park().await.resume(extra_config).await
+    /// Stops the proxy and starts a new one on the same data directory, with `outbox_config`
+    /// (lines inside `[outbox]`) replacing the previous one.
+    pub async fn restart(self, outbox_config: &str) -> World {
+        self.park().await.resume(outbox_config).await
     }
 
     pub fn proxy_url(&self) -> String {
@@ -299,9 +314,17 @@ impl Parked {
         emu_state(&self.http, &self.emulator).await
     }
 
-    /// Starts a new proxy on the same data directory and emulator.
-    pub async fn resume(self, extra_config: &str) -> World {
-        let app = build_app(&self.emulator, self.dir.path(), self.ack, extra_config).await;
+    /// Starts a new proxy on the same data directory and emulator, with `outbox_config`
+    /// (lines inside `[outbox]`) and the world's original extra tables.
+    pub async fn resume(self, outbox_config: &str) -> World {
+        let app = build_app(
+            &self.emulator,
+            self.dir.path(),
+            self.ack,
+            outbox_config,
+            &self.extra_config,
+        )
+        .await;
         World {
             emulator: self.emulator,
             app,
@@ -310,13 +333,19 @@ impl Parked {
             http: self.http,
             _dir: self.dir,
             ack: self.ack,
+            extra_config: self.extra_config,
         }
     }
 }
 
-/// The proxy's configuration for the test world in `dir`; `extra_config` is appended under
-/// `[outbox]`.
-pub fn proxy_config(emulator: &RunningEmulator, ack: &str, extra_config: &str) -> String {
+/// The proxy's configuration for a test world: `outbox_config` goes inside `[outbox]`,
+/// `extra_config` (whole tables) after it.
+pub fn proxy_config(
+    emulator: &RunningEmulator,
+    ack: &str,
+    outbox_config: &str,
+    extra_config: &str,
+) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [log]\nfilter = \"warn\"\n\
@@ -324,10 +353,11 @@ pub fn proxy_config(emulator: &RunningEmulator, ack: &str, extra_config: &str) -
          [tenants]\nfile = \"tenants.toml\"\n\
          [pricing]\ndir = \"{}\"\n\
          [ingest]\nack = \"{}\"\n\
-         [outbox]\ndir = \"outbox\"\n{}",
+         [outbox]\ndir = \"outbox\"\n{}\n{}",
         emulator.url(),
         repo().join("pricing").display(),
         ack,
+        outbox_config,
         extra_config,
     )
 }
@@ -336,9 +366,10 @@ async fn build_app(
     emulator: &RunningEmulator,
     dir: &Path,
     ack: &str,
+    outbox_config: &str,
     extra_config: &str,
 ) -> Application {
-    let config = proxy_config(emulator, ack, extra_config);
+    let config = proxy_config(emulator, ack, outbox_config, extra_config);
     let settings = Settings::from_toml(&config, dir, Some(Default::default())).unwrap();
     Application::build(settings).await.unwrap()
 }
