@@ -383,3 +383,113 @@ async fn outbox_full_is_503_and_only_acknowledged_events_are_charged() {
     assert_charged_exactly(&w, &BTreeMap::from([(customer, acked + 4)])).await;
     w.stop().await;
 }
+
+/// A tmpfs mounted for the test's lifetime (lazily unmounted when dropped).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` over `dir`; `None` when this machine does not allow it.
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "cannot mount a tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The outbox on a 2 MB tmpfs: once the disk is full, new events get 503 (problem+json) and
+/// nothing is claimed; after the disk grows and the proxy restarts, every acknowledged event
+/// is charged exactly once, and a refused one is accepted on retry, not `duplicate`.
+#[actix_web::test]
+async fn disk_full_is_503_and_nothing_acknowledged_is_lost() {
+    let w = World::start_with(durable("forwarder = false\n")).await;
+    let customer = emu_customer(&w.http, &w.emulator, &w.a.account, "disk-user").await;
+    let parked = w.park().await;
+    // Over the (still empty) outbox of the first start: the proxy starts fresh on the tmpfs.
+    let Some(tmpfs) = Tmpfs::mount(&parked.outbox_dir(), "2m") else {
+        eprintln!("SKIPPED: mounting a tmpfs is not allowed here");
+        return;
+    };
+    let w = parked.resume("forwarder = false\n").await;
+    let filler = "x".repeat(1000);
+    let mut acked = 0u64;
+    let mut refused: Vec<Vec<String>> = Vec::new();
+    for r in 0..200 {
+        let ids: Vec<String> = (0..50).map(|i| format!("disk-{r}-{i}")).collect();
+        let events: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                json!({"id": id, "event_type": "video_promoted", "occurred_at": ago(5),
+                       "description": filler, "subject": filler})
+            })
+            .collect();
+        let resp = w
+            .post(
+                "/events",
+                &w.a.key,
+                &json!({"customer_external_id": "disk-user", "events": events}),
+            )
+            .await;
+        match resp.status().as_u16() {
+            204 if refused.is_empty() => acked += ids.len() as u64,
+            503 => {
+                assert_eq!(resp.headers()["content-type"], "application/problem+json");
+                assert!(resp.headers().contains_key("retry-after"));
+                let body: Value = resp.json().await.unwrap();
+                eprintln!("disk full: {body}");
+                refused.push(ids);
+                if refused.len() == 3 {
+                    break;
+                }
+            }
+            s => panic!("unexpected {s} (after {} refusals)", refused.len()),
+        }
+    }
+    assert_eq!(refused.len(), 3, "the 2 MB disk never filled up");
+    assert!(acked > 0);
+
+    // More room, a restart: exactly the acknowledged events are charged.
+    let parked = w.park().await;
+    tmpfs.resize("256m");
+    let w = parked.resume("").await;
+    drained(&w, Duration::from_secs(30)).await;
+    assert_charged_exactly(&w, &BTreeMap::from([(customer.clone(), acked)])).await;
+    // The refused requests claimed nothing: a retry is accepted.
+    for ids in &refused {
+        let statuses = v1_statuses(&w, &events("disk-user", ids)).await;
+        assert!(statuses.iter().all(|s| s == "accepted"), "{statuses:?}");
+        acked += ids.len() as u64;
+    }
+    drained(&w, Duration::from_secs(30)).await;
+    assert_charged_exactly(&w, &BTreeMap::from([(customer, acked)])).await;
+    w.park().await;
+    drop(tmpfs);
+}

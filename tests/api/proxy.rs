@@ -221,11 +221,6 @@ impl World {
         }
     }
 
-    /// The test's data directory (tenants file; the outbox is `outbox/` in it).
-    pub fn dir(&self) -> &Path {
-        self._dir.path()
-    }
-
     /// The outbox directory (`outbox.dir` of the proxy's configuration).
     pub fn outbox_dir(&self) -> PathBuf {
         self._dir.path().join("outbox")
