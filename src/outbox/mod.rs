@@ -7,7 +7,7 @@
 //!   that, so readiness may be released as soon as `open` returned.
 //! * [`Outbox::append`]: one call is one atomic write. The records of all its new events and
 //!   their dedupe entries go into the same fjall write batch; concurrent calls are merged into
-//!   one batch and one sync (group commit, see [`commit`]). The call returns `Ok` only once that
+//!   one batch and one sync (group commit, see the `commit` module). The call returns `Ok` only once that
 //!   batch is durable per [`SyncPolicy`]. An event id is `Duplicate` only if its commit is
 //!   durable; an id whose commit is in flight is answered with the result of that commit, because
 //!   one thread applies groups strictly one after the other.

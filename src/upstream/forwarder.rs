@@ -65,7 +65,7 @@ impl Default for ForwarderSettings {
 
 /// One send: a single record, or a coalesced batch of charges.
 enum Unit {
-    Single(Pending),
+    Single(Box<Pending>),
     Batch { id: Uuid, members: Vec<Pending> },
 }
 
@@ -185,14 +185,14 @@ impl Forwarder {
                     let key = (d.account.clone(), d.customer.clone(), d.fee.asset.clone());
                     groups.entry(key).or_default().push(p);
                 }
-                _ => units.push(Unit::Single(p)),
+                _ => units.push(Unit::Single(Box::new(p))),
             }
         }
         self.outbox.release(&skipped);
         for (_, group) in groups {
             for chunk in chunk_owned(group, self.settings.max_batch_members) {
                 if chunk.len() == 1 {
-                    units.extend(chunk.into_iter().map(Unit::Single));
+                    units.extend(chunk.into_iter().map(|p| Unit::Single(Box::new(p))));
                     continue;
                 }
                 let debits: Vec<&Debit> = chunk
