@@ -416,3 +416,135 @@ async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
     assert_eq!(available, dec!(36.76));
     w.stop().await;
 }
+
+#[actix_web::test]
+async fn unknown_end_users_get_404_and_the_miss_is_cached() {
+    let w = World::start().await;
+    // Tenant B does not create end users on first sight.
+    for i in 0..3 {
+        let r = w
+            .post(
+                "/events",
+                &w.b.key,
+                &json!({"customer_external_id": "ghost", "events": [
+                    {"id": format!("g{i}"), "event_type": "video_promoted", "occurred_at": ago(5)}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 404);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "customer_not_found");
+    }
+    let log: Value = w
+        .http
+        .get(format!(
+            "{}/_emulator/requests?limit=1000",
+            w.emulator.url()
+        ))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lookups = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["path"] == "/customers" && r["query"].as_str().unwrap_or("").contains("ghost")
+        })
+        .count();
+    assert_eq!(lookups, 1, "the negative answer is cached");
+    assert_eq!(total_charges(&w.state().await), 0);
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn bad_requests_get_precise_problems() {
+    let w = World::start().await;
+    let url = format!("{}/events", w.proxy_url());
+    let r = w
+        .http
+        .post(&url)
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let r = w
+        .http
+        .post(&url)
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "application/json")
+        .body("{\"events\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let big = format!(
+        "{{\"customer_id\":\"cust_x\",\"events\":[],\"pad\":\"{}\"}}",
+        "x".repeat(1_100_000)
+    );
+    let r = w
+        .http
+        .post(&url)
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+    let r = w.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = w
+        .post(
+            "/v1/quote",
+            &w.a.key,
+            &json!({"id": "q", "event_type": "ticket_resolved", "occurred_at": ago(1)}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let quote: Value = r.json().await.unwrap();
+    assert_eq!(quote["fees"][0]["amount"], "0.99");
+    // The admin port: alive, ready, and counting.
+    let admin = format!("http://{}", w.app.admin_addr());
+    assert_eq!(
+        w.http
+            .get(format!("{admin}/livez"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        w.http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = w
+        .http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("credyt_proxy_events_total{outcome=\"accepted\"} 0"),
+        "{metrics}"
+    );
+    w.stop().await;
+}
