@@ -482,3 +482,52 @@ async fn bad_requests_get_precise_problems() {
     );
     w.stop().await;
 }
+
+#[actix_web::test]
+async fn forward_events_mode_sends_the_events_to_credyt_on_the_right_account() {
+    for ack in ["upstream", "durable"] {
+        let w = World::start_with(Options {
+            ack,
+            forward_b: "events",
+            ..Default::default()
+        })
+        .await;
+        let cust = w.customer(&w.b.account, "ev-user", "20").await;
+        let r = w
+            .post(
+                "/v1/events",
+                &w.b.key,
+                &json!({"customer_external_id": "ev-user", "events": [
+                    {"id": "ev-1", "event_type": "anything_at_all", "occurred_at": ago(5),
+                     "subject": "s1", "data": {"tokens": 12345678901234567890_u64, "model": "x"}}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["results"][0]["status"], "accepted", "{body}");
+        // Credyt prices forwarded events itself: nothing is charged by the proxy.
+        let stored = super::coalesce::eventually(10, || async {
+            let resp = w
+                .http
+                .get(format!("{}/events/ev-1", w.emulator.url()))
+                .header("X-CREDYT-API-KEY", super::proxy::PLATFORM_KEY)
+                .header("X-CREDYT-ACCOUNT", &w.b.account)
+                .send()
+                .await
+                .unwrap();
+            if resp.status() != 200 {
+                return None;
+            }
+            let text = resp.text().await.unwrap();
+            Some(serde_json::from_str::<Value>(&text).unwrap())
+        })
+        .await
+        .expect("the event reaches credyt");
+        assert_eq!(stored["customer_id"], cust.as_str());
+        assert_eq!(stored["subject"], "s1");
+        assert_eq!(stored["data"]["tokens"].to_string(), "12345678901234567890");
+        let (available, count, _) = wallet(&w.state().await, &cust, "USD").unwrap();
+        assert_eq!((available, count), (dec!(20), 0), "{ack}");
+        w.stop().await;
+    }
+}

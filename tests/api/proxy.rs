@@ -38,6 +38,8 @@ pub struct Options {
     pub extra_config: String,
     /// Extra lines inside the `[outbox]` table.
     pub outbox_config: String,
+    /// Tenant B's `forward` mode.
+    pub forward_b: &'static str,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             rate_a: (10_000, 10_000),
             extra_config: String::new(),
             outbox_config: String::new(),
+            forward_b: "charges",
         }
     }
 }
@@ -180,10 +183,11 @@ impl World {
         let tenants = format!(
             "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash_a}\"]\naccount = \"{}\"\ncreate_customers = true\n\
              rate_limit = {{ per_second = {}, burst = {} }}\n\n\
-             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\n",
+             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\nforward = \"{}\"\n",
             acc_a["id"].as_str().unwrap(),
             opts.rate_a.0,
             opts.rate_a.1,
+            opts.forward_b,
         );
         std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
         let config = format!(
