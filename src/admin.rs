@@ -45,7 +45,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
-    if state.readiness.is_ready() {
+    let poisoned = state
+        .app
+        .outbox
+        .as_ref()
+        .is_some_and(|o| o.stats().poisoned);
+    if poisoned {
+        // Writes are refused until a restart: take this replica out of rotation.
+        HttpResponse::ServiceUnavailable().body("outbox stopped after a failed write")
+    } else if state.readiness.is_ready() {
         HttpResponse::Ok().body("ready")
     } else {
         HttpResponse::ServiceUnavailable().body("not ready")

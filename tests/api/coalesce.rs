@@ -4,7 +4,7 @@ use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::json;
 
-use super::proxy::{ago, wallet, Options, World, PLATFORM_KEY};
+use super::proxy::{ago, wallet, Options, World};
 
 /// Polls `f` until it returns `Some`, for at most `secs` seconds.
 pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
@@ -84,22 +84,8 @@ async fn run(w: &World) {
     assert_eq!((count_after, total_after), (count, total));
     assert_eq!(w.app.outbox().unwrap().depth(), 0);
     // The emulator saw exactly these charge calls (no retries were needed).
-    let log: serde_json::Value = w
-        .http
-        .get(format!(
-            "{}/_emulator/requests?limit=100000",
-            w.emulator.url()
-        ))
-        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let charge_calls = log["requests"]
-        .as_array()
-        .unwrap()
+    let log = w.requests().await;
+    let charge_calls = log
         .iter()
         .filter(|r| {
             r["method"] == "POST" && r["path"].as_str().unwrap().ends_with("/wallet/charges")

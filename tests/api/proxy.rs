@@ -52,6 +52,8 @@ pub struct Options {
     pub extra_config: String,
     /// Extra lines inside the `[outbox]` table.
     pub outbox_config: String,
+    /// Tenant B's `forward` mode.
+    pub forward_b: &'static str,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             rate_a: (10_000, 10_000),
             extra_config: String::new(),
             outbox_config: String::new(),
+            forward_b: "charges",
         }
     }
 }
@@ -102,8 +105,9 @@ pub async fn emu_post(
     resp.json().await.unwrap_or(Value::Null)
 }
 
-pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
-    http.get(format!("{}/_emulator/state", emu.url()))
+/// `GET` of an emulator control path (`/_emulator/...`) with the platform key.
+pub async fn emu_get(http: &reqwest::Client, emu: &RunningEmulator, path: &str) -> Value {
+    http.get(format!("{}{path}", emu.url()))
         .header("X-CREDYT-API-KEY", PLATFORM_KEY)
         .send()
         .await
@@ -111,6 +115,10 @@ pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
+    emu_get(http, emu, "/_emulator/state").await
 }
 
 /// The wallet account `default:<asset>` of `customer` in the emulator's state:
@@ -189,10 +197,11 @@ impl World {
         let tenants = format!(
             "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash_a}\"]\naccount = \"{}\"\ncreate_customers = true\n\
              rate_limit = {{ per_second = {}, burst = {} }}\n\n\
-             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\n",
+             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\nforward = \"{}\"\n",
             acc_a["id"].as_str().unwrap(),
             opts.rate_a.0,
             opts.rate_a.1,
+            opts.forward_b,
         );
         std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
         let app = build_app(
@@ -292,6 +301,32 @@ impl World {
 
     pub async fn state(&self) -> Value {
         emu_state(&self.http, &self.emulator).await
+    }
+
+    /// Replaces the emulator's fault rules (`{"rules": [...]}`); `None` clears them.
+    pub async fn set_faults(&self, rules: Option<Value>) {
+        let url = format!("{}/_emulator/faults", self.emulator.url());
+        let req = match rules {
+            Some(rules) => self.http.put(url).json(&rules),
+            None => self.http.delete(url),
+        };
+        let resp = req
+            .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "faults: {}", resp.status());
+    }
+
+    /// Every request the emulator logged (its ring holds the newest 10,000).
+    pub async fn requests(&self) -> Vec<Value> {
+        let log = emu_get(
+            &self.http,
+            &self.emulator,
+            "/_emulator/requests?limit=100000",
+        )
+        .await;
+        log["requests"].as_array().unwrap().clone()
     }
 
     pub async fn stop(self) {
