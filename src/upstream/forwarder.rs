@@ -81,6 +81,12 @@ async fn send(client: &CredytClient, unit: Unit) -> Sent {
             Delivery::Charge(debit) => client.charge(debit).await,
             Delivery::Usage(usage) => client.send_usage(&[usage]).await,
         },
+        // A batch of one (see `Forwarder::persist`) is a plain charge under the record's own
+        // transaction id.
+        Unit::Batch { members, .. } if members.len() == 1 => match &members[0].delivery {
+            Delivery::Charge(debit) => client.charge(debit).await,
+            Delivery::Usage(usage) => client.send_usage(&[usage]).await,
+        },
         Unit::Batch { id, members } => {
             let debits: Vec<&Debit> = members
                 .iter()
@@ -121,8 +127,6 @@ struct Forwarder {
     /// Persisted, not yet completed batches (membership is on disk too).
     open: HashMap<Uuid, Vec<u64>>,
     in_open: HashSet<u64>,
-    /// Records of a dissolved batch: always sent alone.
-    solo: HashSet<u64>,
 }
 
 impl Forwarder {
@@ -160,8 +164,8 @@ impl Forwarder {
             } else {
                 // Some members are gone (delivered or dead-lettered out of band): the batch can
                 // never be re-sent whole; dissolve it.
+                self.dissolve(id, &leased).await;
                 self.outbox.release(&seqs(&leased));
-                self.dissolve(id).await;
             }
         }
         if units.len() >= limit {
@@ -181,7 +185,7 @@ impl Forwarder {
                 continue;
             }
             match (&p.delivery, self.settings.coalesce_window) {
-                (Delivery::Charge(d), Some(_)) if !self.solo.contains(&p.seq) => {
+                (Delivery::Charge(d), Some(_)) => {
                     let key = (d.account.clone(), d.customer.clone(), d.fee.asset.clone());
                     groups.entry(key).or_default().push(p);
                 }
@@ -191,58 +195,66 @@ impl Forwarder {
         self.outbox.release(&skipped);
         for (_, group) in groups {
             for chunk in chunk_owned(group, self.settings.max_batch_members) {
-                if chunk.len() == 1 {
-                    units.extend(chunk.into_iter().map(|p| Unit::Single(Box::new(p))));
-                    continue;
-                }
-                let debits: Vec<&Debit> = chunk
-                    .iter()
-                    .filter_map(|p| match &p.delivery {
-                        Delivery::Charge(d) => Some(d),
-                        Delivery::Usage(_) => None,
-                    })
-                    .collect();
-                let id = batch_id(&debits);
-                let members = seqs(&chunk);
-                // Membership is durable before the first send.
-                match self.outbox.persist_batch(id, &members).await {
-                    Ok(()) => {
-                        self.in_open.extend(members.iter().copied());
-                        self.open.insert(id, members);
-                        units.push(Unit::Batch { id, members: chunk });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot persist a coalesced batch; sending later");
-                        self.outbox.release(&members);
-                    }
+                // A record alone in its window is persisted as a batch of one as well: once
+                // it went out under its own transaction id, a crash before its delivered mark
+                // must not let the next process coalesce it into a batch under another id
+                // (Credyt would charge it twice).
+                match self.persist(&chunk).await {
+                    Some(id) => units.push(Unit::Batch { id, members: chunk }),
+                    None => self.outbox.release(&seqs(&chunk)),
                 }
             }
         }
         units
     }
 
-    async fn dissolve(&mut self, id: Uuid) {
-        match self.outbox.forget_batch(id).await {
+    /// Makes the membership of `chunk` durable before its first send; its id, or `None` (the
+    /// records are not sent this round) when that write failed.
+    async fn persist(&mut self, chunk: &[Pending]) -> Option<Uuid> {
+        let debits: Vec<&Debit> = chunk
+            .iter()
+            .filter_map(|p| match &p.delivery {
+                Delivery::Charge(d) => Some(d),
+                Delivery::Usage(_) => None,
+            })
+            .collect();
+        let id = batch_id(&debits);
+        let members = seqs(chunk);
+        match self.outbox.persist_batch(id, &members).await {
             Ok(()) => {
-                if let Some(members) = self.open.remove(&id) {
-                    for s in &members {
-                        self.in_open.remove(s);
-                    }
-                    self.solo.extend(members);
-                }
+                self.in_open.extend(members.iter().copied());
+                self.open.insert(id, members);
+                Some(id)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot dissolve a coalesced batch; retrying later")
+                tracing::warn!(error = %e, "cannot persist a coalesced batch; sending later");
+                None
             }
+        }
+    }
+
+    /// Replaces an open batch by one persisted batch of one per record in `left` (its members
+    /// still pending): from now on each goes out alone under its own transaction id, also
+    /// after a crash. If a write fails, the records stay unbatched; none of them was sent
+    /// alone yet, so grouping them again later is safe.
+    async fn dissolve(&mut self, id: Uuid, left: &[Pending]) {
+        if let Err(e) = self.outbox.forget_batch(id).await {
+            tracing::warn!(error = %e, "cannot dissolve a coalesced batch; retrying later");
+            return;
+        }
+        if let Some(members) = self.open.remove(&id) {
+            for s in &members {
+                self.in_open.remove(s);
+            }
+        }
+        for p in left {
+            self.persist(std::slice::from_ref(p)).await;
         }
     }
 
     async fn delivered(&mut self, unit: Unit, done: &mut Vec<u64>) {
         match unit {
-            Unit::Single(p) => {
-                self.solo.remove(&p.seq);
-                done.push(p.seq);
-            }
+            Unit::Single(p) => done.push(p.seq),
             Unit::Batch { id, members } => match self.outbox.complete_batch(id).await {
                 Ok(()) => {
                     self.open.remove(&id);
@@ -260,34 +272,39 @@ impl Forwarder {
     }
 
     async fn dead(&mut self, unit: Unit, e: UpstreamError, retry: &mut Vec<u64>) {
-        match unit {
-            Unit::Batch { id, members } => {
+        let p = match unit {
+            Unit::Batch { id, members } if members.len() > 1 => {
                 tracing::warn!(class = e.class(), status = ?e.status(), members = members.len(), "credyt refused a coalesced charge; sending its records one by one");
-                self.dissolve(id).await;
+                self.dissolve(id, &members).await;
                 retry.extend(seqs(&members));
+                return;
             }
-            Unit::Single(p) => {
-                tracing::error!(seq = p.seq, class = e.class(), status = ?e.status(), "credyt refused a record permanently, dead-lettering it");
-                let (status, body) = match &e {
-                    UpstreamError::Status { status, body, .. } => {
-                        (Some(status.as_u16()), Some(body.clone()))
-                    }
-                    _ => (None, None),
-                };
-                match self
-                    .outbox
-                    .dead_letter(p.seq, e.to_string(), status, body)
-                    .await
-                {
-                    Ok(()) => {
-                        self.solo.remove(&p.seq);
-                    }
-                    Err(err) => {
-                        tracing::error!(seq = p.seq, error = %err, "cannot dead-letter a record; it stays pending");
-                        retry.push(p.seq);
-                    }
+            // A batch of one is its record: forget the batch (the refused charge moved no
+            // money) and dead-letter the record.
+            Unit::Batch { id, mut members } => {
+                self.open.remove(&id);
+                self.in_open.remove(&members[0].seq);
+                if let Err(err) = self.outbox.forget_batch(id).await {
+                    tracing::warn!(error = %err, "cannot forget a refused batch of one");
                 }
+                Box::new(members.remove(0))
             }
+            Unit::Single(p) => p,
+        };
+        tracing::error!(seq = p.seq, class = e.class(), status = ?e.status(), "credyt refused a record permanently, dead-lettering it");
+        let (status, body) = match &e {
+            UpstreamError::Status { status, body, .. } => {
+                (Some(status.as_u16()), Some(body.clone()))
+            }
+            _ => (None, None),
+        };
+        if let Err(err) = self
+            .outbox
+            .dead_letter(p.seq, e.to_string(), status, body)
+            .await
+        {
+            tracing::error!(seq = p.seq, error = %err, "cannot dead-letter a record; it stays pending");
+            retry.push(p.seq);
         }
     }
 }
@@ -329,7 +346,6 @@ pub async fn run(
         settings: settings.clone(),
         open: HashMap::new(),
         in_open: HashSet::new(),
-        solo: HashSet::new(),
     };
     f.recover();
     let mut failures_in_a_row: u32 = 0;

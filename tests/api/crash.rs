@@ -191,6 +191,10 @@ impl Proxy {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    // Shown with the test's output when it fails.
+                    if v["level"] == "WARN" || v["level"] == "ERROR" {
+                        eprintln!("proxy: {line}");
+                    }
                     if v["message"] == "credyt-proxy ready" {
                         if let Some(tx) = tx.take() {
                             let addrs = (
@@ -337,8 +341,19 @@ async fn client(
 }
 
 const USERS: &[&str] = &["crash-0", "crash-1", "crash-2"];
+/// Many users, so that a coalescing window often holds one record of a user (sent alone).
+const MANY_USERS: &[&str] = &[
+    "many-00", "many-01", "many-02", "many-03", "many-04", "many-05", "many-06", "many-07",
+    "many-08", "many-09", "many-10", "many-11", "many-12", "many-13", "many-14", "many-15",
+    "many-16", "many-17", "many-18", "many-19", "many-20", "many-21", "many-22", "many-23",
+];
 
-async fn kill_under_load(sync: &str, kills: usize, coalesce_window_ms: u64) {
+async fn kill_under_load(
+    sync: &str,
+    kills: usize,
+    coalesce_window_ms: u64,
+    users: &'static [&'static str],
+) {
     let setup = Setup::new(
         &format!(
             "sync = \"{sync}\"\nsync_interval_ms = 200\ncoalesce_window_ms = {coalesce_window_ms}\n"
@@ -346,7 +361,7 @@ async fn kill_under_load(sync: &str, kills: usize, coalesce_window_ms: u64) {
         2_000,
     )
     .await;
-    for u in USERS {
+    for u in users {
         emu_post(
             &setup.http,
             &setup.emulator,
@@ -365,7 +380,7 @@ async fn kill_under_load(sync: &str, kills: usize, coalesce_window_ms: u64) {
         duplicates: AtomicU64::new(0),
     });
     let clients: Vec<_> = (0..4)
-        .map(|t| tokio::spawn(client(t, USERS, setup.key.clone(), load.clone())))
+        .map(|t| tokio::spawn(client(t, users, setup.key.clone(), load.clone())))
         .collect();
     for k in 0..kills {
         // Kill at a random moment, but only once this process took some of the load.
@@ -426,13 +441,13 @@ async fn kill_under_load(sync: &str, kills: usize, coalesce_window_ms: u64) {
 /// it on the same data directory each time: every acknowledged event is charged exactly once.
 #[actix_web::test]
 async fn sigkill_under_load_loses_and_doubles_nothing_interval() {
-    kill_under_load("interval", 6, 0).await;
+    kill_under_load("interval", 6, 0, USERS).await;
 }
 
 /// The same with `sync = "always"` (5 kills).
 #[actix_web::test]
 async fn sigkill_under_load_loses_and_doubles_nothing_always() {
-    kill_under_load("always", 5, 0).await;
+    kill_under_load("always", 5, 0, USERS).await;
 }
 
 /// The same with coalescing on (`coalesce_window_ms = 50`): kills land between a batch's
@@ -440,7 +455,7 @@ async fn sigkill_under_load_loses_and_doubles_nothing_always() {
 /// acknowledged events x 0.50 (a batch re-sent with another membership or id would double).
 #[actix_web::test]
 async fn sigkill_under_load_with_coalescing_charges_exact_totals() {
-    kill_under_load("interval", 5, 50).await;
+    kill_under_load("interval", 5, 50, USERS).await;
 }
 
 /// SIGTERM while Credyt is slow and requests are in flight: each in-flight request completes
