@@ -37,11 +37,64 @@ struct Setup {
     key: String,
     account: String,
     dir: tempfile::TempDir,
+    /// With [`Setup::with_relay`]: while true, Credyt's answers never reach the proxy.
+    hold_answers: Arc<AtomicBool>,
+}
+
+/// A TCP relay from the proxy to the emulator that can swallow the emulator's answers (the
+/// requests still reach it and take effect): "Credyt charged, the proxy never heard".
+async fn start_relay(to: std::net::SocketAddr, hold: Arc<AtomicBool>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let hold = hold.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut client_rd, mut client_wr) = client.into_split();
+                let (mut server_rd, mut server_wr) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rd, &mut server_wr).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match server_rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) if !hold.load(Ordering::SeqCst) => {
+                            if client_wr.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {} // swallowed
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
 }
 
 impl Setup {
     async fn new(outbox_config: &str, grace_ms: u64) -> Setup {
+        Self::build(outbox_config, grace_ms, false).await
+    }
+
+    /// Like [`Setup::new`], with the proxy talking to the emulator through [`start_relay`].
+    async fn with_relay(outbox_config: &str, grace_ms: u64) -> Setup {
+        Self::build(outbox_config, grace_ms, true).await
+    }
+
+    async fn build(outbox_config: &str, grace_ms: u64, relay: bool) -> Setup {
         let emulator = start_emulator().await;
+        let hold_answers = Arc::new(AtomicBool::new(false));
+        let credyt_url = if relay {
+            start_relay(emulator.addr, hold_answers.clone()).await
+        } else {
+            emulator.url()
+        };
         let http = reqwest::Client::new();
         let dir = tempfile::tempdir().unwrap();
         let acc = emu_post(
@@ -73,7 +126,7 @@ impl Setup {
                  [pricing]\ndir = \"{}\"\n\
                  [ingest]\nack = \"durable\"\n\
                  [outbox]\ndir = \"outbox\"\n{outbox_config}",
-                emulator.url(),
+                credyt_url,
                 repo().join("pricing").display(),
             ),
         )
@@ -84,6 +137,7 @@ impl Setup {
             key,
             account,
             dir,
+            hold_answers,
         }
     }
 
@@ -341,12 +395,6 @@ async fn client(
 }
 
 const USERS: &[&str] = &["crash-0", "crash-1", "crash-2"];
-/// Many users, so that a coalescing window often holds one record of a user (sent alone).
-const MANY_USERS: &[&str] = &[
-    "many-00", "many-01", "many-02", "many-03", "many-04", "many-05", "many-06", "many-07",
-    "many-08", "many-09", "many-10", "many-11", "many-12", "many-13", "many-14", "many-15",
-    "many-16", "many-17", "many-18", "many-19", "many-20", "many-21", "many-22", "many-23",
-];
 
 async fn kill_under_load(
     sync: &str,
@@ -583,6 +631,54 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         "sigterm: exited after {exited_after:?}, {} in-flight requests answered 503",
         retry.len()
     );
+    drop(proxy);
+    setup.emulator.stop().await;
+}
+
+/// Coalescing on; a record alone in its window goes out as a plain charge, Credyt applies it,
+/// and the proxy is SIGKILLed before it hears the answer. The next process must re-send that
+/// record under the same transaction id, not coalesce it with a newer record of the same
+/// customer into a charge under a new id (which Credyt would take as a second charge).
+#[actix_web::test]
+async fn sigkill_after_an_unanswered_lone_charge_does_not_charge_it_again_coalesced() {
+    let setup = Setup::with_relay("coalesce_window_ms = 1000\n", 2_000).await;
+    let post = |url: String, ids: Vec<String>| {
+        let http = setup.http.clone();
+        let key = setup.key.clone();
+        async move {
+            http.post(format!("{url}/events"))
+                .header("X-CREDYT-API-KEY", key)
+                .json(&body("lone-user", &ids))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let proxy = Proxy::start(&setup.config()).await;
+    // Identity cached and a first charge delivered, then Credyt's answers stop reaching
+    // the proxy.
+    assert_eq!(post(proxy.url.clone(), vec!["lone-0".into()]).await, 204);
+    proxy.drained(&setup.http, Duration::from_secs(10)).await;
+    setup.hold_answers.store(true, Ordering::SeqCst);
+    assert_eq!(post(proxy.url.clone(), vec!["lone-1".into()]).await, 204);
+    // Credyt charged it (once the window passed); the proxy is still waiting for the answer.
+    eventually(
+        Duration::from_secs(10),
+        "the lone charge at Credyt",
+        || async { (total_charges(&setup.state().await) == 2).then_some(()) },
+    )
+    .await;
+    proxy.kill();
+    setup.hold_answers.store(false, Ordering::SeqCst);
+
+    let proxy = Proxy::start(&setup.config()).await;
+    // Within the new process's first window: a second record for the same customer.
+    assert_eq!(post(proxy.url.clone(), vec!["lone-2".into()]).await, 204);
+    proxy.drained(&setup.http, Duration::from_secs(20)).await;
+    setup
+        .assert_total_exactly(&BTreeMap::from([("lone-user".to_string(), 3)]))
+        .await;
     drop(proxy);
     setup.emulator.stop().await;
 }
