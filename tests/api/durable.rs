@@ -266,6 +266,16 @@ async fn dead_letters_are_listed_replayed_and_charged_once() {
     .await;
     assert_eq!(metric(&w.http, &admin, DEPTH).await, Some(0));
     emu_clear_faults(&w.http, &w.emulator).await;
+    // A permanent refusal is not retried: one charge call per record, each refused.
+    let log = emu_requests(&w.http, &w.emulator, 10_000).await;
+    let charge_calls: Vec<u64> = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] == "POST" && r["path"].as_str().unwrap().ends_with("/charges"))
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(charge_calls, [422, 422, 422]);
 
     // The directory is locked while the proxy runs: the offline tool refuses.
     let locked = dlq(&["list"], &w.outbox_dir());
