@@ -231,6 +231,32 @@ impl Application {
             tracing::info!(undelivered = depth, "outbox closed");
         }
         self.admin_server.stop(true).await;
+        release(self.state).await;
         tracing::info!("credyt-proxy stopped");
+    }
+}
+
+/// Waits (up to 5 s) until the servers' workers dropped their share of the state, then drops
+/// it: with the last outbox handle goes the store and its directory lock, so a new
+/// `Application` can open the same outbox as soon as `stop` returned.
+async fn release(state: Arc<AppState>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut state = state;
+    loop {
+        match Arc::try_unwrap(state) {
+            Ok(state) => {
+                // Closing the store joins its threads: blocking.
+                let _ = tokio::task::spawn_blocking(move || drop(state)).await;
+                return;
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                state = shared;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                tracing::warn!("the application state is still shared after stop; the outbox directory stays locked until it is dropped");
+                return;
+            }
+        }
     }
 }
