@@ -485,6 +485,14 @@ async fn disk_full_is_503_and_nothing_acknowledged_is_lost() {
     }
     assert_eq!(refused.len(), 3, "the 2 MB disk never filled up");
     assert!(acked > 0);
+    // The replica says so on the admin port: out of rotation until restarted.
+    let admin = w.admin_url();
+    assert_eq!(
+        metric(&w.http, &admin, "credyt_proxy_outbox_poisoned").await,
+        Some(1)
+    );
+    let ready = w.http.get(format!("{admin}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
 
     // More room, a restart: exactly the acknowledged events are charged.
     let parked = w.park().await;
