@@ -127,6 +127,10 @@ struct Forwarder {
     /// Persisted, not yet completed batches (membership is on disk too).
     open: HashMap<Uuid, Vec<u64>>,
     in_open: HashSet<u64>,
+    /// Records already pending when this process started and not in a persisted batch: an
+    /// earlier process (perhaps running without coalescing) may have sent them alone under
+    /// their own transaction ids, so they are only ever sent alone (as batches of one).
+    alone: HashSet<u64>,
 }
 
 impl Forwarder {
@@ -142,6 +146,16 @@ impl Forwarder {
             Err(e) => {
                 tracing::error!(error = %e, "cannot read coalesced batches; their records wait")
             }
+        }
+        if self.settings.coalesce_window.is_some() {
+            let backlog = self.outbox.next_batch(usize::MAX);
+            let seqs = seqs(&backlog);
+            self.alone = seqs
+                .iter()
+                .copied()
+                .filter(|s| !self.in_open.contains(s))
+                .collect();
+            self.outbox.release(&seqs);
         }
     }
 
@@ -178,6 +192,7 @@ impl Forwarder {
         let batch = self.outbox.next_batch(take);
         let mut skipped = Vec::new();
         let mut groups: BTreeMap<(AccountId, CustomerId, String), Vec<Pending>> = BTreeMap::new();
+        let mut alone = Vec::new();
         for p in batch {
             if self.in_open.contains(&p.seq) {
                 // Belongs to an open batch whose other members are leased elsewhere: wait.
@@ -185,6 +200,9 @@ impl Forwarder {
                 continue;
             }
             match (&p.delivery, self.settings.coalesce_window) {
+                (Delivery::Charge(_), Some(_)) if self.alone.contains(&p.seq) => {
+                    alone.push(p);
+                }
                 (Delivery::Charge(d), Some(_)) => {
                     let key = (d.account.clone(), d.customer.clone(), d.fee.asset.clone());
                     groups.entry(key).or_default().push(p);
@@ -193,6 +211,18 @@ impl Forwarder {
             }
         }
         self.outbox.release(&skipped);
+        for p in alone {
+            match self.persist(std::slice::from_ref(&p)).await {
+                Some(id) => {
+                    self.alone.remove(&p.seq);
+                    units.push(Unit::Batch {
+                        id,
+                        members: vec![p],
+                    });
+                }
+                None => self.outbox.release(&[p.seq]),
+            }
+        }
         for (_, group) in groups {
             for chunk in chunk_owned(group, self.settings.max_batch_members) {
                 // A record alone in its window is persisted as a batch of one as well: once
@@ -346,6 +376,7 @@ pub async fn run(
         settings: settings.clone(),
         open: HashMap::new(),
         in_open: HashSet::new(),
+        alone: HashSet::new(),
     };
     f.recover();
     let mut failures_in_a_row: u32 = 0;

@@ -4,23 +4,9 @@ use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::json;
 
-use super::proxy::{ago, wallet, Options, World};
+use std::time::Duration;
 
-/// Polls `f` until it returns `Some`, for at most `secs` seconds.
-pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    None
-}
+use super::proxy::{ago, eventually, wallet, Options, World};
 
 #[actix_web::test]
 async fn a_hot_customers_fees_are_coalesced_with_exact_totals() {
@@ -61,14 +47,17 @@ async fn run(w: &World) {
     assert_eq!(r.status(), 204);
 
     let (cust, cold) = (&cust, &cold);
-    let charged = eventually(30, || async move {
-        let state = w.state().await;
-        let hot = wallet(&state, cust, "USD")?;
-        let cold = wallet(&state, cold, "USD")?;
-        (hot.2 == dec!(500.00) && cold.1 == 1).then_some((hot, cold))
-    })
-    .await
-    .expect("the backlog drains");
+    let charged = eventually(
+        Duration::from_secs(30),
+        "the backlog to drain",
+        || async move {
+            let state = w.state().await;
+            let hot = wallet(&state, cust, "USD")?;
+            let cold = wallet(&state, cold, "USD")?;
+            (hot.2 == dec!(500.00) && cold.1 == 1).then_some((hot, cold))
+        },
+    )
+    .await;
     let ((available, count, total), (cold_available, _, _)) = charged;
     assert_eq!(total, dec!(500.00));
     assert_eq!(available, dec!(500.00));

@@ -682,3 +682,52 @@ async fn sigkill_after_an_unanswered_lone_charge_does_not_charge_it_again_coales
     drop(proxy);
     setup.emulator.stop().await;
 }
+
+/// A record an earlier process sent alone (coalescing off) and never heard back about must not
+/// be coalesced into a batch under another id once coalescing is switched on.
+#[actix_web::test]
+async fn turning_coalescing_on_never_regroups_a_record_sent_alone_before() {
+    let setup = Setup::with_relay("", 2_000).await;
+    let post = |url: String, ids: Vec<String>| {
+        let http = setup.http.clone();
+        let key = setup.key.clone();
+        async move {
+            http.post(format!("{url}/events"))
+                .header("X-CREDYT-API-KEY", key)
+                .json(&body("switch-user", &ids))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let proxy = Proxy::start(&setup.config()).await;
+    assert_eq!(post(proxy.url.clone(), vec!["sw-0".into()]).await, 204);
+    proxy.drained(&setup.http, Duration::from_secs(10)).await;
+    setup.hold_answers.store(true, Ordering::SeqCst);
+    assert_eq!(post(proxy.url.clone(), vec!["sw-1".into()]).await, 204);
+    eventually(
+        Duration::from_secs(10),
+        "the unanswered charge at Credyt",
+        || async { (total_charges(&setup.state().await) == 2).then_some(()) },
+    )
+    .await;
+    proxy.kill();
+    setup.hold_answers.store(false, Ordering::SeqCst);
+
+    // The next process coalesces; sw-1 is still pending from the first one.
+    let config = std::fs::read_to_string(setup.config()).unwrap();
+    std::fs::write(
+        setup.config(),
+        config.replace("[outbox]\n", "[outbox]\ncoalesce_window_ms = 1000\n"),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&setup.config()).await;
+    assert_eq!(post(proxy.url.clone(), vec!["sw-2".into()]).await, 204);
+    proxy.drained(&setup.http, Duration::from_secs(20)).await;
+    setup
+        .assert_total_exactly(&BTreeMap::from([("switch-user".to_string(), 3)]))
+        .await;
+    drop(proxy);
+    setup.emulator.stop().await;
+}

@@ -1,6 +1,8 @@
 //! The ingest path end to end: the real proxy in front of the real emulator, driven by reqwest
 //! and by the official Python SDK.
 
+use std::time::Duration;
+
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
@@ -506,23 +508,26 @@ async fn forward_events_mode_sends_the_events_to_credyt_on_the_right_account() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["results"][0]["status"], "accepted", "{body}");
         // Credyt prices forwarded events itself: nothing is charged by the proxy.
-        let stored = super::coalesce::eventually(10, || async {
-            let resp = w
-                .http
-                .get(format!("{}/events/ev-1", w.emulator.url()))
-                .header("X-CREDYT-API-KEY", super::proxy::PLATFORM_KEY)
-                .header("X-CREDYT-ACCOUNT", &w.b.account)
-                .send()
-                .await
-                .unwrap();
-            if resp.status() != 200 {
-                return None;
-            }
-            let text = resp.text().await.unwrap();
-            Some(serde_json::from_str::<Value>(&text).unwrap())
-        })
-        .await
-        .expect("the event reaches credyt");
+        let stored = super::proxy::eventually(
+            Duration::from_secs(10),
+            "the event to reach credyt",
+            || async {
+                let resp = w
+                    .http
+                    .get(format!("{}/events/ev-1", w.emulator.url()))
+                    .header("X-CREDYT-API-KEY", super::proxy::PLATFORM_KEY)
+                    .header("X-CREDYT-ACCOUNT", &w.b.account)
+                    .send()
+                    .await
+                    .unwrap();
+                if resp.status() != 200 {
+                    return None;
+                }
+                let text = resp.text().await.unwrap();
+                Some(serde_json::from_str::<Value>(&text).unwrap())
+            },
+        )
+        .await;
         assert_eq!(stored["customer_id"], cust.as_str());
         assert_eq!(stored["subject"], "s1");
         assert_eq!(stored["data"]["tokens"].to_string(), "12345678901234567890");

@@ -305,17 +305,10 @@ impl World {
 
     /// Replaces the emulator's fault rules (`{"rules": [...]}`); `None` clears them.
     pub async fn set_faults(&self, rules: Option<Value>) {
-        let url = format!("{}/_emulator/faults", self.emulator.url());
-        let req = match rules {
-            Some(rules) => self.http.put(url).json(&rules),
-            None => self.http.delete(url),
-        };
-        let resp = req
-            .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-            .send()
-            .await
-            .unwrap();
-        assert!(resp.status().is_success(), "faults: {}", resp.status());
+        match rules {
+            Some(r) => emu_faults(&self.http, &self.emulator, r["rules"].clone()).await,
+            None => emu_clear_faults(&self.http, &self.emulator).await,
+        }
     }
 
     /// Every request the emulator logged (its ring holds the newest 10,000).
@@ -429,14 +422,7 @@ pub async fn emu_clear_faults(http: &reqwest::Client, emu: &RunningEmulator) {
 
 /// The emulator's request log (`GET /_emulator/requests?limit=N`).
 pub async fn emu_requests(http: &reqwest::Client, emu: &RunningEmulator, limit: usize) -> Value {
-    http.get(format!("{}/_emulator/requests?limit={limit}", emu.url()))
-        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    emu_get(http, emu, &format!("/_emulator/requests?limit={limit}")).await
 }
 
 /// Creates a customer with `external_id` under `account` directly in the emulator (no
