@@ -45,7 +45,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
-    if state.readiness.is_ready() {
+    let poisoned = state
+        .app
+        .outbox
+        .as_ref()
+        .is_some_and(|o| o.stats().poisoned);
+    if poisoned {
+        // Writes are refused until a restart: take this replica out of rotation.
+        HttpResponse::ServiceUnavailable().body("outbox stopped after a failed write")
+    } else if state.readiness.is_ready() {
         HttpResponse::Ok().body("ready")
     } else {
         HttpResponse::ServiceUnavailable().body("not ready")
@@ -80,19 +88,52 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         out,
         "# HELP {n} cached end-user identities\n# TYPE {n} gauge\n{n} {v}",
         n = names::IDENTITY_CACHED,
-        v = state.app.identity.cached_customers()
+        v = state.app.identity.cached_customers().await
     );
     if let Some(outbox) = &state.app.outbox {
         let stats = outbox.stats();
         for (name, help, kind, value) in [
-            (names::OUTBOX_DEPTH, "undelivered debits in the outbox", "gauge", stats.depth as u64),
-            (names::OUTBOX_DEAD_LETTERS, "dead letters awaiting an operator", "gauge", stats.dead_letters as u64),
-            (names::OUTBOX_SYNCS_TOTAL, "outbox fdatasync calls", "counter", stats.syncs),
-            (names::OUTBOX_GROUPS_TOTAL, "outbox commit groups", "counter", stats.groups),
-            (names::OUTBOX_APPENDS_TOTAL, "outbox append calls", "counter", stats.appends),
-            (names::OUTBOX_POISONED, "1 when a failed write stopped the outbox", "gauge", u64::from(stats.poisoned)),
+            (
+                names::OUTBOX_DEPTH,
+                "undelivered debits in the outbox",
+                "gauge",
+                stats.depth as u64,
+            ),
+            (
+                names::OUTBOX_DEAD_LETTERS,
+                "dead letters awaiting an operator",
+                "gauge",
+                stats.dead_letters as u64,
+            ),
+            (
+                names::OUTBOX_SYNCS_TOTAL,
+                "outbox fdatasync calls",
+                "counter",
+                stats.syncs,
+            ),
+            (
+                names::OUTBOX_GROUPS_TOTAL,
+                "outbox commit groups",
+                "counter",
+                stats.groups,
+            ),
+            (
+                names::OUTBOX_APPENDS_TOTAL,
+                "outbox append calls",
+                "counter",
+                stats.appends,
+            ),
+            (
+                names::OUTBOX_POISONED,
+                "1 when a failed write stopped the outbox",
+                "gauge",
+                u64::from(stats.poisoned),
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
     }
     HttpResponse::Ok()

@@ -14,15 +14,15 @@ use anyhow::Context;
 
 use crate::admin::{AdminState, Readiness};
 use crate::config::{AckMode, Settings, SyncMode};
-use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
-use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::identity::{Identity, Tenants};
 use crate::ingest::sink::Sink;
 use crate::ingest::{self, AppState};
+use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
 use crate::outcome::OutcomeCounters;
 use crate::pricing::Pricing;
 use crate::ratelimit::TenantQuota;
 use crate::upstream::forward::Forwarder;
+use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::upstream::CredytClient;
 
 /// A running proxy.
@@ -91,12 +91,15 @@ impl Application {
                         client,
                         ForwarderSettings {
                             concurrency: settings.outbox.forwarder_concurrency,
+                            coalesce_window: settings.outbox.coalesce_window,
                             ..ForwarderSettings::default()
                         },
                     )
                 });
                 if forwarder.is_none() {
-                    tracing::warn!("outbox forwarder disabled: accepted debits stay on disk until it runs");
+                    tracing::warn!(
+                        "outbox forwarder disabled: accepted debits stay on disk until it runs"
+                    );
                 }
                 (Sink::Durable(outbox.clone()), Some(outbox), forwarder)
             }
@@ -215,7 +218,9 @@ impl Application {
         }
         if let Some(forwarder) = self.forwarder {
             let left = self.grace.saturating_sub(started.elapsed());
-            forwarder.stop(left.max(std::time::Duration::from_millis(100))).await;
+            forwarder
+                .stop(left.max(std::time::Duration::from_millis(100)))
+                .await;
         }
         // The state holds a clone of the outbox; closing ours syncs it.
         if let Some(outbox) = self.outbox {
@@ -226,6 +231,32 @@ impl Application {
             tracing::info!(undelivered = depth, "outbox closed");
         }
         self.admin_server.stop(true).await;
+        release(self.state).await;
         tracing::info!("credyt-proxy stopped");
+    }
+}
+
+/// Waits (up to 5 s) until the servers' workers dropped their share of the state, then drops
+/// it: with the last outbox handle goes the store and its directory lock, so a new
+/// `Application` can open the same outbox as soon as `stop` returned.
+async fn release(state: Arc<AppState>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut state = state;
+    loop {
+        match Arc::try_unwrap(state) {
+            Ok(state) => {
+                // Closing the store joins its threads: blocking.
+                let _ = tokio::task::spawn_blocking(move || drop(state)).await;
+                return;
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                state = shared;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                tracing::warn!("the application state is still shared after stop; the outbox directory stays locked until it is dropped");
+                return;
+            }
+        }
     }
 }

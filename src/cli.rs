@@ -175,7 +175,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             DlqAction::Replay { data_dir, seqs } => {
                 let only = (!seqs.is_empty()).then_some(seqs.as_slice());
                 let n = crate::outbox::dlq_replay(&data_dir, only)?;
-                println!("{n} dead letter(s) moved back to pending; they are sent at the next start");
+                println!(
+                    "{n} dead letter(s) moved back to pending; they are sent at the next start"
+                );
                 Ok(ExitCode::SUCCESS)
             }
         },
@@ -248,6 +250,9 @@ async fn sandbox(
     settings.credyt.api_key = crate::config::Secret::new(SANDBOX_PLATFORM_KEY);
     settings.server.listen = listen;
     settings.server.admin_listen = admin_listen;
+    // A fresh outbox per sandbox run, removed on exit.
+    let data = std::env::temp_dir().join(format!("credyt-proxy-sandbox-{}", std::process::id()));
+    settings.outbox.dir = data.join("outbox");
     let app = Application::build(settings).await?;
 
     let proxy = format!("http://{}", app.tenant_addr());
@@ -269,5 +274,6 @@ async fn sandbox(
     );
     app.run_until_stopped().await;
     emulator.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }

@@ -119,15 +119,21 @@ pub enum UsageType {
 pub struct Fee {
     /// The price's id within its book (stable across versions; part of the transaction id).
     pub price_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_name: Option<String>,
     pub usage_type: UsageType,
     /// The dimension values that selected the rate row (empty when the price has none).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dimensions: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_price: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_rate: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_size: Option<Decimal>,
     pub amount: Decimal,
     pub asset: String,
@@ -210,6 +216,25 @@ pub fn transaction_id(tenant: &TenantId, event: &EventId, price_id: &str) -> Uui
     Uuid::new_v5(&TRANSACTION_NAMESPACE, &name)
 }
 
+/// Lowercase Crockford base32 (`0-9a-z` without `i l o u`), the alphabet of Credyt ids.
+pub fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,23 +265,4 @@ mod tests {
         assert_eq!(data["s"], DataValue::String("x".into()));
         assert_eq!(data["b"].as_dimension(), "true");
     }
-}
-
-/// Lowercase Crockford base32 (`0-9a-z` without `i l o u`), the alphabet of Credyt ids.
-pub fn base32(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
-    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
-    }
-    out
 }

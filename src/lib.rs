@@ -1,6 +1,44 @@
-//! credyt-proxy: a usage-metering sidecar in front of Credyt for Platforms.
+//! credyt-proxy: a usage-metering sidecar in front of Credyt for Platforms (C4P).
 //!
-//! (The full narration of one event's path is written as the stages land.)
+//! # One usage event's path
+//!
+//! A tenant (a platform's customer) posts `POST /events` (Credyt-compatible, for the official
+//! SDK) or `POST /v1/events` (per-event results) on the tenant port.
+//!
+//! 1. [`ingest`] reads the body within the size limit (413) as JSON (415 otherwise) and takes
+//!    the tenant key from `X-CREDYT-API-KEY` or `Authorization: Bearer`.
+//! 2. [`identity::tenants`] authenticates the key against the hot-reloaded tenants file (401).
+//! 3. [`ingest::wire`] parses the request into [`domain`] values: every event is validated on
+//!    its own (id, type, RFC 3339 time within the window, exact numbers) and duplicate ids in
+//!    one request are refused. Request-level problems answer 400/422 at once.
+//! 4. [`ratelimit`] takes one cell per event from the tenant's own limiter (429 with
+//!    `Retry-After`, `RateLimit`, `RateLimit-Policy`).
+//! 5. [`pricing`] prices each valid event with the tenant's price book: one [`domain::Fee`] per
+//!    matching price, rounded once, stamped with the book version and content hash. Pure, no
+//!    I/O, over an `Arc` snapshot. On `/events` any invalid or unpriceable event fails the whole
+//!    request with a 422 ValidationProblem naming `events[i].field`; nothing is accepted.
+//! 6. [`identity`] maps the tenant to its connected account and the end user to its Credyt
+//!    customer through moka caches (the only I/O on the request path besides the append, and
+//!    only on a miss). The `X-CREDYT-ACCOUNT` sent upstream comes from here only.
+//! 7. The pipeline builds immutable [`domain::Debit`] records (amount, asset, deterministic
+//!    `transaction_id` = UUIDv5(tenant, event id, price id)) and hands them to the sink
+//!    ([`ingest::sink`]):
+//!    - `ack = "durable"` (default): one atomic, group-committed append to the [`outbox`]
+//!      claims the event ids and stores the debits; the answer waits for it to be durable per
+//!      the sync policy (503 `Retry-After` if it cannot be). The [`upstream::forwarder`] then
+//!      delivers each record to Credyt (`POST /customers/{id}/wallet/charges`), retrying with
+//!      backoff behind a circuit breaker until Credyt confirms, or dead-lettering a permanent
+//!      refusal; optionally coalescing a hot customer's fees.
+//!    - `ack = "upstream"`: the charges are sent now and the answer waits for Credyt (502/503
+//!      when it does not confirm; a retry with the same ids is safe).
+//! 8. Every event gets exactly one [`outcome::Outcome`]: accepted (with its fees), duplicate, or
+//!    rejected with a stable code; `/events` answers 204, `/v1/events` 200 with the results.
+//!
+//! Errors of every stage are typed and mapped to HTTP in one table ([`ingest::problem`]):
+//! RFC 7807 problem+json with a stable `code`. The operator port ([`admin`]) serves `/livez`,
+//! `/readyz` and `/metrics`; [`shutdown`] drains on SIGTERM/SIGINT. The [`emulator`] is an
+//! independent, stateful fake of the Credyt API used by tests, the sandbox and load tests; it
+//! shares no code with the proxy's client ([`upstream`]).
 
 pub mod admin;
 pub mod app;

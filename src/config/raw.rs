@@ -376,18 +376,16 @@ impl RawSettings {
             max_pending: p.nonzero("outbox.max_pending", self.outbox.max_pending) as usize,
             max_group: p.nonzero("outbox.max_group", self.outbox.max_group) as usize,
             forwarder: self.outbox.forwarder,
-            forwarder_concurrency: p
-                .nonzero("outbox.forwarder_concurrency", self.outbox.forwarder_concurrency)
-                as usize,
+            forwarder_concurrency: p.nonzero(
+                "outbox.forwarder_concurrency",
+                self.outbox.forwarder_concurrency,
+            ) as usize,
             coalesce_window: (self.outbox.coalesce_window_ms > 0)
                 .then(|| Duration::from_millis(self.outbox.coalesce_window_ms)),
         };
 
-        if self.outbox.coalesce_window_ms > 0 {
-            p.push(
-                "outbox.coalesce_window_ms",
-                "coalescing is not available in this build yet; leave it at 0",
-            );
+        if self.outbox.coalesce_window_ms > 60_000 {
+            p.push("outbox.coalesce_window_ms", "must be at most 60000");
         }
 
         let rate_limit = RateLimitDefaults {

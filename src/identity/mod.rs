@@ -169,7 +169,8 @@ impl Identity {
     }
 
     /// Number of cached end-user mappings (for metrics and the memory benchmark).
-    pub fn cached_customers(&self) -> u64 {
+    pub async fn cached_customers(&self) -> u64 {
+        self.customers.run_pending_tasks().await;
         self.customers.entry_count()
     }
 }

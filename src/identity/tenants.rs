@@ -381,6 +381,40 @@ mod tests {
     }
 
     #[test]
+    fn hot_reload_keeps_the_last_good_table_on_a_broken_edit() {
+        let dir = std::env::temp_dir().join(format!("cp-tenants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tenants.toml");
+        let (ka, ha) = generate_key();
+        let (kb, hb) = generate_key();
+        let entry = |id: &str, h: &str| {
+            format!("[[tenants]]\nid = \"{id}\"\nkey_hashes = [\"{h}\"]\naccount = \"acc_1\"\n")
+        };
+        std::fs::write(&path, entry("a", &ha)).unwrap();
+        let tenants = Tenants::load(&path, quota()).unwrap();
+        assert_eq!(tenants.reload_now(), Ok(false));
+        std::fs::write(
+            &path,
+            format!("{}[[tenants]]\nid = \"broken\"\n", entry("a", &ha)),
+        )
+        .unwrap();
+        assert!(tenants.reload_now().is_err());
+        assert!(tenants.last_error().is_some());
+        assert!(
+            tenants.current().authenticate(&ka).is_some(),
+            "the old table keeps serving"
+        );
+        std::fs::write(&path, format!("{}{}", entry("a", &ha), entry("b", &hb))).unwrap();
+        assert_eq!(tenants.reload_now(), Ok(true));
+        assert!(tenants.last_error().is_none());
+        assert_eq!(
+            tenants.current().authenticate(&kb).unwrap().id.as_str(),
+            "b"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn reload_keeps_limiters_of_unchanged_quotas() {
         let (_, h) = generate_key();
         let text =

@@ -68,6 +68,10 @@ pub(crate) enum Msg {
         id: Uuid,
         reply: Reply<()>,
     },
+    ForgetBatch {
+        id: Uuid,
+        reply: Reply<()>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -427,6 +431,11 @@ impl Committer {
                         let _ = reply.send(Err(e));
                     }
                 },
+                Msg::ForgetBatch { id, reply } => {
+                    batch.remove(&self.store.batches, id.as_bytes().to_vec());
+                    needs_sync = true;
+                    staged.push(Staged::Done { reply });
+                }
                 Msg::Close { reply } => stop = Some(Stop::Close(reply)),
                 #[cfg(test)]
                 Msg::Crash { reply } => stop = Some(Stop::Crash(reply)),
@@ -614,7 +623,8 @@ fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError, stop: &mut Option<Stop>) {
         Msg::Delivered { reply, .. }
         | Msg::DeadLetter { reply, .. }
         | Msg::PersistBatch { reply, .. }
-        | Msg::CompleteBatch { reply, .. } => reply.send(Err(err())).map_err(drop),
+        | Msg::CompleteBatch { reply, .. }
+        | Msg::ForgetBatch { reply, .. } => reply.send(Err(err())).map_err(drop),
         Msg::Replay { reply, .. } => reply.send(Err(err())).map_err(drop),
         Msg::Close { reply } => {
             *stop = Some(Stop::Close(reply));

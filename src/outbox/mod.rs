@@ -7,7 +7,7 @@
 //!   that, so readiness may be released as soon as `open` returned.
 //! * [`Outbox::append`]: one call is one atomic write. The records of all its new events and
 //!   their dedupe entries go into the same fjall write batch; concurrent calls are merged into
-//!   one batch and one sync (group commit, see [`commit`]). The call returns `Ok` only once that
+//!   one batch and one sync (group commit, see the `commit` module). The call returns `Ok` only once that
 //!   batch is durable per [`SyncPolicy`]. An event id is `Duplicate` only if its commit is
 //!   durable; an id whose commit is in flight is answered with the result of that commit, because
 //!   one thread applies groups strictly one after the other.
@@ -372,6 +372,17 @@ impl Outbox {
     pub async fn complete_batch(&self, batch_id: Uuid) -> Result<(), OutboxError> {
         self.check_poisoned()?;
         self.call(|reply| Msg::CompleteBatch {
+            id: batch_id,
+            reply,
+        })
+        .await
+    }
+
+    /// Upstream refused a batch for good: forgets its membership (durably) and keeps its records
+    /// pending, so they are sent (and, if refused, dead-lettered) one by one under their own ids.
+    pub async fn forget_batch(&self, batch_id: Uuid) -> Result<(), OutboxError> {
+        self.check_poisoned()?;
+        self.call(|reply| Msg::ForgetBatch {
             id: batch_id,
             reply,
         })

@@ -257,6 +257,27 @@ impl CredytClient {
         Self::send(req).await.map(drop)
     }
 
+    /// One charge for several fees of one customer and asset (coalescing): the exact sum, under
+    /// the batch's own deterministic `transaction_id`, with the events listed in metadata.
+    pub async fn charge_coalesced(
+        &self,
+        batch: uuid::Uuid,
+        debits: &[&Debit],
+    ) -> Result<(), UpstreamError> {
+        let Some(first) = debits.first() else {
+            return Ok(());
+        };
+        let path = format!(
+            "/customers/{}/wallet/charges",
+            urlencode(first.customer.as_str())
+        );
+        let body = wire::ChargeRequest::coalesced(batch, debits);
+        let req = self
+            .request(reqwest::Method::POST, &path, Some(&first.account))
+            .json(&body);
+        Self::send(req).await.map(drop)
+    }
+
     /// `POST /events`: usage events of one customer, priced by Credyt itself.
     pub async fn send_usage(&self, usage: &[&ForwardedUsage]) -> Result<(), UpstreamError> {
         let Some(first) = usage.first() else {

@@ -107,6 +107,39 @@ impl<'a> ChargeRequest<'a> {
     }
 }
 
+impl<'a> ChargeRequest<'a> {
+    /// A coalesced charge: the exact sum of the members' amounts (all in one asset, for one
+    /// customer), the batch id as `transaction_id`, the member events in metadata.
+    pub fn coalesced(batch: uuid::Uuid, debits: &[&'a Debit]) -> ChargeRequest<'a> {
+        let asset = debits.first().map_or("", |d| d.fee.asset.as_str());
+        let amount = debits.iter().map(|d| d.fee.amount).sum();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("source", "credyt-proxy".to_string());
+        if let Some(first) = debits.first() {
+            metadata.insert("tenant", first.tenant.to_string());
+            metadata.insert("pricing_hash", first.fee.pricing_hash.clone());
+        }
+        metadata.insert("coalesced", debits.len().to_string());
+        let events: Vec<String> = debits
+            .iter()
+            .map(|d| format!("{}/{}", d.event_id, d.fee.price_id))
+            .collect();
+        metadata.insert("events", events.join(","));
+        ChargeRequest {
+            transaction_id: batch.to_string(),
+            asset,
+            amount,
+            subject: None,
+            description: format!("{} usage fees", debits.len()),
+            metadata,
+            input_volume: None,
+            unit_price: None,
+            volume_rate: None,
+            package_size: None,
+        }
+    }
+}
+
 /// `POST /events` body.
 #[derive(Debug, Serialize)]
 pub struct UsageRequest<'a> {

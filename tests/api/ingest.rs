@@ -1,20 +1,37 @@
 //! The ingest path end to end: the real proxy in front of the real emulator, driven by reqwest
 //! and by the official Python SDK.
 
+use std::time::Duration;
+
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
 
-use super::proxy::{account_of, ago, total_charges, wallet, Options, World, PLATFORM_KEY};
+use super::proxy::{account_of, ago, total_charges, wallet, Options, World};
 use super::sdk;
 
-async fn run_sdk(script: &'static str, env: Vec<(&'static str, String)>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
+/// Runs `proxy_send_usage.py` in `mode` as tenant A for `user`; asserts it succeeded.
+async fn send_usage_with_sdk(w: &World, user: &str, mode: &str) -> std::process::Output {
+    let env: Vec<(&'static str, String)> = vec![
+        ("PROXY_URL", w.proxy_url()),
+        ("TENANT_KEY", w.a.key.clone()),
+        ("CUSTOMER_EXTERNAL_ID", user.to_string()),
+        ("MODE", mode.to_string()),
+        ("RUN", format!("sdk-{mode}")),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        sdk::run_script(script, &env)
+        sdk::run_script("proxy_send_usage.py", &env)
     })
     .await
-    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "sdk script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn dec_of(v: &Value) -> Decimal {
@@ -25,23 +42,7 @@ fn dec_of(v: &Value) -> Decimal {
 async fn sdk_send_usage_through_the_proxy_debits_the_price_book_amounts() {
     let w = World::start().await;
     let cust = w.customer(&w.a.account, "sdk-user", "20").await;
-    let out = run_sdk(
-        "proxy_send_usage.py",
-        vec![
-            ("PROXY_URL", w.proxy_url()),
-            ("TENANT_KEY", w.a.key.clone()),
-            ("CUSTOMER_EXTERNAL_ID", "sdk-user".into()),
-            ("MODE", "ok".into()),
-            ("RUN", "sdk-ok".into()),
-        ],
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "sdk script failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    send_usage_with_sdk(&w, "sdk-user", "ok").await;
     let state = w.state().await;
     assert_eq!(
         account_of(&state, &cust).as_deref(),
@@ -60,23 +61,7 @@ async fn sdk_send_usage_through_the_proxy_debits_the_price_book_amounts() {
 async fn sdk_batch_with_one_bad_event_gets_422_and_nothing_is_charged() {
     let w = World::start().await;
     let cust = w.customer(&w.a.account, "sdk-bad", "20").await;
-    let out = run_sdk(
-        "proxy_send_usage.py",
-        vec![
-            ("PROXY_URL", w.proxy_url()),
-            ("TENANT_KEY", w.a.key.clone()),
-            ("CUSTOMER_EXTERNAL_ID", "sdk-bad".into()),
-            ("MODE", "bad".into()),
-            ("RUN", "sdk-bad".into()),
-        ],
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "sdk script failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = send_usage_with_sdk(&w, "sdk-bad", "bad").await;
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["status"], 422);
     let state = w.state().await;
@@ -264,22 +249,8 @@ async fn many_concurrent_misses_for_one_new_end_user_make_one_lookup() {
         "{:?}",
         &statuses[..5]
     );
-    let log: Value = w
-        .http
-        .get(format!(
-            "{}/_emulator/requests?limit=100000",
-            w.emulator.url()
-        ))
-        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let lookups = log["requests"]
-        .as_array()
-        .unwrap()
+    let log = w.requests().await;
+    let lookups = log
         .iter()
         .filter(|r| {
             r["method"] == "GET"
@@ -287,9 +258,7 @@ async fn many_concurrent_misses_for_one_new_end_user_make_one_lookup() {
                 && r["query"].as_str().unwrap_or("").contains("brand-new-user")
         })
         .count();
-    let creates = log["requests"]
-        .as_array()
-        .unwrap()
+    let creates = log
         .iter()
         .filter(|r| r["method"] == "POST" && r["path"] == "/customers")
         .count();
@@ -373,15 +342,7 @@ async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
     assert_eq!(warm.status(), 204);
     let faults =
         json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 1.0}]});
-    let put = w
-        .http
-        .put(format!("{}/_emulator/faults", w.emulator.url()))
-        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-        .json(&faults)
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
+    w.set_faults(Some(faults)).await;
     let r = w.post("/events", &w.a.key, &batch).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
@@ -391,20 +352,9 @@ async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
     // Partial outage: some charges of the retry get through, some do not.
     let half =
         json!({"rules": [{"path_prefix": "/customers/", "method": "POST", "rate_503": 0.5}]});
-    w.http
-        .put(format!("{}/_emulator/faults", w.emulator.url()))
-        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-        .json(&half)
-        .send()
-        .await
-        .unwrap();
+    w.set_faults(Some(half)).await;
     let _ = w.post("/events", &w.a.key, &batch).await;
-    w.http
-        .delete(format!("{}/_emulator/faults", w.emulator.url()))
-        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
-        .send()
-        .await
-        .unwrap();
+    w.set_faults(None).await;
     for _ in 0..2 {
         let r = w.post("/events", &w.a.key, &batch).await;
         assert_eq!(r.status(), 204);
@@ -415,4 +365,174 @@ async fn upstream_failure_is_a_clear_503_and_a_retry_charges_each_fee_once() {
     assert_eq!(total, dec!(13.24));
     assert_eq!(available, dec!(36.76));
     w.stop().await;
+}
+
+#[actix_web::test]
+async fn unknown_end_users_get_404_and_the_miss_is_cached() {
+    let w = World::start().await;
+    // Tenant B does not create end users on first sight.
+    for i in 0..3 {
+        let r = w
+            .post(
+                "/events",
+                &w.b.key,
+                &json!({"customer_external_id": "ghost", "events": [
+                    {"id": format!("g{i}"), "event_type": "video_promoted", "occurred_at": ago(5)}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 404);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "customer_not_found");
+    }
+    let log = w.requests().await;
+    let lookups = log
+        .iter()
+        .filter(|r| {
+            r["path"] == "/customers" && r["query"].as_str().unwrap_or("").contains("ghost")
+        })
+        .count();
+    assert_eq!(lookups, 1, "the negative answer is cached");
+    assert_eq!(total_charges(&w.state().await), 0);
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn bad_requests_get_precise_problems() {
+    let w = World::start().await;
+    let url = format!("{}/events", w.proxy_url());
+    let r = w
+        .http
+        .post(&url)
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let r = w
+        .http
+        .post(&url)
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "application/json")
+        .body("{\"events\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let big = format!(
+        "{{\"customer_id\":\"cust_x\",\"events\":[],\"pad\":\"{}\"}}",
+        "x".repeat(1_100_000)
+    );
+    let r = w
+        .http
+        .post(&url)
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+    let r = w.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = w
+        .post(
+            "/v1/quote",
+            &w.a.key,
+            &json!({"id": "q", "event_type": "ticket_resolved", "occurred_at": ago(1)}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let quote: Value = r.json().await.unwrap();
+    assert_eq!(quote["fees"][0]["amount"], "0.99");
+    // The admin port: alive, ready, and counting.
+    let admin = format!("http://{}", w.app.admin_addr());
+    assert_eq!(
+        w.http
+            .get(format!("{admin}/livez"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        w.http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = w
+        .http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("credyt_proxy_events_total{outcome=\"accepted\"} 0"),
+        "{metrics}"
+    );
+    w.stop().await;
+}
+
+#[actix_web::test]
+async fn forward_events_mode_sends_the_events_to_credyt_on_the_right_account() {
+    for ack in ["upstream", "durable"] {
+        let w = World::start_with(Options {
+            ack,
+            forward_b: "events",
+            ..Default::default()
+        })
+        .await;
+        let cust = w.customer(&w.b.account, "ev-user", "20").await;
+        let r = w
+            .post(
+                "/v1/events",
+                &w.b.key,
+                &json!({"customer_external_id": "ev-user", "events": [
+                    {"id": "ev-1", "event_type": "anything_at_all", "occurred_at": ago(5),
+                     "subject": "s1", "data": {"tokens": 12345678901234567890_u64, "model": "x"}}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["results"][0]["status"], "accepted", "{body}");
+        // Credyt prices forwarded events itself: nothing is charged by the proxy.
+        let stored = super::proxy::eventually(
+            Duration::from_secs(10),
+            "the event to reach credyt",
+            || async {
+                let resp = w
+                    .http
+                    .get(format!("{}/events/ev-1", w.emulator.url()))
+                    .header("X-CREDYT-API-KEY", super::proxy::PLATFORM_KEY)
+                    .header("X-CREDYT-ACCOUNT", &w.b.account)
+                    .send()
+                    .await
+                    .unwrap();
+                if resp.status() != 200 {
+                    return None;
+                }
+                let text = resp.text().await.unwrap();
+                Some(serde_json::from_str::<Value>(&text).unwrap())
+            },
+        )
+        .await;
+        assert_eq!(stored["customer_id"], cust.as_str());
+        assert_eq!(stored["subject"], "s1");
+        assert_eq!(stored["data"]["tokens"].to_string(), "12345678901234567890");
+        let (available, count, _) = wallet(&w.state().await, &cust, "USD").unwrap();
+        assert_eq!((available, count), (dec!(20), 0), "{ack}");
+        w.stop().await;
+    }
 }

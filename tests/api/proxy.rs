@@ -2,7 +2,7 @@
 //! tenants created through the emulator's API and a tenants file written to a temp dir.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use credyt_proxy::app::Application;
 use credyt_proxy::config::Settings;
@@ -28,13 +28,32 @@ pub struct World {
     pub http: reqwest::Client,
     /// Holds the tenants file and the outbox; removed when the world is dropped.
     _dir: tempfile::TempDir,
+    ack: &'static str,
+    extra_config: String,
+}
+
+/// A world whose proxy is stopped (see [`World::park`]): the emulator, the tenants and the
+/// data directory (with the outbox) stay, so a new proxy can be started on them.
+pub struct Parked {
+    pub emulator: RunningEmulator,
+    pub a: TestTenant,
+    pub b: TestTenant,
+    pub http: reqwest::Client,
+    dir: tempfile::TempDir,
+    ack: &'static str,
+    extra_config: String,
 }
 
 /// Options of a test world.
 pub struct Options {
     pub ack: &'static str,
     pub rate_a: (u32, u32),
+    /// Whole extra TOML tables appended to the config.
     pub extra_config: String,
+    /// Extra lines inside the `[outbox]` table.
+    pub outbox_config: String,
+    /// Tenant B's `forward` mode.
+    pub forward_b: &'static str,
 }
 
 impl Default for Options {
@@ -43,6 +62,8 @@ impl Default for Options {
             ack: "upstream",
             rate_a: (10_000, 10_000),
             extra_config: String::new(),
+            outbox_config: String::new(),
+            forward_b: "charges",
         }
     }
 }
@@ -84,8 +105,9 @@ pub async fn emu_post(
     resp.json().await.unwrap_or(Value::Null)
 }
 
-pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
-    http.get(format!("{}/_emulator/state", emu.url()))
+/// `GET` of an emulator control path (`/_emulator/...`) with the platform key.
+pub async fn emu_get(http: &reqwest::Client, emu: &RunningEmulator, path: &str) -> Value {
+    http.get(format!("{}{path}", emu.url()))
         .header("X-CREDYT-API-KEY", PLATFORM_KEY)
         .send()
         .await
@@ -93,6 +115,10 @@ pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+pub async fn emu_state(http: &reqwest::Client, emu: &RunningEmulator) -> Value {
+    emu_get(http, emu, "/_emulator/state").await
 }
 
 /// The wallet account `default:<asset>` of `customer` in the emulator's state:
@@ -171,27 +197,21 @@ impl World {
         let tenants = format!(
             "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash_a}\"]\naccount = \"{}\"\ncreate_customers = true\n\
              rate_limit = {{ per_second = {}, burst = {} }}\n\n\
-             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\n",
+             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\nforward = \"{}\"\n",
             acc_a["id"].as_str().unwrap(),
             opts.rate_a.0,
             opts.rate_a.1,
+            opts.forward_b,
         );
         std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [log]\nfilter = \"warn\"\n\
-             [credyt]\nbase_url = \"{}\"\napi_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000\n\
-             [tenants]\nfile = \"tenants.toml\"\n\
-             [pricing]\ndir = \"{}\"\n\
-             [ingest]\nack = \"{}\"\n\
-             [outbox]\ndir = \"outbox\"\n{}",
-            emulator.url(),
-            repo().join("pricing").display(),
+        let app = build_app(
+            &emulator,
+            dir.path(),
             opts.ack,
-            opts.extra_config,
-        );
-        let settings = Settings::from_toml(&config, dir.path(), Some(Default::default())).unwrap();
-        let app = Application::build(settings).await.unwrap();
+            &opts.outbox_config,
+            &opts.extra_config,
+        )
+        .await;
         World {
             a: TestTenant {
                 key: key_a,
@@ -205,7 +225,39 @@ impl World {
             app,
             http,
             _dir: dir,
+            ack: opts.ack,
+            extra_config: opts.extra_config,
         }
+    }
+
+    /// The outbox directory (`outbox.dir` of the proxy's configuration).
+    pub fn outbox_dir(&self) -> PathBuf {
+        self._dir.path().join("outbox")
+    }
+
+    /// `http://` + the proxy's admin address.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.app.admin_addr())
+    }
+
+    /// Stops the proxy (`Application::stop`) and keeps everything else.
+    pub async fn park(self) -> Parked {
+        self.app.stop().await;
+        Parked {
+            emulator: self.emulator,
+            a: self.a,
+            b: self.b,
+            http: self.http,
+            dir: self._dir,
+            ack: self.ack,
+            extra_config: self.extra_config,
+        }
+    }
+
+    /// Stops the proxy and starts a new one on the same data directory, with `outbox_config`
+    /// (lines inside `[outbox]`) replacing the previous one.
+    pub async fn restart(self, outbox_config: &str) -> World {
+        self.park().await.resume(outbox_config).await
     }
 
     pub fn proxy_url(&self) -> String {
@@ -251,9 +303,184 @@ impl World {
         emu_state(&self.http, &self.emulator).await
     }
 
+    /// Replaces the emulator's fault rules (`{"rules": [...]}`); `None` clears them.
+    pub async fn set_faults(&self, rules: Option<Value>) {
+        match rules {
+            Some(r) => emu_faults(&self.http, &self.emulator, r["rules"].clone()).await,
+            None => emu_clear_faults(&self.http, &self.emulator).await,
+        }
+    }
+
+    /// Every request the emulator logged (its ring holds the newest 10,000).
+    pub async fn requests(&self) -> Vec<Value> {
+        let log = emu_get(
+            &self.http,
+            &self.emulator,
+            "/_emulator/requests?limit=100000",
+        )
+        .await;
+        log["requests"].as_array().unwrap().clone()
+    }
+
     pub async fn stop(self) {
         self.app.stop().await;
         self.emulator.stop().await;
+    }
+}
+
+impl Parked {
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.dir.path().join("outbox")
+    }
+
+    pub async fn emulator_state(&self) -> Value {
+        emu_state(&self.http, &self.emulator).await
+    }
+
+    /// Starts a new proxy on the same data directory and emulator, with `outbox_config`
+    /// (lines inside `[outbox]`) and the world's original extra tables.
+    pub async fn resume(self, outbox_config: &str) -> World {
+        let app = build_app(
+            &self.emulator,
+            self.dir.path(),
+            self.ack,
+            outbox_config,
+            &self.extra_config,
+        )
+        .await;
+        World {
+            emulator: self.emulator,
+            app,
+            a: self.a,
+            b: self.b,
+            http: self.http,
+            _dir: self.dir,
+            ack: self.ack,
+            extra_config: self.extra_config,
+        }
+    }
+}
+
+/// The proxy's configuration for a test world: `outbox_config` goes inside `[outbox]`,
+/// `extra_config` (whole tables) after it.
+pub fn proxy_config(
+    emulator: &RunningEmulator,
+    ack: &str,
+    outbox_config: &str,
+    extra_config: &str,
+) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [log]\nfilter = \"warn\"\n\
+         [credyt]\nbase_url = \"{}\"\napi_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000\n\
+         [tenants]\nfile = \"tenants.toml\"\n\
+         [pricing]\ndir = \"{}\"\n\
+         [ingest]\nack = \"{}\"\n\
+         [outbox]\ndir = \"outbox\"\n{}\n{}",
+        emulator.url(),
+        repo().join("pricing").display(),
+        ack,
+        outbox_config,
+        extra_config,
+    )
+}
+
+async fn build_app(
+    emulator: &RunningEmulator,
+    dir: &Path,
+    ack: &str,
+    outbox_config: &str,
+    extra_config: &str,
+) -> Application {
+    let config = proxy_config(emulator, ack, outbox_config, extra_config);
+    let settings = Settings::from_toml(&config, dir, Some(Default::default())).unwrap();
+    Application::build(settings).await.unwrap()
+}
+
+/// Replaces the emulator's fault rules (`PUT /_emulator/faults`).
+pub async fn emu_faults(http: &reqwest::Client, emu: &RunningEmulator, rules: Value) {
+    let resp = http
+        .put(format!("{}/_emulator/faults", emu.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .json(&json!({ "rules": rules }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "faults: {}", resp.status());
+}
+
+/// Clears the emulator's fault rules.
+pub async fn emu_clear_faults(http: &reqwest::Client, emu: &RunningEmulator) {
+    let resp = http
+        .delete(format!("{}/_emulator/faults", emu.url()))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "faults: {}", resp.status());
+}
+
+/// The emulator's request log (`GET /_emulator/requests?limit=N`).
+pub async fn emu_requests(http: &reqwest::Client, emu: &RunningEmulator, limit: usize) -> Value {
+    emu_get(http, emu, &format!("/_emulator/requests?limit={limit}")).await
+}
+
+/// Creates a customer with `external_id` under `account` directly in the emulator (no
+/// funding: charges may take a wallet below zero); returns its id.
+pub async fn emu_customer(
+    http: &reqwest::Client,
+    emu: &RunningEmulator,
+    account: &str,
+    external_id: &str,
+) -> String {
+    let c = emu_post(
+        http,
+        emu,
+        "/customers",
+        Some(account),
+        json!({"name": external_id, "external_id": external_id}),
+    )
+    .await;
+    c["id"].as_str().unwrap().to_string()
+}
+
+/// The charges of `customer`'s USD wallet: (count, exact total); (0, 0) without a wallet.
+pub fn usd_charges(state: &Value, customer: &str) -> (u64, Decimal) {
+    wallet(state, customer, "USD").map_or((0, Decimal::ZERO), |(_, n, t)| (n, t))
+}
+
+/// One unlabelled sample of the proxy's `/metrics` (admin port), if present.
+pub async fn metric(http: &reqwest::Client, admin_url: &str, name: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -1,0 +1,84 @@
+//! Coalescing: a hot customer's fees go upstream as few charges, totals exact.
+
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::json;
+
+use std::time::Duration;
+
+use super::proxy::{ago, eventually, wallet, Options, World};
+
+#[actix_web::test]
+async fn a_hot_customers_fees_are_coalesced_with_exact_totals() {
+    let w = World::start_with(Options {
+        ack: "durable",
+        outbox_config: "coalesce_window_ms = 200\nforwarder_concurrency = 8".into(),
+        ..Default::default()
+    })
+    .await;
+    run(&w).await;
+    w.stop().await;
+}
+
+async fn run(w: &World) {
+    let cust = w.customer(&w.a.account, "hot-user", "1000").await;
+    let cold = w.customer(&w.a.account, "cold-user", "10").await;
+    // 1,000 events for the hot customer in 100 requests of 10, 10 requests in flight at once.
+    for wave in 0..10 {
+        let requests = (0..10).map(|r| {
+            let events: Vec<_> = (0..10)
+                .map(|e| json!({"id": format!("hot-{wave}-{r}-{e}"), "event_type": "video_promoted", "occurred_at": ago(5)}))
+                .collect();
+            let body = json!({"customer_external_id": "hot-user", "events": events});
+            async move { w.post("/events", &w.a.key, &body).await.status().as_u16() }
+        });
+        let statuses = futures_util::future::join_all(requests).await;
+        assert!(statuses.iter().all(|s| *s == 204), "{statuses:?}");
+    }
+    // One lone event for another customer goes out on its own.
+    let r = w
+        .post(
+            "/events",
+            &w.a.key,
+            &json!({"customer_external_id": "cold-user", "events": [
+            {"id": "cold-1", "event_type": "ticket_resolved", "occurred_at": ago(5)}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+
+    let (cust, cold) = (&cust, &cold);
+    let charged = eventually(
+        Duration::from_secs(30),
+        "the backlog to drain",
+        || async move {
+            let state = w.state().await;
+            let hot = wallet(&state, cust, "USD")?;
+            let cold = wallet(&state, cold, "USD")?;
+            (hot.2 == dec!(500.00) && cold.1 == 1).then_some((hot, cold))
+        },
+    )
+    .await;
+    let ((available, count, total), (cold_available, _, _)) = charged;
+    assert_eq!(total, dec!(500.00));
+    assert_eq!(available, dec!(500.00));
+    assert_eq!(cold_available, dec!(9.01));
+    let per_event = Decimal::from(count) / Decimal::from(1000);
+    assert!(
+        per_event <= dec!(0.1),
+        "{count} upstream charges for 1000 events"
+    );
+    // Nothing more arrives later (no double charge), and the outbox is empty.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, count_after, total_after) = wallet(&w.state().await, cust, "USD").unwrap();
+    assert_eq!((count_after, total_after), (count, total));
+    assert_eq!(w.app.outbox().unwrap().depth(), 0);
+    // The emulator saw exactly these charge calls (no retries were needed).
+    let log = w.requests().await;
+    let charge_calls = log
+        .iter()
+        .filter(|r| {
+            r["method"] == "POST" && r["path"].as_str().unwrap().ends_with("/wallet/charges")
+        })
+        .count() as u64;
+    assert_eq!(charge_calls, count + 1);
+}
