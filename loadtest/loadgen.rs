@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 const USAGE: &str =
     "loadgen --addr 127.0.0.1:8080 --keys FILE [--path /events] [--connections 32] \
 [--duration 5] [--rate R] [--batch 1] [--users 1000] [--event-type video_promoted] \
-[--run-id ID] [--sweep] [--hot-users N --hot-share 0.9] [--timeout 10]";
+[--run-id ID] [--sweep] [--same-id] [--hot-users N --hot-share 0.9] [--timeout 10]";
 
 struct Args {
     addr: SocketAddr,
@@ -49,6 +49,9 @@ struct Args {
     event_type: String,
     run_id: String,
     sweep: bool,
+    /// Every request carries the same event id (after the first, duplicates): exercises
+    /// authentication and identity without adding per-event state to the server.
+    same_id: bool,
     hot_users: usize,
     hot_share: f64,
     timeout: Duration,
@@ -67,6 +70,7 @@ fn parse_args() -> Args {
         event_type: "video_promoted".into(),
         run_id: format!("r{}", std::process::id()),
         sweep: false,
+        same_id: false,
         hot_users: 0,
         hot_share: 0.0,
         timeout: Duration::from_secs(10),
@@ -98,6 +102,7 @@ fn parse_args() -> Args {
             "--event-type" => a.event_type = val(),
             "--run-id" => a.run_id = val(),
             "--sweep" => a.sweep = true,
+            "--same-id" => a.same_id = true,
             "--hot-users" => a.hot_users = val().parse().expect("--hot-users"),
             "--hot-share" => a.hot_share = val().parse().expect("--hot-share"),
             "--timeout" => a.timeout = Duration::from_secs_f64(val().parse().expect("secs")),
@@ -388,9 +393,14 @@ impl Conn {
             if j > 0 {
                 events.push(',');
             }
+            let id = if a.same_id {
+                format!("{}-same-{j}", a.run_id)
+            } else {
+                format!("{}-{}-{}-{}", a.run_id, self.id, seq, j)
+            };
             events.push_str(&format!(
-                r#"{{"id":"{}-{}-{}-{}","event_type":"{}","occurred_at":"{}"}}"#,
-                a.run_id, self.id, seq, j, a.event_type, self.occurred_at
+                r#"{{"id":"{id}","event_type":"{}","occurred_at":"{}"}}"#,
+                a.event_type, self.occurred_at
             ));
         }
         let body = format!(r#"{{"customer_external_id":"u{user}","events":[{events}]}}"#);
