@@ -16,10 +16,8 @@
 pub mod tenants;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use moka::future::Cache;
-use moka::Expiry;
 
 use crate::config::IdentitySettings;
 use crate::domain::{AccountId, CustomerId, TenantId};
@@ -43,57 +41,68 @@ impl IdentityError {
         match self {
             IdentityError::UnknownAccount(_) => "account_not_found",
             IdentityError::UnknownCustomer(_) => "customer_not_found",
-            IdentityError::Upstream(_) => "upstream_unavailable",
+            IdentityError::Upstream(e) if e.is_retryable() => "upstream_unavailable",
+            IdentityError::Upstream(_) => "upstream_rejected",
         }
-    }
-}
-
-/// Positive entries live `ttl`, negative ones (`None`) `negative_ttl`.
-struct TtlPolicy {
-    ttl: Duration,
-    negative_ttl: Duration,
-}
-
-impl<K, V> Expiry<K, Option<V>> for TtlPolicy {
-    fn expire_after_create(&self, _: &K, value: &Option<V>, _: Instant) -> Option<Duration> {
-        Some(if value.is_some() {
-            self.ttl
-        } else {
-            self.negative_ttl
-        })
     }
 }
 
 type CustomerKey = (AccountId, Arc<str>);
 
+/// Why an uncached lookup found nothing usable. Shared by every caller waiting on the same miss.
+#[derive(Debug)]
+enum Miss {
+    NotFound,
+    Upstream(Arc<UpstreamError>),
+}
+
+impl From<UpstreamError> for Miss {
+    fn from(e: UpstreamError) -> Self {
+        Miss::Upstream(Arc::new(e))
+    }
+}
+
 /// Cached identity resolution.
+///
+/// Memory matters here (a sidecar may map millions of end users): positive mappings live in
+/// caches with one global time-to-live (no per-entry expiry bookkeeping), and "not found" lives
+/// in a separate, small cache with a shorter life.
 pub struct Identity {
     client: CredytClient,
-    accounts: Cache<TenantId, Option<AccountId>>,
-    customers: Cache<CustomerKey, Option<CustomerId>>,
-    owned: Cache<(AccountId, CustomerId), Option<()>>,
+    accounts: Cache<TenantId, AccountId>,
+    customers: Cache<CustomerKey, CustomerId>,
+    missing: Cache<CustomerKey, ()>,
+    /// Customer ids sent directly: whether each belongs to the account.
+    owned: Cache<(AccountId, CustomerId), bool>,
 }
 
 impl Identity {
     pub fn new(client: CredytClient, settings: &IdentitySettings) -> Identity {
-        let policy = || TtlPolicy {
-            ttl: settings.ttl,
-            negative_ttl: settings.negative_ttl,
-        };
         Identity {
             client,
             accounts: Cache::builder()
                 .max_capacity(100_000)
-                .expire_after(policy())
+                .time_to_live(settings.ttl)
                 .build(),
             customers: Cache::builder()
                 .max_capacity(settings.max_entries)
-                .expire_after(policy())
+                .time_to_live(settings.ttl)
+                .build(),
+            missing: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.negative_ttl)
                 .build(),
             owned: Cache::builder()
                 .max_capacity(settings.max_entries)
-                .expire_after(policy())
+                .time_to_live(settings.ttl)
                 .build(),
+        }
+    }
+
+    fn upstream(miss: Arc<Miss>, not_found: impl FnOnce() -> IdentityError) -> IdentityError {
+        match &*miss {
+            Miss::NotFound => not_found(),
+            Miss::Upstream(e) => IdentityError::Upstream(e.clone()),
         }
     }
 
@@ -103,14 +112,15 @@ impl Identity {
             AccountRef::Id(id) => return Ok(id.clone()),
             AccountRef::ExternalId(e) => e,
         };
-        let found = self
-            .accounts
+        self.accounts
             .try_get_with_by_ref(&tenant.id, async {
-                self.client.find_account(external).await
+                self.client
+                    .find_account(external)
+                    .await?
+                    .ok_or(Miss::NotFound)
             })
             .await
-            .map_err(IdentityError::Upstream)?;
-        found.ok_or_else(|| IdentityError::UnknownAccount(external.clone()))
+            .map_err(|m| Self::upstream(m, || IdentityError::UnknownAccount(external.clone())))
     }
 
     /// The customer of end user `external_id` in `account`, created if `create` and missing.
@@ -121,28 +131,30 @@ impl Identity {
         create: bool,
     ) -> Result<CustomerId, IdentityError> {
         let key: CustomerKey = (account.clone(), Arc::from(external_id));
+        if self.missing.contains_key(&key) {
+            return Err(IdentityError::UnknownCustomer(external_id.to_string()));
+        }
         let found = self
             .customers
-            .try_get_with(key, async {
-                let found = match self.client.find_customer(account, external_id).await? {
-                    Some(id) => Some(id),
-                    None if create => {
-                        Some(self.client.create_customer(account, external_id).await?)
-                    }
-                    None => None,
-                };
-                // Learned on the miss only: a hit must stay a read (a moka insert per request
-                // was ~6% of the request path's CPU in the load-test profile).
-                if let Some(id) = &found {
-                    self.owned
-                        .insert((account.clone(), id.clone()), Some(()))
-                        .await;
+            .try_get_with_by_ref(&key, async {
+                match self.client.find_customer(account, external_id).await? {
+                    Some(id) => Ok(id),
+                    None if create => Ok(self.client.create_customer(account, external_id).await?),
+                    None => Err(Miss::NotFound),
                 }
-                Ok(found)
             })
-            .await
-            .map_err(IdentityError::Upstream)?;
-        found.ok_or_else(|| IdentityError::UnknownCustomer(external_id.to_string()))
+            .await;
+        match found {
+            Ok(id) => Ok(id),
+            Err(miss) => {
+                if matches!(*miss, Miss::NotFound) {
+                    self.missing.insert(key, ()).await;
+                }
+                Err(Self::upstream(miss, || {
+                    IdentityError::UnknownCustomer(external_id.to_string())
+                }))
+            }
+        }
     }
 
     /// `customer` itself, if it exists in `account` (never a customer of another account).
@@ -152,19 +164,22 @@ impl Identity {
         customer: &CustomerId,
     ) -> Result<CustomerId, IdentityError> {
         let key = (account.clone(), customer.clone());
-        let found = self
+        let owned = self
             .owned
             .try_get_with(key, async {
                 self.client
                     .customer_exists(account, customer)
                     .await
-                    .map(|owned| owned.then_some(()))
+                    .map_err(Miss::from)
             })
             .await
-            .map_err(IdentityError::Upstream)?;
-        match found {
-            Some(()) => Ok(customer.clone()),
-            None => Err(IdentityError::UnknownCustomer(customer.to_string())),
+            .map_err(|m| {
+                Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string()))
+            })?;
+        if owned {
+            Ok(customer.clone())
+        } else {
+            Err(IdentityError::UnknownCustomer(customer.to_string()))
         }
     }
 

@@ -88,7 +88,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "Payload Too Large",
             ApiError::Validation(_) => "One or more validation errors occurred.",
             ApiError::RateLimited(_) => "Too Many Requests",
-            ApiError::Identity(IdentityError::Upstream(_)) => "Service Unavailable",
+            ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => {
+                "Service Unavailable"
+            }
+            ApiError::Identity(IdentityError::Upstream(_)) => "Bad Gateway",
             ApiError::Identity(_) => "Not Found",
             ApiError::Upstream(e) if e.is_retryable() => "Service Unavailable",
             ApiError::Upstream(_) => "Bad Gateway",
@@ -112,7 +115,12 @@ impl ApiError {
             ApiError::Outbox(e) if e.is_retryable() => {
                 Some(e.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1))
             }
-            ApiError::Identity(IdentityError::Upstream(_)) | ApiError::Unavailable(_) => Some(1),
+            ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => Some(
+                e.retry_after()
+                    .map(|d| d.as_secs().clamp(1, 60))
+                    .unwrap_or(1),
+            ),
+            ApiError::Unavailable(_) => Some(1),
             _ => None,
         }
     }
@@ -127,7 +135,10 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Identity(IdentityError::Upstream(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Identity(IdentityError::Upstream(_)) => StatusCode::BAD_GATEWAY,
             ApiError::Identity(_) => StatusCode::NOT_FOUND,
             ApiError::Upstream(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,

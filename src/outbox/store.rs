@@ -101,10 +101,19 @@ impl Store {
     pub(crate) fn open(dir: &Path) -> Result<Store, OutboxError> {
         let lock = lock_dir(dir)?;
         // We decide durability per batch; fjall must not add syncs or buffering of its own.
+        // Memory is sized for a sidecar: small block cache and write buffers (fjall's defaults,
+        // 64 MiB of write buffers and 16 MiB memtables per partition, are for a database).
         let keyspace = Config::new(dir.join("store"))
             .manual_journal_persist(true)
+            .cache_size(8 * 1024 * 1024)
+            .max_write_buffer_size(16 * 1024 * 1024)
             .open()?;
-        let open = |name: &str| keyspace.open_partition(name, PartitionCreateOptions::default());
+        let open = |name: &str| {
+            keyspace.open_partition(
+                name,
+                PartitionCreateOptions::default().max_memtable_size(4 * 1024 * 1024),
+            )
+        };
         Ok(Store {
             records: open("records")?,
             dead: open("dead")?,
