@@ -1,10 +1,13 @@
 # Multi-stage build: a static-ish release binary on a small, non-root runtime image.
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo reads every declared target, so the bench/test/example sources come along.
 COPY benches ./benches
 COPY tests ./tests
+COPY examples ./examples
+COPY loadtest ./loadtest
 RUN cargo build --release --locked --bin credyt-proxy
 
 FROM debian:bookworm-slim
