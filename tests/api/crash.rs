@@ -635,20 +635,18 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     setup.emulator.stop().await;
 }
 
-/// Coalescing on; a record alone in its window goes out as a plain charge, Credyt applies it,
-/// and the proxy is SIGKILLed before it hears the answer. The next process must re-send that
-/// record under the same transaction id, not coalesce it with a newer record of the same
-/// customer into a charge under a new id (which Credyt would take as a second charge).
-#[actix_web::test]
-async fn sigkill_after_an_unanswered_lone_charge_does_not_charge_it_again_coalesced() {
-    let setup = Setup::with_relay("coalesce_window_ms = 1000\n", 2_000).await;
-    let post = |url: String, ids: Vec<String>| {
+/// Delivers `user`'s first event, then sends a second one whose charge Credyt applies while
+/// its answer never reaches the proxy, SIGKILLs the proxy, lets `reconfigure` edit the config
+/// file, restarts, sends a third event for the same customer and asserts exactly 3 charges.
+async fn unanswered_charge_then_restart(setup: Setup, user: &str, reconfigure: impl FnOnce(&Path)) {
+    let post = |url: String, id: String| {
         let http = setup.http.clone();
         let key = setup.key.clone();
+        let body = body(user, &[id]);
         async move {
             http.post(format!("{url}/events"))
                 .header("X-CREDYT-API-KEY", key)
-                .json(&body("lone-user", &ids))
+                .json(&body)
                 .send()
                 .await
                 .unwrap()
@@ -658,54 +656,11 @@ async fn sigkill_after_an_unanswered_lone_charge_does_not_charge_it_again_coales
     let proxy = Proxy::start(&setup.config()).await;
     // Identity cached and a first charge delivered, then Credyt's answers stop reaching
     // the proxy.
-    assert_eq!(post(proxy.url.clone(), vec!["lone-0".into()]).await, 204);
+    assert_eq!(post(proxy.url.clone(), format!("{user}-0")).await, 204);
     proxy.drained(&setup.http, Duration::from_secs(10)).await;
     setup.hold_answers.store(true, Ordering::SeqCst);
-    assert_eq!(post(proxy.url.clone(), vec!["lone-1".into()]).await, 204);
-    // Credyt charged it (once the window passed); the proxy is still waiting for the answer.
-    eventually(
-        Duration::from_secs(10),
-        "the lone charge at Credyt",
-        || async { (total_charges(&setup.state().await) == 2).then_some(()) },
-    )
-    .await;
-    proxy.kill();
-    setup.hold_answers.store(false, Ordering::SeqCst);
-
-    let proxy = Proxy::start(&setup.config()).await;
-    // Within the new process's first window: a second record for the same customer.
-    assert_eq!(post(proxy.url.clone(), vec!["lone-2".into()]).await, 204);
-    proxy.drained(&setup.http, Duration::from_secs(20)).await;
-    setup
-        .assert_total_exactly(&BTreeMap::from([("lone-user".to_string(), 3)]))
-        .await;
-    drop(proxy);
-    setup.emulator.stop().await;
-}
-
-/// A record an earlier process sent alone (coalescing off) and never heard back about must not
-/// be coalesced into a batch under another id once coalescing is switched on.
-#[actix_web::test]
-async fn turning_coalescing_on_never_regroups_a_record_sent_alone_before() {
-    let setup = Setup::with_relay("", 2_000).await;
-    let post = |url: String, ids: Vec<String>| {
-        let http = setup.http.clone();
-        let key = setup.key.clone();
-        async move {
-            http.post(format!("{url}/events"))
-                .header("X-CREDYT-API-KEY", key)
-                .json(&body("switch-user", &ids))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
-    let proxy = Proxy::start(&setup.config()).await;
-    assert_eq!(post(proxy.url.clone(), vec!["sw-0".into()]).await, 204);
-    proxy.drained(&setup.http, Duration::from_secs(10)).await;
-    setup.hold_answers.store(true, Ordering::SeqCst);
-    assert_eq!(post(proxy.url.clone(), vec!["sw-1".into()]).await, 204);
+    assert_eq!(post(proxy.url.clone(), format!("{user}-1")).await, 204);
+    // Credyt charged it; the proxy is still waiting for the answer.
     eventually(
         Duration::from_secs(10),
         "the unanswered charge at Credyt",
@@ -714,20 +669,41 @@ async fn turning_coalescing_on_never_regroups_a_record_sent_alone_before() {
     .await;
     proxy.kill();
     setup.hold_answers.store(false, Ordering::SeqCst);
+    reconfigure(&setup.config());
 
-    // The next process coalesces; sw-1 is still pending from the first one.
-    let config = std::fs::read_to_string(setup.config()).unwrap();
-    std::fs::write(
-        setup.config(),
-        config.replace("[outbox]\n", "[outbox]\ncoalesce_window_ms = 1000\n"),
-    )
-    .unwrap();
     let proxy = Proxy::start(&setup.config()).await;
-    assert_eq!(post(proxy.url.clone(), vec!["sw-2".into()]).await, 204);
+    // Within the new process's first window: a third record for the same customer.
+    assert_eq!(post(proxy.url.clone(), format!("{user}-2")).await, 204);
     proxy.drained(&setup.http, Duration::from_secs(20)).await;
     setup
-        .assert_total_exactly(&BTreeMap::from([("switch-user".to_string(), 3)]))
+        .assert_total_exactly(&BTreeMap::from([(user.to_string(), 3)]))
         .await;
     drop(proxy);
     setup.emulator.stop().await;
+}
+
+/// Coalescing on; a record alone in its window goes out as a plain charge, Credyt applies it,
+/// and the proxy is SIGKILLed before it hears the answer. The next process must re-send that
+/// record under the same transaction id, not coalesce it with a newer record of the same
+/// customer into a charge under a new id (which Credyt would take as a second charge).
+#[actix_web::test]
+async fn sigkill_after_an_unanswered_lone_charge_does_not_charge_it_again_coalesced() {
+    let setup = Setup::with_relay("coalesce_window_ms = 1000\n", 2_000).await;
+    unanswered_charge_then_restart(setup, "lone-user", |_| {}).await;
+}
+
+/// A record an earlier process sent alone (coalescing off) and never heard back about must not
+/// be coalesced into a batch under another id once coalescing is switched on.
+#[actix_web::test]
+async fn turning_coalescing_on_never_regroups_a_record_sent_alone_before() {
+    let setup = Setup::with_relay("", 2_000).await;
+    unanswered_charge_then_restart(setup, "switch-user", |config| {
+        let text = std::fs::read_to_string(config).unwrap();
+        std::fs::write(
+            config,
+            text.replace("[outbox]\n", "[outbox]\ncoalesce_window_ms = 1000\n"),
+        )
+        .unwrap();
+    })
+    .await;
 }
