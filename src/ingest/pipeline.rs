@@ -144,22 +144,19 @@ pub async fn process(
         state.sink.submit(accepted).await?
     };
 
+    // The sink answers once per submitted event, in order.
     let mut submitted = submitted.into_iter().zip(fees_of);
-    let outcomes: Vec<Outcome> = judged
-        .into_iter()
-        .map(|j| match j {
+    let mut outcomes = Vec::with_capacity(judged.len());
+    for j in judged {
+        outcomes.push(match j {
             Err(rejection) => Outcome::Rejected(rejection),
             Ok(_) => match submitted.next() {
                 Some((Submitted::Accepted, fees)) => Outcome::Accepted { fees },
                 Some((Submitted::Duplicate, _)) => Outcome::Duplicate,
-                None => Outcome::Rejected(Rejection {
-                    code: "internal",
-                    field: String::new(),
-                    message: "internal error".into(),
-                }),
+                None => return Err(ApiError::Unavailable("the sink lost track of an event")),
             },
-        })
-        .collect();
+        });
+    }
     for o in &outcomes {
         state.counters.record(o);
     }
