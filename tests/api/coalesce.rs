@@ -82,3 +82,41 @@ async fn run(w: &World) {
         .count() as u64;
     assert_eq!(charge_calls, count + 1);
 }
+
+/// An event priced to zero is accepted and remembered (a resend is a duplicate) but nothing is
+/// charged: Credyt refuses charges of 0.
+#[actix_web::test]
+async fn a_zero_priced_event_is_accepted_remembered_and_not_charged() {
+    let w = World::start_with(Options {
+        ack: "durable",
+        ..Default::default()
+    })
+    .await;
+    let cust = w.customer(&w.a.account, "zero-user", "5").await;
+    let body = json!({"customer_external_id": "zero-user", "events": [
+        {"id": "z1", "event_type": "response_completed", "occurred_at": ago(5),
+         "data": {"input_tokens": 0, "output_tokens": 0}},
+        {"id": "z2", "event_type": "video_promoted", "occurred_at": ago(5)}]});
+    let first: serde_json::Value = w
+        .post("/v1/events", &w.a.key, &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["accepted"], 2, "{first}");
+    assert_eq!(first["results"][0]["fees"][0]["amount"], "0");
+    let again: serde_json::Value = w
+        .post("/v1/events", &w.a.key, &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["duplicates"], 2, "{again}");
+    eventually(Duration::from_secs(10), "the one real fee", || async {
+        let (_, count, total) = wallet(&w.state().await, &cust, "USD")?;
+        (count == 1 && total == dec!(0.50)).then_some(())
+    })
+    .await;
+    assert_eq!(w.app.outbox().unwrap().depth(), 0);
+    w.stop().await;
+}
