@@ -78,7 +78,8 @@ pub struct OutboxSettings {
     pub dir: PathBuf,
     pub sync: SyncPolicy,
     /// Bound on undelivered (pending or leased) records; an append that would exceed it gets
-    /// [`OutboxError::Full`].
+    /// [`OutboxError::Full`]. Pending records are held in memory for the forwarder (about
+    /// 1 KiB each for a charge), so this also bounds the queue's memory.
     pub max_pending: usize,
     /// How long accepted event ids are remembered for dedupe.
     pub dedupe_window: Duration,
@@ -87,13 +88,13 @@ pub struct OutboxSettings {
 }
 
 impl OutboxSettings {
-    /// Defaults: `interval` sync every 500 ms, 1M pending records, 7-day dedupe window,
+    /// Defaults: `interval` sync every 500 ms, 100 000 pending records, 7-day dedupe window,
     /// groups of up to 512 appends.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             sync: SyncPolicy::default(),
-            max_pending: 1_000_000,
+            max_pending: 100_000,
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             max_group: 512,
         }

@@ -460,6 +460,8 @@ fn wait_pending_wakes_on_append() {
 enum Op {
     /// (tenant, event number, number of prices) per event.
     Append(Vec<(u8, u8, u8)>),
+    /// One append call per event, all concurrent (same ids race each other).
+    Concurrent(Vec<(u8, u8, u8)>),
     Lease(u8),
     Deliver(u8),
     Release(u8),
@@ -472,6 +474,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => prop::collection::vec((0u8..3, 0u8..12, 1u8..3), 1..4).prop_map(Op::Append),
+        2 => prop::collection::vec((0u8..2, 0u8..12, 1u8..3), 2..8).prop_map(Op::Concurrent),
         3 => (1u8..6).prop_map(Op::Lease),
         3 => any::<u8>().prop_map(Op::Deliver),
         1 => any::<u8>().prop_map(Op::Release),
@@ -578,6 +581,40 @@ async fn run_model(ops: Vec<Op>, sync: SyncPolicy) {
                     }
                 }
                 model.accepted.extend(in_call);
+            }
+            Op::Concurrent(evs) => {
+                let tasks: Vec<_> = evs
+                    .iter()
+                    .map(|(t, e, p)| {
+                        let ev = event(&format!("t{t}"), &format!("e{e}"), usize::from(*p));
+                        let ob = ob.clone();
+                        tokio::spawn(async move {
+                            let out = ob.append(vec![ev.clone()]).await.unwrap();
+                            (ev, out[0])
+                        })
+                    })
+                    .collect();
+                let mut winners: HashMap<(String, String), usize> = HashMap::new();
+                for t in tasks {
+                    let (ev, outcome) = t.await.unwrap();
+                    let key = (ev.tenant.to_string(), ev.event_id.to_string());
+                    if model.accepted.contains(&key) {
+                        assert_eq!(outcome, AppendOutcome::Duplicate, "{key:?}");
+                    } else if outcome == AppendOutcome::Accepted {
+                        *winners.entry(key).or_default() += 1;
+                        for d in &ev.deliveries {
+                            assert!(model.deliveries.insert(tx_of(d), State::Pending).is_none());
+                        }
+                    }
+                }
+                // Every new id was accepted by exactly one of the racing calls.
+                for (t, e, _) in &evs {
+                    let key = (format!("t{t}"), format!("e{e}"));
+                    if !model.accepted.contains(&key) {
+                        assert_eq!(winners.get(&key), Some(&1), "{key:?}");
+                    }
+                }
+                model.accepted.extend(winners.into_keys());
             }
             Op::Lease(n) => {
                 for p in ob.next_batch(usize::from(n)) {
