@@ -225,6 +225,7 @@ where
         let fut = srv.call(req);
         return Box::pin(fut);
     }
+    let pattern = faults::route_pattern(&path);
     let method = req.method().as_str().to_owned();
     let query = req.query_string().to_owned();
     let account = req
@@ -250,10 +251,8 @@ where
                     tokio::time::sleep(latency).await;
                 }
                 let res = fut.await?;
-                let pattern = res.request().match_pattern();
-                shared
-                    .requests
-                    .push(record(res.status().as_u16(), pattern.as_deref()));
+                let status = res.status().as_u16();
+                shared.requests.push(record(status, pattern));
                 Ok(res)
             })
         }

@@ -31,44 +31,46 @@ const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 100;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/accounts", web::post().to(create_account))
-        .route("/accounts", web::get().to(list_accounts))
-        .route("/accounts/self", web::get().to(account_context))
-        .route("/accounts/{account_id}", web::get().to(get_account))
-        .route("/customers", web::post().to(create_customer))
-        .route("/customers", web::get().to(list_customers))
-        .route("/customers/{customer_id}", web::get().to(get_customer))
-        .route("/customers/{customer_id}", web::patch().to(update_customer))
-        .route("/customers/{customer_id}/wallet", web::get().to(get_wallet))
-        .route(
-            "/customers/{customer_id}/wallet/adjustments",
-            web::post().to(create_adjustment),
-        )
-        .route(
-            "/customers/{customer_id}/wallet/charges",
-            web::post().to(create_charge),
-        )
-        .route(
-            "/customers/{customer_id}/wallet/transactions/{transaction_id}",
-            web::get().to(get_transaction),
-        )
-        .route(
-            "/customers/{customer_id}/wallet/{account_id}",
-            web::get().to(get_wallet_account),
-        )
-        .route("/events", web::post().to(send_usage))
-        .route("/events", web::get().to(list_events))
-        .route("/events/{event_id}", web::get().to(get_event))
-        .route("/top-ups", web::post().to(payments_restricted))
-        .route(
-            "/billing-portal/sessions",
-            web::post().to(payments_restricted),
-        )
-        .route("/webhooks", web::post().to(create_webhook))
-        .route("/webhooks", web::get().to(list_webhooks))
-        .route("/webhooks/{webhook_id}", web::get().to(get_webhook))
-        .route("/webhooks/{webhook_id}", web::patch().to(update_webhook))
-        .route("/webhooks/{webhook_id}", web::delete().to(delete_webhook));
+    // The router tries resources in order, running a regular expression for each dynamic one:
+    // the hottest route (charges) goes first. No route before it can match its paths.
+    cfg.route(
+        "/customers/{customer_id}/wallet/charges",
+        web::post().to(create_charge),
+    )
+    .route("/accounts", web::post().to(create_account))
+    .route("/accounts", web::get().to(list_accounts))
+    .route("/accounts/self", web::get().to(account_context))
+    .route("/accounts/{account_id}", web::get().to(get_account))
+    .route("/customers", web::post().to(create_customer))
+    .route("/customers", web::get().to(list_customers))
+    .route("/customers/{customer_id}", web::get().to(get_customer))
+    .route("/customers/{customer_id}", web::patch().to(update_customer))
+    .route("/customers/{customer_id}/wallet", web::get().to(get_wallet))
+    .route(
+        "/customers/{customer_id}/wallet/adjustments",
+        web::post().to(create_adjustment),
+    )
+    .route(
+        "/customers/{customer_id}/wallet/transactions/{transaction_id}",
+        web::get().to(get_transaction),
+    )
+    .route(
+        "/customers/{customer_id}/wallet/{account_id}",
+        web::get().to(get_wallet_account),
+    )
+    .route("/events", web::post().to(send_usage))
+    .route("/events", web::get().to(list_events))
+    .route("/events/{event_id}", web::get().to(get_event))
+    .route("/top-ups", web::post().to(payments_restricted))
+    .route(
+        "/billing-portal/sessions",
+        web::post().to(payments_restricted),
+    )
+    .route("/webhooks", web::post().to(create_webhook))
+    .route("/webhooks", web::get().to(list_webhooks))
+    .route("/webhooks/{webhook_id}", web::get().to(get_webhook))
+    .route("/webhooks/{webhook_id}", web::patch().to(update_webhook))
+    .route("/webhooks/{webhook_id}", web::delete().to(delete_webhook));
 }
 
 /// The authenticated caller: its platform and the partition `X-CREDYT-ACCOUNT` selects.
