@@ -117,49 +117,28 @@ impl Faults {
         let latency = Duration::from_millis(rule.latency_ms);
         let roll: f64 = rand::thread_rng().gen();
         let retry_after = Some(rule.retry_after_secs.unwrap_or(1));
-        let mut edge = rule.rate_drop;
-        if roll < edge {
+        if roll < rule.rate_drop {
             return (latency, Action::Drop);
         }
-        edge += rule.rate_429;
-        if roll < edge {
-            return (
-                latency,
-                Action::Status {
-                    status: 429,
-                    retry_after,
-                },
-            );
-        }
-        edge += rule.rate_500;
-        if roll < edge {
-            return (
-                latency,
-                Action::Status {
-                    status: 500,
-                    retry_after: None,
-                },
-            );
-        }
-        edge += rule.rate_503;
-        if roll < edge {
-            return (
-                latency,
-                Action::Status {
-                    status: 503,
-                    retry_after,
-                },
-            );
-        }
-        edge += rule.rate_422;
-        if roll < edge {
-            return (
-                latency,
-                Action::Status {
-                    status: 422,
-                    retry_after: None,
-                },
-            );
+        // Each status takes the next slice of [0, 1) after the drops.
+        let statuses = [
+            (rule.rate_429, 429, retry_after),
+            (rule.rate_500, 500, None),
+            (rule.rate_503, 503, retry_after),
+            (rule.rate_422, 422, None),
+        ];
+        let mut edge = rule.rate_drop;
+        for (rate, status, retry_after) in statuses {
+            edge += rate;
+            if roll < edge {
+                return (
+                    latency,
+                    Action::Status {
+                        status,
+                        retry_after,
+                    },
+                );
+            }
         }
         (latency, Action::Pass)
     }
