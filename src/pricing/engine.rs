@@ -385,19 +385,11 @@ mod tests {
         ]
     }
 
+    /// Every model: the monotone ones (three arms, hence weight 3) plus bulk.
     fn part() -> impl Strategy<Value = VolumePart> {
         prop_oneof![
-            (rate_val(), proptest::option::of(size()))
-                .prop_map(|(rate, package_size)| VolumePart::Flat { rate, package_size }),
-            (rate_val(), size())
-                .prop_map(|(rate, package_size)| VolumePart::Package { rate, package_size }),
-            (tier_set(), proptest::option::of(size())).prop_map(|(tiers, package_size)| {
-                VolumePart::Tiered {
-                    tiers,
-                    package_size,
-                }
-            }),
-            (tier_set(), proptest::option::of(size())).prop_map(|(tiers, package_size)| {
+            3 => monotone_part(),
+            1 => (tier_set(), proptest::option::of(size())).prop_map(|(tiers, package_size)| {
                 VolumePart::Bulk {
                     tiers,
                     package_size,
