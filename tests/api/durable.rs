@@ -329,16 +329,14 @@ async fn dead_letters_are_listed_replayed_and_charged_once() {
 async fn outbox_full_is_503_and_only_acknowledged_events_are_charged() {
     let w = World::start_with(durable("forwarder = false\nmax_pending = 5\n")).await;
     let customer = emu_customer(&w.http, &w.emulator, &w.a.account, "full-user").await;
+    let post_one = |i: u64| {
+        let body = events("full-user", &[format!("f{i}")]);
+        let w = &w;
+        async move { w.post("/events", &w.a.key, &body).await.status() }
+    };
     let mut acked = 0;
     for i in 0..3 {
-        let r = w
-            .post(
-                "/events",
-                &w.a.key,
-                &events("full-user", &[format!("f{i}")]),
-            )
-            .await;
-        assert_eq!(r.status(), 204);
+        assert_eq!(post_one(i).await, 204);
         acked += 1;
     }
     // Three more would exceed 5: the whole request is refused, nothing of it recorded.
@@ -358,14 +356,7 @@ async fn outbox_full_is_503_and_only_acknowledged_events_are_charged() {
     assert_eq!(body["code"], "outbox_full");
     assert_eq!(body["status"], 503);
     for i in 3..5 {
-        let r = w
-            .post(
-                "/events",
-                &w.a.key,
-                &events("full-user", &[format!("f{i}")]),
-            )
-            .await;
-        assert_eq!(r.status(), 204);
+        assert_eq!(post_one(i).await, 204);
         acked += 1;
     }
     for id in ["f5", "f6"] {
