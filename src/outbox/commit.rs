@@ -31,8 +31,11 @@ use super::{
 };
 use crate::domain::Delivery;
 
-/// How often expired dedupe entries are pruned while running.
+/// How often a pass over the dedupe index starts, pruning expired entries.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Pause between two steps of a pass ([`dedupe::PRUNE_CHUNK`] entries each): a pass over 10⁸
+/// ids takes about 15 minutes and never takes more than a sliver of the commit thread.
+const PRUNE_STEP_EVERY: Duration = Duration::from_millis(20);
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
 
@@ -132,7 +135,10 @@ pub(crate) struct Committer {
     /// Whether something was written since the last sync (for `interval`).
     dirty: bool,
     last_sync: Instant,
+    /// When the last pruning pass ended (a new one starts [`PRUNE_EVERY`] later).
     last_prune: Instant,
+    /// The pass in progress, and when its last step ran.
+    prune: Option<(dedupe::PruneCursor, Instant)>,
 }
 
 impl Committer {
@@ -150,6 +156,7 @@ impl Committer {
             dirty: false,
             last_sync: Instant::now(),
             last_prune: Instant::now(),
+            prune: None,
         }
     }
 
@@ -209,7 +216,10 @@ impl Committer {
     }
 
     fn idle_timeout(&self) -> Duration {
-        let prune_in = PRUNE_EVERY.saturating_sub(self.last_prune.elapsed());
+        let prune_in = match &self.prune {
+            Some((_, last_step)) => PRUNE_STEP_EVERY.saturating_sub(last_step.elapsed()),
+            None => PRUNE_EVERY.saturating_sub(self.last_prune.elapsed()),
+        };
         match self.settings.sync {
             SyncPolicy::Interval(every) if self.dirty => {
                 every.saturating_sub(self.last_sync.elapsed()).min(prune_in)
@@ -228,19 +238,26 @@ impl Committer {
                 let _ = self.sync_or_poison();
             }
         }
-        if self.last_prune.elapsed() >= PRUNE_EVERY {
-            // One chunk between groups; if more expired entries remain, the timer is left
-            // expired so the next pass (after the next group or idle wake-up) continues.
-            match self
-                .store
-                .prune_dedupe(dedupe::now_ms(), self.settings.dedupe_window, 1)
-            {
-                Ok((n, more)) => {
+        let due = match &self.prune {
+            Some((_, last_step)) => last_step.elapsed() >= PRUNE_STEP_EVERY,
+            None => self.last_prune.elapsed() >= PRUNE_EVERY,
+        };
+        if due {
+            let mut cursor = self.prune.take().map(|(c, _)| c).unwrap_or_default();
+            match self.store.prune_dedupe_step(
+                &mut cursor,
+                dedupe::now_ms(),
+                self.settings.dedupe_window,
+                dedupe::PRUNE_CHUNK,
+            ) {
+                Ok((n, done)) => {
                     if n > 0 {
                         tracing::debug!(pruned = n, "outbox dedupe entries expired");
                     }
-                    if !more {
+                    if done {
                         self.last_prune = Instant::now();
+                    } else {
+                        self.prune = Some((cursor, Instant::now()));
                     }
                 }
                 Err(e) => self.poison("prune", &e),
@@ -310,7 +327,7 @@ impl Committer {
     fn process(&mut self, group: Vec<Msg>) -> Option<Stop> {
         let mut batch = self.store.batch();
         let mut staged = Vec::with_capacity(group.len());
-        let mut claimed: HashSet<Vec<u8>> = HashSet::new();
+        let mut claimed: HashSet<dedupe::Key> = HashSet::new();
         let mut pending = self.shared.queue.lock().len();
         let mut needs_sync = false;
         let mut appends = 0u64;
@@ -325,7 +342,7 @@ impl Committer {
             }
             match msg {
                 Msg::Append { events, reply } => {
-                    match self.stage_append(&mut batch, &events, &mut claimed, pending, now_ms) {
+                    match self.stage_append(&mut batch, events, &mut claimed, pending, now_ms) {
                         Ok((outcomes, added)) => {
                             pending += added.len();
                             needs_sync |= !added.is_empty();
@@ -469,19 +486,20 @@ impl Committer {
     fn stage_append(
         &mut self,
         batch: &mut fjall::Batch,
-        events: &[AcceptedEvent],
-        claimed: &mut HashSet<Vec<u8>>,
+        events: Vec<AcceptedEvent>,
+        claimed: &mut HashSet<dedupe::Key>,
         pending: usize,
         now_ms: u64,
     ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
         let window = self.settings.dedupe_window;
         let mut outcomes = Vec::with_capacity(events.len());
-        let mut fresh: Vec<(Vec<u8>, &AcceptedEvent)> = Vec::new();
+        let mut fresh: Vec<(dedupe::Key, AcceptedEvent)> = Vec::with_capacity(events.len());
+        let mut fresh_keys: HashSet<dedupe::Key> = HashSet::with_capacity(events.len());
         for ev in events {
             let key = dedupe::key(&ev.tenant, &ev.event_id);
             // Claimed earlier in this group (this call or another): durable together with it.
             let dup = claimed.contains(&key)
-                || fresh.iter().any(|(k, _)| *k == key)
+                || !fresh_keys.insert(key)
                 || self.store.is_seen(&key, now_ms, window)?;
             if dup {
                 outcomes.push(AppendOutcome::Duplicate);
@@ -502,17 +520,18 @@ impl Committer {
         let mut encoded = Vec::with_capacity(new_records);
         for (_, ev) in &fresh {
             for d in &ev.deliveries {
-                encoded.push((encode_record(d)?, d.clone()));
+                encoded.push(encode_record(d)?);
             }
         }
         let mut added = Vec::with_capacity(new_records);
-        for (bytes, delivery) in encoded {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            batch.insert(&self.store.records, seq_key(seq).to_vec(), bytes);
-            added.push((seq, delivery));
-        }
-        for (key, _) in fresh {
+        let mut encoded = encoded.into_iter();
+        for (key, ev) in fresh {
+            for (delivery, bytes) in ev.deliveries.into_iter().zip(encoded.by_ref()) {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                batch.insert(&self.store.records, seq_key(seq).to_vec(), bytes);
+                added.push((seq, delivery));
+            }
             self.store.stage_seen(batch, &key, now_ms);
             claimed.insert(key);
         }

@@ -38,6 +38,13 @@ pub enum OutboxError {
     UnknownSeq { seq: u64 },
     #[error("outbox directory {dir} is in use by another process")]
     Locked { dir: PathBuf },
+    /// The directory was written by a build with another on-disk format.
+    #[error("outbox directory {dir} has on-disk format {found}, this build reads format {expected}")]
+    Format {
+        dir: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
 }
 
 impl OutboxError {
@@ -76,6 +83,7 @@ impl OutboxError {
             OutboxError::Encode(_) => "outbox_encode",
             OutboxError::UnknownSeq { .. } => "outbox_unknown_seq",
             OutboxError::Locked { .. } => "outbox_locked",
+            OutboxError::Format { .. } => "outbox_format",
         }
     }
 

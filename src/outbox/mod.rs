@@ -204,20 +204,18 @@ impl std::fmt::Debug for Outbox {
 
 impl Outbox {
     /// Opens (or creates) the outbox in `settings.dir` and recovers it: the pending queue and
-    /// the dedupe index are rebuilt from disk and expired dedupe entries are pruned before this
-    /// returns. Blocking: call it at startup or from `spawn_blocking`.
+    /// the dedupe index are rebuilt from disk before this returns (expired dedupe entries are
+    /// pruned later, step by step, by the commit thread). Blocking: call it at startup or from
+    /// `spawn_blocking`.
     pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
         let store = Arc::new(Store::open(&settings.dir)?);
         let recovered = store.recover()?;
-        let (pruned, _) =
-            store.prune_dedupe(dedupe::now_ms(), settings.dedupe_window, usize::MAX)?;
         let queue = Queue::from_records(recovered.pending);
         tracing::info!(
             dir = %settings.dir.display(),
             pending = queue.len(),
             dead_letters = recovered.dead_count,
             next_seq = recovered.next_seq,
-            pruned_dedupe = pruned,
             "outbox recovered"
         );
         let shared = Arc::new(Shared {

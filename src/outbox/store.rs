@@ -5,10 +5,10 @@
 //! DIR/store/          fjall keyspace, partitions:
 //!   records           seq (u64 BE)                      -> JSON StoredRecord { delivery }
 //!   dead              seq (u64 BE)                      -> JSON DeadLetter
-//!   dedupe            dedupe key (see dedupe.rs)        -> accepted_at ms (u64 BE)
-//!   dedupe_exp        accepted_at ms (u64 BE) ++ key    -> empty (time index for pruning)
+//!   dedupe            dedupe key (16 bytes, dedupe.rs)  -> accepted_at ms (u64 BE)
 //!   batches           batch id (16-byte UUID)           -> JSON [seq, ...] (coalesced sends)
 //!   meta              "next_seq"                        -> u64 BE
+//!                     "format"                          -> FORMAT (checked on open)
 //! ```
 //!
 //! Every change is an fjall write batch: atomic across partitions, journaled before it becomes
@@ -28,6 +28,10 @@ use super::{DeadLetter, OutboxError};
 use crate::domain::Delivery;
 
 const NEXT_SEQ: &[u8] = b"next_seq";
+const FORMAT_KEY: &[u8] = b"format";
+/// The on-disk format this build writes and reads. 2: 16-byte hashed dedupe keys, no time
+/// index. A directory of another format is refused at open rather than misread.
+pub(crate) const FORMAT: &str = "2";
 
 /// The value stored in `records`. Versioned by field presence: new optional fields only.
 #[derive(Serialize, Deserialize)]
@@ -48,7 +52,6 @@ pub(crate) struct Store {
     pub(crate) records: PartitionHandle,
     pub(crate) dead: PartitionHandle,
     pub(crate) dedupe: PartitionHandle,
-    pub(crate) dedupe_exp: PartitionHandle,
     pub(crate) batches: PartitionHandle,
     pub(crate) meta: PartitionHandle,
     _lock: File,
@@ -114,16 +117,36 @@ impl Store {
                 PartitionCreateOptions::default().max_memtable_size(4 * 1024 * 1024),
             )
         };
-        Ok(Store {
+        let store = Store {
             records: open("records")?,
             dead: open("dead")?,
             dedupe: open("dedupe")?,
-            dedupe_exp: open("dedupe_exp")?,
             batches: open("batches")?,
             meta: open("meta")?,
             keyspace,
             _lock: lock,
-        })
+        };
+        store.check_format(dir)?;
+        Ok(store)
+    }
+
+    /// Refuses a directory of another format; stamps a new (empty) one with [`FORMAT`].
+    fn check_format(&self, dir: &Path) -> Result<(), OutboxError> {
+        let refuse = |found: String| OutboxError::Format {
+            dir: dir.into(),
+            found,
+            expected: FORMAT,
+        };
+        match self.meta.get(FORMAT_KEY)? {
+            Some(v) if v.as_ref() == FORMAT.as_bytes() => Ok(()),
+            Some(v) => Err(refuse(String::from_utf8_lossy(&v).into_owned())),
+            None if self.meta.is_empty()? && self.dedupe.is_empty()? => {
+                self.meta.insert(FORMAT_KEY, FORMAT.as_bytes())?;
+                self.keyspace.persist(PersistMode::SyncAll)?;
+                Ok(())
+            }
+            None => Err(refuse("1".into())),
+        }
     }
 
     /// Reads the pending records and the sequence counter (blocking, at open only).

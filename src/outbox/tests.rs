@@ -110,6 +110,65 @@ fn dedupe_keys_are_unambiguous() {
 }
 
 #[test]
+fn pruning_steps_through_the_index_and_forgets_only_expired_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::open(dir.path()).unwrap();
+    let window = Duration::from_secs(60);
+    let now = 10_000_000;
+    let mut batch = store.batch();
+    let keys: Vec<dedupe::Key> = (0..25)
+        .map(|i| dedupe::key(&"t".into(), &format!("e{i}").as_str().into()))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        // Even ids were accepted two windows ago, odd ones just now.
+        let at = if i % 2 == 0 { now - 120_000 } else { now - 1 };
+        store.stage_seen(&mut batch, k, at);
+    }
+    batch.commit().unwrap();
+    let mut cursor = dedupe::PruneCursor::default();
+    let (mut forgotten, mut steps) = (0, 0);
+    loop {
+        let (n, done) = store
+            .prune_dedupe_step(&mut cursor, now, window, 4)
+            .unwrap();
+        forgotten += n;
+        steps += 1;
+        if done {
+            break;
+        }
+    }
+    assert_eq!(forgotten, 13);
+    assert_eq!(steps, 7, "25 entries, 4 a step: the 7th step sees 1 and ends the pass");
+    assert_eq!(store.dedupe.len().unwrap(), 12);
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(store.is_seen(k, now, window).unwrap(), i % 2 == 1, "key {i}");
+    }
+    // A second pass finds nothing more to forget.
+    assert_eq!(store.prune_dedupe(now, window).unwrap(), 0);
+}
+
+#[test]
+fn a_directory_of_another_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = store::Store::open(dir.path()).unwrap();
+        store.meta.insert("format", "1").unwrap();
+    }
+    let err = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap_err();
+    assert_eq!(err.code(), "outbox_format", "{err}");
+    assert!(err.to_string().contains("format 1"), "{err}");
+    // A directory written before the format was stamped (dedupe entries, no stamp) too.
+    let legacy = tempfile::tempdir().unwrap();
+    {
+        let store = store::Store::open(legacy.path()).unwrap();
+        store.meta.remove("format").unwrap();
+        store.dedupe.insert([0u8; 40], 0u64.to_be_bytes()).unwrap();
+    }
+    let err = Outbox::open(settings(legacy.path(), SyncPolicy::Always)).unwrap_err();
+    assert_eq!(err.code(), "outbox_format", "{err}");
+}
+
+#[test]
 fn append_dedupes_and_survives_reopen() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
