@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """A/B two proxy binaries on the request path (what a hot-path change bought).
 
-    python3 loadtest/ab.py /tmp/before /tmp/after [--rounds 5] [--slot 4] [--conns 32]
+    python3 loadtest/ab.py /tmp/before /tmp/after [--rounds 5] [--slot 4] [--conns 32] [--e2e]
 
 Both binaries serve at once (ack=durable, sync=interval, forwarder held back, one worker,
 pinned with the emulator to the server core) against the same emulator and tenants; loadgen
 (pinned to the load core) alternates A B A B ... and the medians are compared.
+
+With --e2e the forwarder is on (every fee charged to the emulator, which shares the server
+core) and each slot's rate is acknowledged events / (slot + time until the outbox drained), as
+in the kit's sustained phase; the emulator is the binary run.py would use
+(target/release/credyt-proxy).
 """
 
 import argparse
@@ -26,6 +31,7 @@ def main():
     ap.add_argument("--slot", type=float, default=4.0)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--sync", default="interval")
+    ap.add_argument("--e2e", action="store_true", help="forwarder on, rate counted until drained")
     ap.add_argument("--load-cpu", default="0")
     ap.add_argument("--server-cpu", default="1")
     args = ap.parse_args()
@@ -40,12 +46,19 @@ def main():
         procs = {}
         for name, binary in (("A", args.a), ("B", args.b)):
             run.BIN = binary
-            procs[name] = world.proxy(name, args.sync, forwarder=False)
+            procs[name] = world.proxy(name, args.sync, forwarder=args.e2e)
             runner.load(procs[name].port, "warm", 32, sweep=True, phase="warm", record=False)
         for _ in range(args.rounds):
             for name in ("A", "B"):
+                t_start = time.time()
                 r = runner.load(procs[name].port, f"{name} {procs[name].label}", args.conns,
                                 duration=args.slot, phase="ab")
+                if args.e2e:
+                    secs, _ = runner.drain(procs[name], 120)
+                    if secs is None:
+                        sys.exit(f"{name} did not drain within 120 s")
+                    r["events_per_s"] = r["events_ok"] / (time.time() - t_start)
+                    print(f"  {name} end to end {r['events_per_s']:.0f} ev/s (drain {secs:.1f} s)")
                 res[name].append(r)
     finally:
         run.stop_all()

@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::store::{encode_dead, encode_record, seq_key, store_batch_value, Store};
+use super::syncer::ToSyncer;
 use super::{
     dedupe, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
     SyncPolicy,
@@ -85,7 +86,7 @@ pub(crate) enum Msg {
 }
 
 /// A request decided and staged into the group's batch, waiting for the commit.
-enum Staged {
+pub(crate) enum Staged {
     Append {
         reply: Reply<Vec<AppendOutcome>>,
         outcomes: Vec<AppendOutcome>,
@@ -109,7 +110,7 @@ enum Staged {
 }
 
 impl Staged {
-    fn fail(self, err: impl Fn() -> OutboxError) {
+    pub(crate) fn fail(self, err: impl Fn() -> OutboxError) {
         // A caller that went away no longer needs the answer.
         let _ = match self {
             Staged::Append { reply, .. } => reply.send(Err(err())).map_err(drop),
@@ -132,9 +133,8 @@ pub(crate) struct Committer {
     shared: Arc<Shared>,
     settings: OutboxSettings,
     next_seq: u64,
-    /// Whether something was written since the last sync (for `interval`).
-    dirty: bool,
-    last_sync: Instant,
+    /// The sync thread (see the `syncer` module): groups to make durable, close and crash.
+    syncer: mpsc::Sender<ToSyncer>,
     /// When the last pruning pass ended (a new one starts [`PRUNE_EVERY`] later).
     last_prune: Instant,
     /// The pass in progress, and when its last step ran.
@@ -147,14 +147,14 @@ impl Committer {
         shared: Arc<Shared>,
         settings: OutboxSettings,
         next_seq: u64,
+        syncer: mpsc::Sender<ToSyncer>,
     ) -> Self {
         Self {
             store,
             shared,
             settings,
             next_seq,
-            dirty: false,
-            last_sync: Instant::now(),
+            syncer,
             last_prune: Instant::now(),
             prune: None,
         }
@@ -208,6 +208,10 @@ impl Committer {
             }
             #[cfg(test)]
             Some(Stop::Crash(reply)) => {
+                let (done, wait) = mpsc::channel();
+                if self.syncer.send(ToSyncer::Crash(done)).is_ok() {
+                    let _ = wait.recv();
+                }
                 let store = self.store;
                 drop(store);
                 let _ = reply.send(Ok(()));
@@ -216,27 +220,16 @@ impl Committer {
     }
 
     fn idle_timeout(&self) -> Duration {
-        let prune_in = match &self.prune {
+        match &self.prune {
             Some((_, last_step)) => PRUNE_STEP_EVERY.saturating_sub(last_step.elapsed()),
             None => PRUNE_EVERY.saturating_sub(self.last_prune.elapsed()),
-        };
-        match self.settings.sync {
-            SyncPolicy::Interval(every) if self.dirty => {
-                every.saturating_sub(self.last_sync.elapsed()).min(prune_in)
-            }
-            _ => prune_in,
         }
     }
 
-    /// Interval syncs and dedupe pruning, between groups.
+    /// Dedupe pruning, between groups (syncs are the sync thread's).
     fn maintain(&mut self) {
         if self.poisoned() {
             return;
-        }
-        if let SyncPolicy::Interval(every) = self.settings.sync {
-            if self.dirty && self.last_sync.elapsed() >= every {
-                let _ = self.sync_or_poison();
-            }
         }
         let due = match &self.prune {
             Some((_, last_step)) => last_step.elapsed() >= PRUNE_STEP_EVERY,
@@ -265,15 +258,18 @@ impl Committer {
         }
     }
 
+    /// Hands the close to the sync thread, which answers the groups still in flight, syncs
+    /// what was written and stops.
     fn final_sync(&mut self) -> Result<(), OutboxError> {
-        if self.poisoned() {
-            return Err(OutboxError::Poisoned);
+        let (done, wait) = mpsc::channel();
+        self.syncer
+            .send(ToSyncer::Close(done))
+            .map_err(|_| OutboxError::Closed)?;
+        let result = wait.recv().map_err(|_| OutboxError::Closed)?;
+        if result.is_ok() {
+            tracing::info!("outbox closed");
         }
-        if self.dirty {
-            self.sync_or_poison()?;
-        }
-        tracing::info!("outbox closed");
-        Ok(())
+        result
     }
 
     fn poisoned(&self) -> bool {
@@ -281,46 +277,7 @@ impl Committer {
     }
 
     fn poison(&self, stage: &'static str, err: &OutboxError) {
-        self.shared.poisoned.store(true, Ordering::Release);
-        tracing::error!(
-            stage,
-            error = %err,
-            cause = ?std::error::Error::source(err),
-            "outbox write failed, refusing writes until restart"
-        );
-    }
-
-    fn sync_or_poison(&mut self) -> Result<(), OutboxError> {
-        let started = Instant::now();
-        #[cfg(test)]
-        let result = if self.shared.faults.take_sync() {
-            Err(OutboxError::Io(std::io::Error::other(
-                "injected sync failure",
-            )))
-        } else {
-            self.store.sync()
-        };
-        #[cfg(not(test))]
-        let result = self.store.sync();
-        let took = started.elapsed();
-        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-        self.shared.last_sync_nanos.store(
-            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1),
-            Ordering::Relaxed,
-        );
-        match result {
-            Ok(()) => {
-                self.dirty = false;
-                self.last_sync = Instant::now();
-                Ok(())
-            }
-            Err(e) => {
-                // Never retried: after a failed fsync the kernel may have dropped the dirty
-                // pages, so a later "successful" fsync would prove nothing.
-                self.poison("sync", &e);
-                Err(OutboxError::Poisoned)
-            }
-        }
+        poison(&self.shared, stage, err);
     }
 
     /// Decides, writes and answers one group. Returns a stop request if the group had one.
@@ -328,7 +285,12 @@ impl Committer {
         let mut batch = self.store.batch();
         let mut staged = Vec::with_capacity(group.len());
         let mut claimed: HashSet<dedupe::Key> = HashSet::new();
-        let mut pending = self.shared.queue.lock().len();
+        // Records of groups still at the sync thread count too: they are applied shortly. Both
+        // read under the queue lock, under which the sync thread moves them into the queue.
+        let mut pending = {
+            let queue = self.shared.queue.lock();
+            queue.len() + self.shared.in_flight.load(Ordering::Acquire)
+        };
         let mut needs_sync = false;
         let mut appends = 0u64;
         let mut stop = None;
@@ -462,7 +424,7 @@ impl Committer {
         if self.next_seq != first_seq {
             self.store.set_next_seq(&mut batch, self.next_seq);
         }
-        if let Err(e) = self.write(batch, needs_sync) {
+        if let Err(e) = self.write(batch) {
             // Nothing of the group is applied in memory; seqs are not reused (harmless gap).
             let injected = matches!(e, OutboxError::Io(_)) && !self.poisoned();
             for s in staged {
@@ -478,7 +440,26 @@ impl Committer {
         }
         self.shared.groups.fetch_add(1, Ordering::Relaxed);
         self.shared.appends.fetch_add(appends, Ordering::Relaxed);
-        self.apply(staged);
+        match self.settings.sync {
+            // In order through the sync thread, which answers after the covering fdatasync.
+            SyncPolicy::Always => {
+                let records = staged_records(&staged);
+                self.shared.in_flight.fetch_add(records, Ordering::AcqRel);
+                let group = ToSyncer::Group {
+                    staged,
+                    sync: needs_sync,
+                };
+                if let Err(mpsc::SendError(ToSyncer::Group { staged, .. })) =
+                    self.syncer.send(group)
+                {
+                    self.shared.in_flight.fetch_sub(records, Ordering::AcqRel);
+                    for s in staged {
+                        s.fail(|| OutboxError::Closed);
+                    }
+                }
+            }
+            SyncPolicy::Interval(_) => apply(&self.shared, staged, 0),
+        }
         stop
     }
 
@@ -538,8 +519,8 @@ impl Committer {
         Ok((outcomes, added))
     }
 
-    /// Writes the group's batch (flushed to the OS) and syncs it if the policy says so.
-    fn write(&mut self, batch: fjall::Batch, needs_sync: bool) -> Result<(), OutboxError> {
+    /// Writes the group's batch and flushes it to the OS (the sync is the sync thread's).
+    fn write(&mut self, batch: fjall::Batch) -> Result<(), OutboxError> {
         if self.poisoned() {
             // Something failed while the group was decided: write none of it.
             return Err(OutboxError::Poisoned);
@@ -561,79 +542,106 @@ impl Committer {
             self.poison("write", &e);
             return Err(e);
         }
-        self.dirty = true;
-        if needs_sync && self.settings.sync == SyncPolicy::Always {
-            self.sync_or_poison()?;
-        }
+        self.shared.unsynced.store(true, Ordering::Release);
         Ok(())
     }
+}
 
-    fn apply(&mut self, staged: Vec<Staged>) {
-        let mut woke = false;
-        let mut queue = self.shared.queue.lock();
-        let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(staged.len());
-        for s in staged {
-            match s {
-                Staged::Append {
-                    reply,
-                    outcomes,
-                    added,
-                } => {
-                    woke |= !added.is_empty();
-                    for (seq, d) in added {
-                        queue.insert(seq, d);
-                    }
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(Ok(outcomes));
-                    }));
+/// Applies a committed (and, per the policy, durable) group to the in-memory queue, wakes the
+/// forwarder and answers. `in_flight` records of the group were counted in
+/// [`Shared::in_flight`]; they stop counting there once they are in the queue, before anyone is
+/// answered (so an answered caller's next append never sees them twice).
+pub(crate) fn apply(shared: &Shared, staged: Vec<Staged>, in_flight: usize) {
+    let mut woke = false;
+    let mut queue = shared.queue.lock();
+    let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(staged.len());
+    for s in staged {
+        match s {
+            Staged::Append {
+                reply,
+                outcomes,
+                added,
+            } => {
+                woke |= !added.is_empty();
+                for (seq, d) in added {
+                    queue.insert(seq, d);
                 }
-                Staged::Delivered { reply, seqs } => {
-                    for seq in seqs {
-                        queue.remove(seq);
-                    }
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(Ok(()));
-                    }));
+                replies.push(Box::new(move || {
+                    let _ = reply.send(Ok(outcomes));
+                }));
+            }
+            Staged::Delivered { reply, seqs } => {
+                for seq in seqs {
+                    queue.remove(seq);
                 }
-                Staged::DeadLetter { reply, seq } => {
-                    if queue.remove(seq).is_some() {
-                        self.shared.dead_count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(Ok(()));
-                    }));
+                replies.push(Box::new(move || {
+                    let _ = reply.send(Ok(()));
+                }));
+            }
+            Staged::DeadLetter { reply, seq } => {
+                if queue.remove(seq).is_some() {
+                    shared.dead_count.fetch_add(1, Ordering::Relaxed);
                 }
-                Staged::Done { reply } => {
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(Ok(()));
-                    }));
+                replies.push(Box::new(move || {
+                    let _ = reply.send(Ok(()));
+                }));
+            }
+            Staged::Done { reply } => {
+                replies.push(Box::new(move || {
+                    let _ = reply.send(Ok(()));
+                }));
+            }
+            Staged::Replay { reply, added } => {
+                let n = added.len();
+                woke |= n > 0;
+                for (seq, d) in added {
+                    queue.insert(seq, d);
                 }
-                Staged::Replay { reply, added } => {
-                    let n = added.len();
-                    woke |= n > 0;
-                    for (seq, d) in added {
-                        queue.insert(seq, d);
-                    }
-                    let _ = self.shared.dead_count.fetch_update(
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                        |c| Some(c.saturating_sub(n)),
-                    );
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(Ok(n));
-                    }));
-                }
+                let _ = shared.dead_count.fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |c| Some(c.saturating_sub(n)),
+                );
+                replies.push(Box::new(move || {
+                    let _ = reply.send(Ok(n));
+                }));
             }
         }
-        // Answer outside the queue lock: a woken caller may call next_batch at once.
-        drop(queue);
-        if woke {
-            self.shared.wake();
-        }
-        for r in replies {
-            r();
-        }
     }
+    // Under the queue lock, as the commit thread reads both: a record counts exactly once.
+    if in_flight > 0 {
+        shared.in_flight.fetch_sub(in_flight, Ordering::AcqRel);
+    }
+    // Answer outside the queue lock: a woken caller may call next_batch at once.
+    drop(queue);
+    if woke {
+        shared.wake();
+    }
+    for r in replies {
+        r();
+    }
+}
+
+/// Records a group adds to the queue when applied.
+pub(crate) fn staged_records(staged: &[Staged]) -> usize {
+    staged
+        .iter()
+        .map(|s| match s {
+            Staged::Append { added, .. } | Staged::Replay { added, .. } => added.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Marks the outbox poisoned: every later write fails until the process restarts.
+pub(crate) fn poison(shared: &Shared, stage: &'static str, err: &OutboxError) {
+    shared.poisoned.store(true, Ordering::Release);
+    tracing::error!(
+        stage,
+        error = %err,
+        cause = ?std::error::Error::source(err),
+        "outbox write failed, refusing writes until restart"
+    );
 }
 
 fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError, stop: &mut Option<Stop>) {

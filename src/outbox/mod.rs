@@ -29,6 +29,7 @@ mod dlq;
 mod error;
 mod queue;
 mod store;
+mod syncer;
 
 #[cfg(test)]
 mod tests;
@@ -49,6 +50,7 @@ use crate::domain::{Delivery, EventId, TenantId};
 use commit::{Committer, Msg};
 use queue::Queue;
 use store::Store;
+use syncer::Syncer;
 
 pub use dlq::{dlq_list, dlq_replay};
 pub use error::OutboxError;
@@ -168,6 +170,11 @@ pub(crate) struct Shared {
     pub(crate) appends: AtomicU64,
     /// Nanoseconds of the last sync, `u64::MAX` before the first.
     pub(crate) last_sync_nanos: AtomicU64,
+    /// Whether anything was written since the last sync began (set by the commit thread,
+    /// cleared by the sync thread).
+    pub(crate) unsynced: AtomicBool,
+    /// Records of written groups not yet applied to the queue (at the sync thread).
+    pub(crate) in_flight: AtomicUsize,
     #[cfg(test)]
     pub(crate) faults: tests::Faults,
 }
@@ -227,15 +234,28 @@ impl Outbox {
             groups: AtomicU64::new(0),
             appends: AtomicU64::new(0),
             last_sync_nanos: AtomicU64::new(u64::MAX),
+            unsynced: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             #[cfg(test)]
             faults: tests::Faults::default(),
         });
+        let (sync_tx, sync_rx) = mpsc::channel();
+        let syncer = Syncer::new(
+            Arc::clone(&shared),
+            settings.sync,
+            &store::store_dir(&settings.dir),
+        );
+        std::thread::Builder::new()
+            .name("outbox-sync".into())
+            .spawn(move || syncer.run(sync_rx))
+            .map_err(OutboxError::Io)?;
         let (tx, rx) = mpsc::channel();
         let committer = Committer::new(
             Arc::clone(&store),
             Arc::clone(&shared),
             settings,
             recovered.next_seq,
+            sync_tx,
         );
         std::thread::Builder::new()
             .name("outbox-commit".into())

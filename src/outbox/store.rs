@@ -82,6 +82,11 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Delivery, OutboxError> {
         })
 }
 
+/// Where the fjall keyspace of the outbox in `dir` lives.
+pub(crate) fn store_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("store")
+}
+
 fn lock_dir(dir: &Path) -> Result<File, OutboxError> {
     std::fs::create_dir_all(dir).map_err(OutboxError::Io)?;
     let file = OpenOptions::new()
@@ -106,7 +111,7 @@ impl Store {
         // We decide durability per batch; fjall must not add syncs or buffering of its own.
         // Memory is sized for a sidecar: small block cache and write buffers (fjall's defaults,
         // 64 MiB of write buffers and 16 MiB memtables per partition, are for a database).
-        let keyspace = Config::new(dir.join("store"))
+        let keyspace = Config::new(store_dir(dir))
             .manual_journal_persist(true)
             .cache_size(8 * 1024 * 1024)
             .max_write_buffer_size(16 * 1024 * 1024)

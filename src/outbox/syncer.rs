@@ -1,0 +1,209 @@
+//! The sync thread: every `fdatasync` of the outbox runs here, so the commit thread never waits
+//! for the disk.
+//!
+//! * `always`: the commit thread writes a group to the OS and hands it over; this thread takes
+//!   every group handed over meanwhile, makes them durable with one `fdatasync`, then applies
+//!   them to the in-memory queue in order and answers them. While it syncs, the commit thread
+//!   already decides and writes the next groups (pipelined group commit: the disk and the CPU
+//!   work overlap instead of taking turns).
+//! * `interval`: the commit thread answers its groups itself once written; this thread syncs
+//!   every interval if anything was written since the last sync.
+//! * A failed sync poisons the outbox and fails every group it was to cover; it is never
+//!   retried. Groups behind it were written after the failure was possible, so they are failed
+//!   too (the commit thread refuses new writes once poisoned).
+//! * An id is answered `Duplicate` by a later group only after that later group's sync, which
+//!   runs after the sync of the group that claimed the id: the "duplicate only once durable"
+//!   rule of the commit module holds across the pipeline.
+//!
+//! It syncs fjall's journal through a descriptor of its own: `Keyspace::persist` holds the
+//! journal writer's lock for the duration of the sync, which would stall the commit thread's
+//! writes. fjall syncs a journal (and its folder) itself when it seals it at rotation, so only
+//! the active journal, the highest-numbered file in `journals/`, needs syncing here; a group
+//! handed over was written before this thread lists the folder, so it is in that file or in a
+//! sealed (synced) one.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use super::commit::{apply, poison, staged_records, Staged};
+use super::{OutboxError, Shared, SyncPolicy};
+
+pub(crate) enum ToSyncer {
+    /// A written group; `sync` if it holds anything whose loss would matter.
+    Group { staged: Vec<Staged>, sync: bool },
+    /// Finish the groups handed over, sync what was written, answer and stop.
+    Close(mpsc::Sender<Result<(), OutboxError>>),
+    /// Test-only crash: stop at once, answering nothing and syncing nothing.
+    #[cfg(test)]
+    Crash(mpsc::Sender<()>),
+}
+
+/// The active journal file of the keyspace, opened read-only (enough for `fdatasync`).
+struct Journal {
+    dir: PathBuf,
+    open: Option<(u64, File)>,
+}
+
+impl Journal {
+    fn newest(&self) -> io::Result<u64> {
+        let mut newest = None::<u64>;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+                newest = newest.max(Some(id));
+            }
+        }
+        newest.ok_or_else(|| io::Error::other("outbox journal folder holds no journal"))
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        // A journal sealed between the listing and the open was synced by fjall and may be
+        // gone: list again (a few times at most; rotations are minutes apart).
+        let mut attempts = 0;
+        loop {
+            let id = self.newest()?;
+            if let Some((open_id, file)) = &self.open {
+                if *open_id == id {
+                    return file.sync_data();
+                }
+            }
+            match File::open(self.dir.join(id.to_string())) {
+                Ok(file) => self.open = Some((id, file)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+pub(crate) struct Syncer {
+    shared: Arc<Shared>,
+    policy: SyncPolicy,
+    journal: Journal,
+}
+
+impl Syncer {
+    pub(crate) fn new(shared: Arc<Shared>, policy: SyncPolicy, store_dir: &Path) -> Self {
+        Syncer {
+            shared,
+            policy,
+            journal: Journal {
+                dir: store_dir.join("journals"),
+                open: None,
+            },
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<ToSyncer>) {
+        loop {
+            let first = match self.policy {
+                SyncPolicy::Always => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                SyncPolicy::Interval(every) => rx.recv_timeout(every),
+            };
+            let first = match first {
+                Ok(msg) => Some(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = self.final_sync();
+                    return;
+                }
+            };
+            let mut groups = Vec::new();
+            let mut need_sync = false;
+            let mut stop = None;
+            for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match msg {
+                    ToSyncer::Group { staged, sync } => {
+                        need_sync |= sync;
+                        groups.push(staged);
+                    }
+                    ToSyncer::Close(done) => {
+                        stop = Some(done);
+                        break;
+                    }
+                    #[cfg(test)]
+                    ToSyncer::Crash(done) => {
+                        let _ = done.send(());
+                        return;
+                    }
+                }
+            }
+            if matches!(self.policy, SyncPolicy::Interval(_)) {
+                // Interval groups are answered by the commit thread; this is the periodic sync.
+                need_sync = true;
+            }
+            let synced = if need_sync {
+                self.sync_if_dirty()
+            } else {
+                Ok(())
+            };
+            for staged in groups {
+                let records = staged_records(&staged);
+                match &synced {
+                    Ok(()) if !self.poisoned() => apply(&self.shared, staged, records),
+                    _ => {
+                        self.shared.in_flight.fetch_sub(records, Ordering::AcqRel);
+                        for s in staged {
+                            s.fail(|| OutboxError::Poisoned);
+                        }
+                    }
+                }
+            }
+            if let Some(done) = stop {
+                let _ = done.send(self.final_sync());
+                return;
+            }
+        }
+    }
+
+    fn poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    fn final_sync(&mut self) -> Result<(), OutboxError> {
+        if self.poisoned() {
+            return Err(OutboxError::Poisoned);
+        }
+        self.sync_if_dirty()
+    }
+
+    /// One `fdatasync` of the journal if anything was written since the last one.
+    fn sync_if_dirty(&mut self) -> Result<(), OutboxError> {
+        if self.poisoned() {
+            return Err(OutboxError::Poisoned);
+        }
+        // Cleared before the sync: a write landing during it sets it again for the next one.
+        if !self.shared.unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        #[cfg(test)]
+        std::thread::sleep(std::time::Duration::from_millis(
+            self.shared.faults.sync_delay_ms.load(Ordering::SeqCst),
+        ));
+        #[cfg(test)]
+        let result = if self.shared.faults.take_sync() {
+            Err(io::Error::other("injected sync failure"))
+        } else {
+            self.journal.sync()
+        };
+        #[cfg(not(test))]
+        let result = self.journal.sync();
+        let took = started.elapsed();
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.last_sync_nanos.store(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1),
+            Ordering::Relaxed,
+        );
+        result.map_err(|e| {
+            // Never retried: after a failed fsync the kernel may have dropped the dirty pages,
+            // so a later "successful" fsync would prove nothing.
+            poison(&self.shared, "sync", &OutboxError::Io(e));
+            OutboxError::Poisoned
+        })
+    }
+}
