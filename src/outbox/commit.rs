@@ -597,11 +597,11 @@ pub(crate) fn apply(shared: &Shared, staged: Vec<Staged>, in_flight: usize) {
                 for (seq, d) in added {
                     queue.insert(seq, d);
                 }
-                let _ = shared.dead_count.fetch_update(
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                    |c| Some(c.saturating_sub(n)),
-                );
+                let _ = shared
+                    .dead_count
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                        Some(c.saturating_sub(n))
+                    });
                 replies.push(Box::new(move || {
                     let _ = reply.send(Ok(n));
                 }));

@@ -32,6 +32,11 @@ pub enum OutboxError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("corrupt outbox record in {partition}: {what}")]
+    Malformed {
+        partition: &'static str,
+        what: &'static str,
+    },
     #[error("record cannot be encoded")]
     Encode(#[source] serde_json::Error),
     #[error("no pending record with sequence {seq}")]
@@ -39,7 +44,9 @@ pub enum OutboxError {
     #[error("outbox directory {dir} is in use by another process")]
     Locked { dir: PathBuf },
     /// The directory was written by a build with another on-disk format.
-    #[error("outbox directory {dir} has on-disk format {found}, this build reads format {expected}")]
+    #[error(
+        "outbox directory {dir} has on-disk format {found}, this build reads format {expected}"
+    )]
     Format {
         dir: PathBuf,
         found: String,
@@ -79,7 +86,7 @@ impl OutboxError {
             OutboxError::Closed => "outbox_closed",
             OutboxError::Storage(_) => "outbox_storage",
             OutboxError::Io(_) => "outbox_io",
-            OutboxError::Corrupt { .. } => "outbox_corrupt",
+            OutboxError::Corrupt { .. } | OutboxError::Malformed { .. } => "outbox_corrupt",
             OutboxError::Encode(_) => "outbox_encode",
             OutboxError::UnknownSeq { .. } => "outbox_unknown_seq",
             OutboxError::Locked { .. } => "outbox_locked",
@@ -91,7 +98,10 @@ impl OutboxError {
     pub(crate) fn is_fatal(&self) -> bool {
         matches!(
             self,
-            OutboxError::Poisoned | OutboxError::Storage(_) | OutboxError::Corrupt { .. }
+            OutboxError::Poisoned
+                | OutboxError::Storage(_)
+                | OutboxError::Corrupt { .. }
+                | OutboxError::Malformed { .. }
         )
     }
 }

@@ -28,6 +28,7 @@ mod dedupe;
 mod dlq;
 mod error;
 mod queue;
+mod record;
 mod store;
 mod syncer;
 

@@ -3,7 +3,7 @@
 //! ```text
 //! DIR/LOCK            exclusive flock: one process per directory (proxy or offline dlq tool)
 //! DIR/store/          fjall keyspace, partitions:
-//!   records           seq (u64 BE)                      -> JSON StoredRecord { delivery }
+//!   records           seq (u64 BE)                      -> record (record.rs: binary charge or JSON)
 //!   dead              seq (u64 BE)                      -> JSON DeadLetter
 //!   dedupe            dedupe key (16 bytes, dedupe.rs)  -> accepted_at ms (u64 BE)
 //!   batches           batch id (16-byte UUID)           -> JSON [seq, ...] (coalesced sends)
@@ -23,7 +23,6 @@ use fjall::{
     Batch, CompressionType, Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode,
 };
 use rustix::fs::{flock, FlockOperation};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{DeadLetter, OutboxError};
@@ -32,14 +31,8 @@ use crate::domain::Delivery;
 const NEXT_SEQ: &[u8] = b"next_seq";
 const FORMAT_KEY: &[u8] = b"format";
 /// The on-disk format this build writes and reads. 2: 16-byte hashed dedupe keys, no time
-/// index. A directory of another format is refused at open rather than misread.
+/// index, binary charge records. A directory of another format is refused at open rather than misread.
 pub(crate) const FORMAT: &str = "2";
-
-/// The value stored in `records`. Versioned by field presence: new optional fields only.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct StoredRecord {
-    pub(crate) delivery: Delivery,
-}
 
 pub(crate) struct Recovered {
     pub(crate) pending: Vec<(u64, Delivery)>,
@@ -68,20 +61,11 @@ pub(crate) fn seq_from_key(key: &[u8]) -> Option<u64> {
 }
 
 pub(crate) fn encode_record(delivery: &Delivery) -> Result<Vec<u8>, OutboxError> {
-    #[derive(Serialize)]
-    struct Ref<'a> {
-        delivery: &'a Delivery,
-    }
-    serde_json::to_vec(&Ref { delivery }).map_err(OutboxError::Encode)
+    super::record::encode(delivery)
 }
 
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Delivery, OutboxError> {
-    serde_json::from_slice::<StoredRecord>(bytes)
-        .map(|r| r.delivery)
-        .map_err(|source| OutboxError::Corrupt {
-            partition: "records",
-            source,
-        })
+    super::record::decode(bytes)
 }
 
 /// Where the fjall keyspace of the outbox in `dir` lives.

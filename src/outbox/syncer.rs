@@ -115,7 +115,10 @@ impl Syncer {
             let mut groups = Vec::new();
             let mut need_sync = false;
             let mut stop = None;
-            for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            for msg in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
                 match msg {
                     ToSyncer::Group { staged, sync } => {
                         need_sync |= sync;

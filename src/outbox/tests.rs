@@ -140,10 +140,17 @@ fn pruning_steps_through_the_index_and_forgets_only_expired_ids() {
         }
     }
     assert_eq!(forgotten, 13);
-    assert_eq!(steps, 7, "25 entries, 4 a step: the 7th step sees 1 and ends the pass");
+    assert_eq!(
+        steps, 7,
+        "25 entries, 4 a step: the 7th step sees 1 and ends the pass"
+    );
     assert_eq!(store.dedupe.len().unwrap(), 12);
     for (i, k) in keys.iter().enumerate() {
-        assert_eq!(store.is_seen(k, now, window).unwrap(), i % 2 == 1, "key {i}");
+        assert_eq!(
+            store.is_seen(k, now, window).unwrap(),
+            i % 2 == 1,
+            "key {i}"
+        );
     }
     // A second pass finds nothing more to forget.
     assert_eq!(store.prune_dedupe(now, window).unwrap(), 0);
@@ -404,7 +411,10 @@ fn concurrent_appends_share_syncs() {
         assert_eq!(ob.depth(), 200);
         assert!(syncs >= 1);
         assert!(syncs <= 50, "200 concurrent appends took {syncs} syncs");
-        assert!(syncs <= stats.groups, "at most one sync per group under `always`");
+        assert!(
+            syncs <= stats.groups,
+            "at most one sync per group under `always`"
+        );
         ob.close().await.unwrap();
     });
 }
@@ -417,7 +427,10 @@ fn groups_are_written_while_a_sync_runs_and_answered_after_it() {
         // Every sync takes 100 ms: without a pipeline 20 sequential appenders would need ~20
         // syncs; with one, the appends arriving during a sync are written meanwhile and the
         // next sync covers all of them.
-        ob.shared().faults.sync_delay_ms.store(100, Ordering::SeqCst);
+        ob.shared()
+            .faults
+            .sync_delay_ms
+            .store(100, Ordering::SeqCst);
         let tasks: Vec<_> = (0..20)
             .map(|i| {
                 let ob = ob.clone();
@@ -440,7 +453,11 @@ fn groups_are_written_while_a_sync_runs_and_answered_after_it() {
             stats.groups,
             stats.syncs
         );
-        assert!(stats.syncs <= 5, "{} syncs for appends 10 ms apart", stats.syncs);
+        assert!(
+            stats.syncs <= 5,
+            "{} syncs for appends 10 ms apart",
+            stats.syncs
+        );
         ob.shared().faults.sync_delay_ms.store(0, Ordering::SeqCst);
         ob.close().await.unwrap();
     });
