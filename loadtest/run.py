@@ -481,6 +481,10 @@ def main():
     ap.add_argument("--users", type=int, default=1000, help="end users per tenant")
     ap.add_argument("--mem-users", type=int, default=100_000, help="end users of the memory phase (0: skip)")
     ap.add_argument("--coalesce-ms", type=int, default=50)
+    ap.add_argument("--hot-users", type=int, default=10,
+                    help="coalescing phase: hot end users per tenant")
+    ap.add_argument("--hot-share", type=float, default=1.0,
+                    help="coalescing phase: share of requests on the hot users (1.0: all)")
     ap.add_argument("--drain-timeout", type=float, default=600)
     ap.add_argument("--load-cpu", default="0")
     ap.add_argument("--server-cpu", default="1")
@@ -575,7 +579,8 @@ def main():
             log("phase B: sustained end to end (forwarder on), then L: p99 at half rate")
             for name, hot, coalesce in [("e2e", None, 0)] + (
                     [] if "coalesce" in skip else
-                    [("e2e-hot", (10, 0.9), 0), ("e2e-hot-coalesced", (10, 0.9), args.coalesce_ms)]):
+                    [("e2e-hot", (args.hot_users, args.hot_share), 0),
+                     ("e2e-hot-coalesced", (args.hot_users, args.hot_share), args.coalesce_ms)]):
                 try:
                     p = world.proxy(name, "interval", forwarder=True, coalesce_ms=coalesce)
                 except ProxyFailed as e:
