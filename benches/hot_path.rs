@@ -10,6 +10,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// The binary's allocator (see `src/main.rs`), so these figures match what it runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::net::TcpListener;
 use std::num::NonZeroU32;

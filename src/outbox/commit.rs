@@ -1,20 +1,25 @@
-//! Group commit: one thread turns every queued request into one fjall batch and one sync.
+//! Group commit: one thread turns every queued request into one fjall batch; the sync thread
+//! (`syncer`) makes groups durable.
 //!
 //! The thread blocks for the first request, then drains whatever else queued up while it was
-//! busy (up to `max_group` appends): under load, requests arrive during the previous group's
-//! `fdatasync` and are written together by the next. For each group, in order:
+//! busy (up to `max_group` appends): under load, requests arrive while the previous group is
+//! decided and written and are written together by the next. For each group, in order:
 //!
 //! 1. decide every request against the store and the group so far (dedupe lookups, `Full`),
 //!    staging its writes into the group's batch;
 //! 2. write the batch to the journal and flush it to the OS (`PersistMode::Buffer`);
-//! 3. with [`SyncPolicy::Always`], `fdatasync` once, if the group holds anything whose loss
-//!    would matter (appends, dead letters, replays, batch memberships; not delivered marks);
-//! 4. only then apply the group to the in-memory queue, wake the forwarder and answer.
+//! 3. with [`SyncPolicy::Interval`], apply the group to the in-memory queue, wake the
+//!    forwarder and answer at once; with [`SyncPolicy::Always`], hand the group to the sync
+//!    thread, which applies and answers it after an `fdatasync` that began after the write
+//!    (if the group holds anything whose loss would matter: appends, dead letters, replays,
+//!    batch memberships; not delivered marks), and go on with the next group meanwhile.
 //!
-//! If 2 or 3 fails, every request of the group gets an error, nothing is applied, and the
-//! outbox is poisoned. Groups never overlap, so an id in flight in one request is decided by
-//! the time a later request looks it up; within a group, a repeated id is answered
-//! `Duplicate` only once the group (with the first occurrence) is durable.
+//! If 2 fails, every request of the group gets an error, nothing is applied, and the outbox is
+//! poisoned; a failed sync does the same for the groups it covered. Groups are decided one
+//! after the other, so an id in flight in one request is decided by the time a later request
+//! looks it up; within a group, and across groups waiting for the same or a later sync, a
+//! repeated id is answered `Duplicate` only once the group with the first occurrence is
+//! durable (answers leave the sync thread in group order).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;

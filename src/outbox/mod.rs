@@ -7,10 +7,12 @@
 //!   that, so readiness may be released as soon as `open` returned.
 //! * [`Outbox::append`]: one call is one atomic write. The records of all its new events and
 //!   their dedupe entries go into the same fjall write batch; concurrent calls are merged into
-//!   one batch and one sync (group commit, see the `commit` module). The call returns `Ok` only once that
-//!   batch is durable per [`SyncPolicy`]. An event id is `Duplicate` only if its commit is
-//!   durable; an id whose commit is in flight is answered with the result of that commit, because
-//!   one thread applies groups strictly one after the other.
+//!   one batch (group commit, see the `commit` module), and every batch written while a sync
+//!   runs shares the next one (the `syncer` module: syncs run on their own thread, so writing
+//!   and syncing overlap). The call returns `Ok` only once that batch is durable per
+//!   [`SyncPolicy`]. An event id is `Duplicate` only if its commit is durable; an id whose
+//!   commit is in flight is answered with the result of that commit, because one thread
+//!   decides groups strictly one after the other and answers leave in that order.
 //! * A failed write or sync answers the whole group with an error and claims nothing. A failed
 //!   sync (or any storage error after bytes may have reached the file) poisons the outbox: every
 //!   later write fails with [`OutboxError::Poisoned`] until the process restarts. No fsync is
