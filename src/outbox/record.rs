@@ -4,7 +4,7 @@
 //! A charge is written as tag `0x01` and its fields in a fixed order: strings as a LEB128
 //! length and UTF-8 bytes, options as a `0`/`1` byte before the value, decimals as the 16
 //! bytes of `Decimal::serialize` (exact: scale and mantissa, never a float), the transaction
-//! id as its 16 bytes, `accepted_at` as seconds and nanoseconds. About a third of the JSON's
+//! id as its 16 bytes, `accepted_at` as seconds and nanoseconds. Less than half the JSON's
 //! size and a fraction of its encoding time; the bytes go through the journal, the memtable,
 //! the flush and the compactions, so size is CPU too.
 //!
@@ -387,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn a_charge_is_a_third_of_its_json() {
+    fn a_charge_is_less_than_half_its_json() {
         let d = crate::outbox::tests::debit("tenant-3", "evt-0123456789abcdef", "p0");
         let binary = encode(&d).unwrap().len();
         let json = serde_json::to_vec(&serde_json::json!({ "delivery": d }))
