@@ -40,7 +40,7 @@ use crate::domain::Delivery;
 /// How often a pass over the dedupe index starts, pruning expired entries.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Pause between two steps of a pass ([`dedupe::PRUNE_CHUNK`] entries each): a pass over 10⁸
-/// ids takes about 15 minutes and never takes more than a sliver of the commit thread.
+/// ids takes about 17 minutes and never takes more than a sliver of the commit thread.
 const PRUNE_STEP_EVERY: Duration = Duration::from_millis(20);
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
