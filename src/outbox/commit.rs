@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::store::{encode_dead, encode_record, seq_key, store_batch_value, Store};
+use super::store::{encode_dead, seq_key, store_batch_value, Store};
 use super::syncer::ToSyncer;
 use super::{
-    dedupe, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
+    dedupe, record, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
     SyncPolicy,
 };
 use crate::domain::Delivery;
@@ -506,7 +506,7 @@ impl Committer {
         let mut encoded = Vec::with_capacity(new_records);
         for (_, ev) in &fresh {
             for d in &ev.deliveries {
-                encoded.push(encode_record(d)?);
+                encoded.push(record::encode(d)?);
             }
         }
         let mut added = Vec::with_capacity(new_records);

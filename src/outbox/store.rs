@@ -25,7 +25,7 @@ use fjall::{
 use rustix::fs::{flock, FlockOperation};
 use uuid::Uuid;
 
-use super::{DeadLetter, OutboxError};
+use super::{record, DeadLetter, OutboxError};
 use crate::domain::Delivery;
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -58,14 +58,6 @@ pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
 
 pub(crate) fn seq_from_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
-}
-
-pub(crate) fn encode_record(delivery: &Delivery) -> Result<Vec<u8>, OutboxError> {
-    super::record::encode(delivery)
-}
-
-pub(crate) fn decode_record(bytes: &[u8]) -> Result<Delivery, OutboxError> {
-    super::record::decode(bytes)
 }
 
 /// Where the fjall keyspace of the outbox in `dir` lives.
@@ -157,7 +149,7 @@ impl Store {
             let Some(seq) = seq_from_key(&k) else {
                 continue;
             };
-            pending.push((seq, decode_record(&v)?));
+            pending.push((seq, record::decode(&v)?));
             max_seq = max_seq.max(Some(seq));
         }
         let mut dead_count = 0;
@@ -238,7 +230,7 @@ impl Store {
             batch.insert(
                 &self.records,
                 seq_key(letter.seq).to_vec(),
-                encode_record(&letter.delivery)?,
+                record::encode(&letter.delivery)?,
             );
             moved.push((letter.seq, letter.delivery));
         }

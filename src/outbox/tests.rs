@@ -99,8 +99,8 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn record_round_trips_exact_decimals() {
     let d = debit("acme", "e1", "p0");
-    let bytes = store::encode_record(&d).unwrap();
-    assert_eq!(store::decode_record(&bytes).unwrap(), d);
+    let bytes = record::encode(&d).unwrap();
+    assert_eq!(record::decode(&bytes).unwrap(), d);
 }
 
 #[test]
