@@ -127,6 +127,12 @@ struct Hist {
 
 const SUB: u32 = 6;
 
+impl Default for Hist {
+    fn default() -> Hist {
+        Hist::new()
+    }
+}
+
 impl Hist {
     fn new() -> Hist {
         Hist {
@@ -224,6 +230,9 @@ struct Shared {
     unknown: HashMap<(u32, u32), u64>,
     sent: u64,
     last_done: Option<Instant>,
+    /// Open loop: how late requests left against slots that came while their connection was
+    /// idle (the tool's own scheduling error).
+    send_lag: Hist,
 }
 
 impl Shared {
@@ -270,6 +279,10 @@ struct Report {
     ok_per_s: f64,
     events_per_s: f64,
     latency_us: Latency,
+    /// Open loop: how late requests left against slots that came while their connection was
+    /// idle: loadgen's own scheduling error, included in `latency_us` (a run where it is large
+    /// measured the machine, not the server); `null` in the other modes.
+    send_lag_us: Option<Latency>,
     status: BTreeMap<u16, u64>,
     codes: BTreeMap<String, u64>,
     errors: BTreeMap<&'static str, u64>,
@@ -416,7 +429,7 @@ impl Conn {
         req
     }
 
-    async fn run(self) {
+    async fn run(self, mut stream: Option<TcpStream>) {
         let a = self.args.clone();
         let mut picker = Picker {
             state: 0x9E37_79B9_7F4A_7C15 ^ ((self.id as u64 + 1) * 0x1000_0001),
@@ -429,7 +442,6 @@ impl Conn {
             .rate
             .map(|r| Duration::from_secs_f64(a.connections as f64 / r));
         let phase = interval.map(|i| i.mul_f64(self.id as f64 / a.connections as f64));
-        let mut stream: Option<TcpStream> = None;
         let mut buf = Vec::with_capacity(4096);
         let mut seq: u64 = 0;
         loop {
@@ -462,8 +474,17 @@ impl Conn {
                     if slot >= self.deadline {
                         break;
                     }
-                    if slot > now {
-                        tokio::time::sleep_until(slot.into()).await;
+                    // A slot that passed while this connection still waited for its previous
+                    // answer is the server's delay (it counts in the latency, as it should);
+                    // one that passed while the connection was idle is loadgen's own.
+                    let idle_at_slot = slot > now;
+                    wait_until(slot).await;
+                    if idle_at_slot {
+                        let lag = Instant::now().saturating_duration_since(slot);
+                        self.shared
+                            .borrow_mut()
+                            .send_lag
+                            .record(lag.as_micros() as u64);
                     }
                     slot
                 }
@@ -537,6 +558,24 @@ impl Conn {
     }
 }
 
+/// Waits until `slot` to within a few microseconds. Tokio's timer fires on millisecond ticks,
+/// which alone would add up to a millisecond to every open-loop latency (measured from the
+/// slot); so it sleeps to just before the slot and yields until it comes. loadgen has its core
+/// to itself (pinned), so the spinning costs the servers nothing.
+async fn wait_until(slot: Instant) {
+    const TIMER_SLACK: Duration = Duration::from_millis(2);
+    let now = Instant::now();
+    if slot <= now {
+        return;
+    }
+    if slot - now > TIMER_SLACK {
+        tokio::time::sleep_until((slot - TIMER_SLACK).into()).await;
+    }
+    while Instant::now() < slot {
+        tokio::task::yield_now().await;
+    }
+}
+
 fn main() {
     let args = Rc::new(parse_args());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -545,13 +584,23 @@ fn main() {
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
     let shared = Rc::new(RefCell::new(Shared::default()));
-    let start = Instant::now();
-    let deadline = start + args.duration;
     let occurred_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let sweep_next = Rc::new(RefCell::new(0u64));
-    local.block_on(&rt, async {
+    let start = local.block_on(&rt, async {
+        // Connect first (a refused connect is retried by the connection's task), so the clock
+        // and the open-loop schedule start with every connection ready.
+        let mut streams = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            let s = TcpStream::connect(args.addr).await.ok();
+            if let Some(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            streams.push(s);
+        }
+        let start = Instant::now();
+        let deadline = start + args.duration;
         let mut tasks = Vec::new();
-        for id in 0..args.connections {
+        for (id, stream) in streams.into_iter().enumerate() {
             let conn = Conn {
                 id,
                 args: args.clone(),
@@ -561,11 +610,12 @@ fn main() {
                 occurred_at: occurred_at.clone(),
                 sweep_next: sweep_next.clone(),
             };
-            tasks.push(tokio::task::spawn_local(conn.run()));
+            tasks.push(tokio::task::spawn_local(conn.run(stream)));
         }
         for t in tasks {
             let _ = t.await;
         }
+        start
     });
     let sh = shared.borrow();
     let end = sh.last_done.unwrap_or(start);
@@ -616,6 +666,7 @@ fn main() {
         ok_per_s: ok as f64 / elapsed,
         events_per_s: events_ok as f64 / elapsed,
         latency_us: all.summary(),
+        send_lag_us: args.rate.map(|_| sh.send_lag.summary()),
         status: sh.status.clone(),
         codes: sh.codes.clone(),
         errors: sh.errors.clone(),

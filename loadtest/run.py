@@ -620,7 +620,8 @@ def main():
                     depth_series += sampler.stop()
                     report["half_rate_latency"] = {"rate": round(half, 1), "connections": 32,
                                                    "achieved_events_per_s": round(rl["events_per_s"], 1),
-                                                   "latency_us": rl["latency_us"], "open_loop": True}
+                                                   "latency_us": rl["latency_us"], "open_loop": True,
+                                                   "loadgen_send_lag_us": rl.get("send_lag_us")}
                 p.stop()
 
         # ---- M: memory with many cached identities ----------------------------------------

@@ -65,6 +65,48 @@ pub(crate) fn store_dir(dir: &Path) -> std::path::PathBuf {
     dir.join("store")
 }
 
+/// How much lower than the process the CPU priority (nice value) of fjall's own threads is.
+pub(crate) const BACKGROUND_NICE_OFFSET: i32 = 10;
+
+/// Opens the keyspace from a short-lived thread running `BACKGROUND_NICE_OFFSET` nice steps
+/// below the caller, so that the threads fjall spawns while it opens (flusher, compactor,
+/// monitor, and the flush workers the flusher spawns later) inherit that priority. In the
+/// sidecar they share a core with the request path: a memtable flush is 30-200 ms of CPU, and
+/// at normal priority the scheduler gave it slices that showed up as multi-millisecond p99
+/// spikes in the half-rate latency test; at nice +10 (weight 110 against 1024) the request
+/// threads preempt it and it runs in the idle time. RocksDB offers the same for its
+/// compaction pool (`LowerThreadPoolCPUPriority`); fjall does not, hence the inheritance. The
+/// commit thread itself keeps the normal priority (it is the writer). Linux only: elsewhere
+/// the nice value is per process, so the keyspace is opened on the calling thread.
+fn open_in_background(config: Config) -> Result<Keyspace, OutboxError> {
+    if !cfg!(target_os = "linux") {
+        return Ok(config.open()?);
+    }
+    std::thread::scope(|s| {
+        let opener = s.spawn(move || {
+            lower_priority();
+            config.open()
+        });
+        match opener.join() {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(OutboxError::Io(std::io::Error::other(
+                "the thread opening the outbox store panicked",
+            ))),
+        }
+    })
+}
+
+/// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
+/// A failure only costs latency, so it is logged, not returned.
+fn lower_priority() {
+    let lowered = rustix::process::getpriority_process(None).and_then(|nice| {
+        rustix::process::setpriority_process(None, (nice + BACKGROUND_NICE_OFFSET).min(19))
+    });
+    if let Err(e) = lowered {
+        tracing::warn!(error = %e, "could not lower the priority of the outbox's storage threads");
+    }
+}
+
 fn lock_dir(dir: &Path) -> Result<File, OutboxError> {
     std::fs::create_dir_all(dir).map_err(OutboxError::Io)?;
     let file = OpenOptions::new()
@@ -92,11 +134,11 @@ impl Store {
         // not what memtables use but the point where fjall puts the writer (our commit thread)
         // to sleep, 100 ms at a time, until flushes catch up; at 16 MiB, four memtables, it did
         // so in ordinary load (a 135 ms stall in a half-rate latency run).
-        let keyspace = Config::new(store_dir(dir))
+        let config = Config::new(store_dir(dir))
             .manual_journal_persist(true)
             .cache_size(8 * 1024 * 1024)
-            .max_write_buffer_size(64 * 1024 * 1024)
-            .open()?;
+            .max_write_buffer_size(64 * 1024 * 1024);
+        let keyspace = open_in_background(config)?;
         let open = |name: &str| {
             let options = PartitionCreateOptions::default().max_memtable_size(4 * 1024 * 1024);
             // Dedupe keys are hashes (incompressible) and records live for milliseconds to

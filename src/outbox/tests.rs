@@ -222,6 +222,49 @@ fn append_dedupes_and_survives_reopen() {
     });
 }
 
+/// Nice values of this process's threads named `name`, from `/proc/self/task/*/stat`.
+#[cfg(target_os = "linux")]
+fn nice_of_threads_named(name: &str) -> Vec<i32> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        // Fields after the name: state is the 3rd field of the line, nice the 19th.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        nices.push(fields[16].parse().unwrap());
+    }
+    nices
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn storage_threads_run_below_the_callers_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let mine = rustix::process::getpriority_process(None).unwrap();
+    let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+    let expected = (mine + store::BACKGROUND_NICE_OFFSET).min(19);
+    for name in ["flusher", "compactor", "monitor"] {
+        let nices = nice_of_threads_named(name);
+        assert!(!nices.is_empty(), "no {name} thread");
+        assert!(nices.iter().all(|&n| n == expected), "{name}: {nices:?}");
+    }
+    // The caller and the outbox's own threads keep the caller's priority.
+    assert_eq!(rustix::process::getpriority_process(None).unwrap(), mine);
+    for name in ["outbox-commit", "outbox-sync"] {
+        let nices = nice_of_threads_named(name);
+        assert!(!nices.is_empty(), "no {name} thread");
+        assert!(nices.iter().all(|&n| n == mine), "{name}: {nices:?}");
+    }
+    rt().block_on(ob.close()).unwrap();
+}
+
 #[test]
 fn second_open_of_a_dir_is_refused() {
     rt().block_on(async {
