@@ -1,9 +1,13 @@
-//! Group commit: one thread turns every queued request into one fjall batch; the sync thread
-//! (`syncer`) makes groups durable.
+//! Group commit without a hand-off: the callers write their groups themselves ("flat
+//! combining"); the sync thread (`syncer`) makes groups durable.
 //!
-//! The thread blocks for the first request, then drains whatever else queued up while it was
-//! busy (up to `max_group` appends): under load, requests arrive while the previous group is
-//! decided and written and are written together by the next. For each group, in order:
+//! A call queues its message in [`Commit`] and, after letting every other task that is ready on
+//! its thread queue theirs (one `yield`), tries to take the commit lock. Whoever holds it
+//! writes everything queued, group after group (up to `max_group` messages each), and answers;
+//! a caller that finds the lock taken just waits for its answer, which the holder gives. Under
+//! load, the requests one event-loop turn of a worker parsed are written as one group, with no
+//! thread hop and no wake-up of another thread (both were most of an append's cost). For each
+//! group, in order:
 //!
 //! 1. decide every request against the store and the group so far (dedupe lookups, `Full`),
 //!    staging its writes into the group's batch;
@@ -16,16 +20,22 @@
 //!
 //! If 2 fails, every request of the group gets an error, nothing is applied, and the outbox is
 //! poisoned; a failed sync does the same for the groups it covered. Groups are decided one
-//! after the other, so an id in flight in one request is decided by the time a later request
-//! looks it up; within a group, and across groups waiting for the same or a later sync, a
-//! repeated id is answered `Duplicate` only once the group with the first occurrence is
-//! durable (answers leave the sync thread in group order).
+//! after the other (under the commit lock), so an id in flight in one request is decided by the
+//! time a later request looks it up; within a group, and across groups waiting for the same or
+//! a later sync, a repeated id is answered `Duplicate` only once the group with the first
+//! occurrence is durable (answers leave the sync thread in group order).
+//!
+//! The writing runs in plain (blocking) code between two awaits: a caller dropped before it
+//! (client disconnect) leaves its message queued, and the next writer writes it; once started, a
+//! group is written and answered whole. The `outbox-commit` thread only prunes the dedupe index
+//! between groups, writes what a dropped caller left queued, and closes.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -81,13 +91,15 @@ pub(crate) enum Msg {
         id: Uuid,
         reply: Reply<()>,
     },
-    Close {
-        reply: Reply<()>,
-    },
+}
+
+/// What the `outbox-commit` thread is told.
+pub(crate) enum Control {
+    /// Write what is queued, sync once more, answer and stop.
+    Close(Reply<()>),
+    /// Test-only crash: stop without the final sync.
     #[cfg(test)]
-    Crash {
-        reply: Reply<()>,
-    },
+    Crash(Reply<()>),
 }
 
 /// A request decided and staged into the group's batch, waiting for the commit.
@@ -127,10 +139,109 @@ impl Staged {
     }
 }
 
-enum Stop {
-    Close(Reply<()>),
-    #[cfg(test)]
-    Crash(Reply<()>),
+/// The queue of messages and the state of the writer; see the module docs.
+pub(crate) struct Commit {
+    queue: Mutex<Vec<Msg>>,
+    state: Mutex<Committer>,
+}
+
+impl Commit {
+    pub(crate) fn new(committer: Committer) -> Self {
+        Self {
+            queue: Mutex::new(Vec::new()),
+            state: Mutex::new(committer),
+        }
+    }
+
+    pub(crate) fn submit(&self, msg: Msg) {
+        self.queue.lock().push(msg);
+    }
+
+    /// Writes what is queued unless another thread is writing (which then writes it).
+    pub(crate) fn combine(&self) {
+        self.lead(self.state.try_lock());
+    }
+
+    /// With the commit lock (if given): writes group after group until the queue is empty,
+    /// releases the lock, and takes it again if a message came in meanwhile whose caller may
+    /// have found the lock still taken (so no message stays queued without a writer).
+    fn lead<'a>(&'a self, mut guard: Option<MutexGuard<'a, Committer>>) {
+        while let Some(mut state) = guard.take() {
+            loop {
+                let group = {
+                    let mut queue = self.queue.lock();
+                    let n = queue.len().min(state.settings.max_group.max(1));
+                    queue.drain(..n).collect::<Vec<_>>()
+                };
+                if group.is_empty() {
+                    break;
+                }
+                state.process(group);
+            }
+            drop(state);
+            if self.queue.lock().is_empty() {
+                return;
+            }
+            guard = self.state.try_lock();
+        }
+    }
+
+    /// The `outbox-commit` thread: prunes between groups, writes what callers dropped before
+    /// writing left queued, and closes (also when every handle is gone without a close).
+    pub(crate) fn run(self: Arc<Self>, rx: mpsc::Receiver<Control>) {
+        loop {
+            let timeout = self.state.lock().idle_timeout();
+            match rx.recv_timeout(timeout) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let mut state = self.state.lock();
+                    state.maintain();
+                    self.lead(Some(state));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = self.close();
+                    return;
+                }
+                Ok(Control::Close(reply)) => {
+                    let result = self.close();
+                    // The store goes with the last handle: this thread's must be gone first.
+                    drop(self);
+                    let _ = reply.send(result);
+                    return;
+                }
+                #[cfg(test)]
+                Ok(Control::Crash(reply)) => {
+                    let mut state = self.state.lock();
+                    state.closed = true;
+                    let (done, wait) = mpsc::channel();
+                    if state.syncer.send(ToSyncer::Crash(done)).is_ok() {
+                        let _ = wait.recv();
+                    }
+                    self.lead(Some(state));
+                    drop(self);
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes what is queued, refuses what comes later, and has the sync thread answer the
+    /// groups in flight, sync and stop.
+    fn close(&self) -> Result<(), OutboxError> {
+        let mut state = self.state.lock();
+        loop {
+            let group = std::mem::take(&mut *self.queue.lock());
+            if group.is_empty() {
+                break;
+            }
+            state.process(group);
+        }
+        state.closed = true;
+        let result = state.final_sync();
+        // Anything queued meanwhile (its caller found the lock taken) is answered `Closed`.
+        self.lead(Some(state));
+        result
+    }
 }
 
 pub(crate) struct Committer {
@@ -144,6 +255,8 @@ pub(crate) struct Committer {
     last_prune: Instant,
     /// The pass in progress, and when its last step ran.
     prune: Option<(dedupe::PruneCursor, Instant)>,
+    /// Closed (or crashed): every later message is answered [`OutboxError::Closed`].
+    closed: bool,
 }
 
 impl Committer {
@@ -162,65 +275,7 @@ impl Committer {
             syncer,
             last_prune: Instant::now(),
             prune: None,
-        }
-    }
-
-    pub(crate) fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        let stop = loop {
-            let first = match rx.recv_timeout(self.idle_timeout()) {
-                Ok(msg) => msg,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.maintain();
-                    continue;
-                }
-                // Every handle is gone without close(): flush what we have, as close would.
-                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-            };
-            let mut group = vec![first];
-            let mut appends = usize::from(matches!(group[0], Msg::Append { .. }));
-            while appends < self.settings.max_group.max(1) {
-                match rx.try_recv() {
-                    Ok(msg) => {
-                        appends += usize::from(matches!(msg, Msg::Append { .. }));
-                        let is_stop = matches!(msg, Msg::Close { .. });
-                        #[cfg(test)]
-                        let is_stop = is_stop || matches!(msg, Msg::Crash { .. });
-                        group.push(msg);
-                        if is_stop {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-            let stop = self.process(group);
-            if stop.is_some() {
-                break stop;
-            }
-            self.maintain();
-        };
-        // Requests still queued behind a stop are answered `Closed` when their reply senders
-        // drop with the receiver.
-        match stop {
-            None => {
-                let _ = self.final_sync();
-            }
-            Some(Stop::Close(reply)) => {
-                let result = self.final_sync();
-                let store = self.store;
-                drop(store);
-                let _ = reply.send(result);
-            }
-            #[cfg(test)]
-            Some(Stop::Crash(reply)) => {
-                let (done, wait) = mpsc::channel();
-                if self.syncer.send(ToSyncer::Crash(done)).is_ok() {
-                    let _ = wait.recv();
-                }
-                let store = self.store;
-                drop(store);
-                let _ = reply.send(Ok(()));
-            }
+            closed: false,
         }
     }
 
@@ -285,8 +340,14 @@ impl Committer {
         poison(&self.shared, stage, err);
     }
 
-    /// Decides, writes and answers one group. Returns a stop request if the group had one.
-    fn process(&mut self, group: Vec<Msg>) -> Option<Stop> {
+    /// Decides, writes and answers one group.
+    fn process(&mut self, group: Vec<Msg>) {
+        if self.closed {
+            for msg in group {
+                fail_msg(msg, || OutboxError::Closed);
+            }
+            return;
+        }
         let mut batch = self.store.batch();
         let mut staged = Vec::with_capacity(group.len());
         let mut claimed: HashSet<dedupe::Key> = HashSet::new();
@@ -298,13 +359,12 @@ impl Committer {
         };
         let mut needs_sync = false;
         let mut appends = 0u64;
-        let mut stop = None;
         let first_seq = self.next_seq;
         let now_ms = dedupe::now_ms();
 
         for msg in group {
             if self.poisoned() {
-                fail_msg(msg, || OutboxError::Poisoned, &mut stop);
+                fail_msg(msg, || OutboxError::Poisoned);
                 continue;
             }
             match msg {
@@ -420,9 +480,6 @@ impl Committer {
                     needs_sync = true;
                     staged.push(Staged::Done { reply });
                 }
-                Msg::Close { reply } => stop = Some(Stop::Close(reply)),
-                #[cfg(test)]
-                Msg::Crash { reply } => stop = Some(Stop::Crash(reply)),
             }
         }
 
@@ -441,7 +498,7 @@ impl Committer {
                     }
                 });
             }
-            return stop;
+            return;
         }
         self.shared.groups.fetch_add(1, Ordering::Relaxed);
         self.shared.appends.fetch_add(appends, Ordering::Relaxed);
@@ -465,7 +522,6 @@ impl Committer {
             }
             SyncPolicy::Interval(_) => apply(&self.shared, staged, 0),
         }
-        stop
     }
 
     /// Decides one append call: outcomes, and the writes of its new events staged into `batch`.
@@ -649,7 +705,8 @@ pub(crate) fn poison(shared: &Shared, stage: &'static str, err: &OutboxError) {
     );
 }
 
-fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError, stop: &mut Option<Stop>) {
+fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError) {
+    // A caller that went away no longer needs the answer.
     let _ = match msg {
         Msg::Append { reply, .. } => reply.send(Err(err())).map_err(drop),
         Msg::Delivered { reply, .. }
@@ -658,14 +715,5 @@ fn fail_msg(msg: Msg, err: impl Fn() -> OutboxError, stop: &mut Option<Stop>) {
         | Msg::CompleteBatch { reply, .. }
         | Msg::ForgetBatch { reply, .. } => reply.send(Err(err())).map_err(drop),
         Msg::Replay { reply, .. } => reply.send(Err(err())).map_err(drop),
-        Msg::Close { reply } => {
-            *stop = Some(Stop::Close(reply));
-            Ok(())
-        }
-        #[cfg(test)]
-        Msg::Crash { reply } => {
-            *stop = Some(Stop::Crash(reply));
-            Ok(())
-        }
     };
 }

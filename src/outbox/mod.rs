@@ -50,7 +50,7 @@ use uuid::Uuid;
 
 use crate::domain::{Delivery, EventId, TenantId};
 
-use commit::{Committer, Msg};
+use commit::{Commit, Committer, Control, Msg};
 use queue::Queue;
 use store::Store;
 use syncer::Syncer;
@@ -192,10 +192,22 @@ impl Shared {
 }
 
 struct Inner {
-    tx: mpsc::Sender<Msg>,
+    /// Where calls queue their messages and write them (see the `commit` module).
+    commit: Arc<Commit>,
+    /// The `outbox-commit` thread: close (and, in tests, crash).
+    control: mpsc::Sender<Control>,
     shared: Arc<Shared>,
     /// Keeps the keyspace (and the directory lock) alive for reads such as `dead_letters`.
     store: Arc<Store>,
+}
+
+/// Writes what is queued in the commit when dropped (see [`Outbox::call`]).
+struct WriteOnDrop<'a>(&'a Commit);
+
+impl Drop for WriteOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.combine();
+    }
 }
 
 /// The durable outbox. Cheap to clone; all clones share one store and one commit thread.
@@ -252,20 +264,26 @@ impl Outbox {
             .name("outbox-sync".into())
             .spawn(move || syncer.run(sync_rx))
             .map_err(OutboxError::Io)?;
-        let (tx, rx) = mpsc::channel();
-        let committer = Committer::new(
+        let (control, rx) = mpsc::channel();
+        let commit = Arc::new(Commit::new(Committer::new(
             Arc::clone(&store),
             Arc::clone(&shared),
             settings,
             recovered.next_seq,
             sync_tx,
-        );
+        )));
+        let thread_commit = Arc::clone(&commit);
         std::thread::Builder::new()
             .name("outbox-commit".into())
-            .spawn(move || committer.run(rx))
+            .spawn(move || thread_commit.run(rx))
             .map_err(OutboxError::Io)?;
         Ok(Outbox {
-            inner: Arc::new(Inner { tx, shared, store }),
+            inner: Arc::new(Inner {
+                commit,
+                control,
+                shared,
+                store,
+            }),
         })
     }
 
@@ -274,11 +292,15 @@ impl Outbox {
         make: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Msg,
     ) -> Result<T, OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(make(reply))
-            .map_err(|_| OutboxError::Closed)?;
-        // The commit thread finishes the work whether or not this future is still polled.
+        let commit = &self.inner.commit;
+        commit.submit(make(reply));
+        {
+            // Let the other tasks ready on this thread queue their messages too, then write
+            // them all as one group. The guard writes when dropped, so a caller dropped during
+            // the yield (client gone) still has its message written and answered.
+            let _write = WriteOnDrop(commit);
+            tokio::task::yield_now().await;
+        }
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
@@ -434,7 +456,11 @@ impl Outbox {
     /// last handle, closes the store and releases the directory lock. Other clones get
     /// [`OutboxError::Closed`] afterwards.
     pub async fn close(self) -> Result<(), OutboxError> {
-        let result = self.call(|reply| Msg::Close { reply }).await;
+        let (reply, rx) = oneshot::channel();
+        let result = match self.inner.control.send(Control::Close(reply)) {
+            Ok(()) => rx.await.unwrap_or(Err(OutboxError::Closed)),
+            Err(_) => Err(OutboxError::Closed),
+        };
         // Dropping the last handle drops the keyspace, which joins fjall's threads: blocking.
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         result
@@ -445,7 +471,10 @@ impl Outbox {
     /// the OS; nothing else is flushed).
     #[cfg(test)]
     pub(crate) async fn crash(self) {
-        let _ = self.call(|reply| Msg::Crash { reply }).await;
+        let (reply, rx) = oneshot::channel();
+        if self.inner.control.send(Control::Crash(reply)).is_ok() {
+            let _ = rx.await;
+        }
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 
