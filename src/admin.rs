@@ -124,6 +124,12 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
                 stats.appends,
             ),
             (
+                names::OUTBOX_DEDUPE_FILTER_BYTES,
+                "heap bytes of the outbox's dedupe filter",
+                "gauge",
+                stats.dedupe_filter_bytes as u64,
+            ),
+            (
                 names::OUTBOX_POISONED,
                 "1 when a failed write stopped the outbox",
                 "gauge",

@@ -255,6 +255,8 @@ pub(crate) struct Committer {
     last_prune: Instant,
     /// The pass in progress, and when its last step ran.
     prune: Option<(dedupe::PruneCursor, Instant)>,
+    /// Which dedupe keys are certainly not stored (see the `dedupe` module).
+    seen: dedupe::SeenFilter,
     /// Closed (or crashed): every later message is answered [`OutboxError::Closed`].
     closed: bool,
 }
@@ -274,7 +276,14 @@ impl Committer {
             next_seq,
             syncer,
             last_prune: Instant::now(),
-            prune: None,
+            // The first pass starts at once: it builds the dedupe filter.
+            prune: Some((
+                dedupe::PruneCursor::default(),
+                Instant::now()
+                    .checked_sub(PRUNE_STEP_EVERY)
+                    .unwrap_or_else(Instant::now),
+            )),
+            seen: dedupe::SeenFilter::default(),
             closed: false,
         }
     }
@@ -302,8 +311,12 @@ impl Committer {
                 dedupe::now_ms(),
                 self.settings.dedupe_window,
                 dedupe::PRUNE_CHUNK,
+                &mut self.seen,
             ) {
                 Ok((n, done)) => {
+                    self.shared
+                        .dedupe_filter_bytes
+                        .store(self.seen.bytes(), Ordering::Relaxed);
                     if n > 0 {
                         tracing::debug!(pruned = n, "outbox dedupe entries expired");
                     }
@@ -542,7 +555,7 @@ impl Committer {
             // Claimed earlier in this group (this call or another): durable together with it.
             let dup = claimed.contains(&key)
                 || !fresh_keys.insert(key)
-                || self.store.is_seen(&key, now_ms, window)?;
+                || (self.seen.may_contain(&key) && self.store.is_seen(&key, now_ms, window)?);
             if dup {
                 outcomes.push(AppendOutcome::Duplicate);
             } else {
@@ -575,6 +588,7 @@ impl Committer {
                 added.push((seq, delivery));
             }
             self.store.stage_seen(batch, &key, now_ms);
+            self.seen.insert(&key);
             claimed.insert(key);
         }
         Ok((outcomes, added))

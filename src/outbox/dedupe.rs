@@ -11,11 +11,21 @@
 //! the request path showed those comparisons as the largest cost of a lookup). Two distinct
 //! pairs collide with probability about n² / 2¹²⁹: below 10⁻²⁰ for a billion remembered ids.
 //!
-//! Memory per remembered id: nothing on the heap of the proxy beyond fjall's bounded caches;
-//! while an id is in the active memtable it costs 16 bytes of key + 8 bytes of value + ~40
-//! bytes of skiplist overhead; once flushed, about 10 bits of bloom filter per key plus
-//! whatever of it sits in the (bounded) block cache. On disk: about 24 bytes per id before
-//! compression.
+//! Memory per remembered id: while an id is in the active memtable it costs 16 bytes of key +
+//! 8 bytes of value + ~40 bytes of skiplist overhead; once flushed, about 10 bits of fjall's
+//! bloom filter per key plus whatever of it sits in the (bounded) block cache; and about 20
+//! bits of the [`SeenFilter`] (below), which is capped at [`SeenFilter::MAX_BYTES`]. On disk:
+//! about 24 bytes per id before compression.
+//!
+//! Almost every id looked up is new, and a point read of a new id still searches the
+//! memtables (skiplists of tens of thousands of entries: cache misses at every level; the
+//! profile showed it as a fifth of the CPU of a 100-event request). So the commit keeps a
+//! [`SeenFilter`]: a bloom filter over every key in the partition, which answers "certainly
+//! not seen" for almost all new ids without touching the tree; a "maybe" is read from the tree
+//! as before. It is built by the pruning pass (which reads every entry anyway) from the entries
+//! the pass keeps plus every key staged while it runs, and replaces the previous one when the
+//! pass ends; until the first pass after open has ended, every lookup reads the tree. A filter
+//! has no false negatives; a false positive only costs the read it would have cost anyway.
 //!
 //! Expiry: an entry older than the window no longer counts as seen (checked on lookup, so the
 //! window is exact). Pruning (which only bounds the disk) walks the partition with a cursor,
@@ -70,6 +80,142 @@ pub(crate) struct PruneCursor {
     after: Option<Key>,
 }
 
+/// A bloom filter over dedupe keys. Keys are uniform hashes already, so the probe positions
+/// come from the key's two halves (double hashing) without hashing again.
+struct Bloom {
+    words: Vec<u64>,
+    /// Number of bits minus one (the bit count is a power of two).
+    mask: u64,
+    /// Keys inserted, and how many it is sized for (20 bits each: ~0.1% false positives).
+    count: u64,
+    capacity: u64,
+}
+
+impl Bloom {
+    const PROBES: u64 = 7;
+    const BITS_PER_KEY: u64 = 20;
+    const MIN_KEYS: u64 = 4_096;
+
+    /// Room for `keys` (rounded up to a power of two bits), at most `max_bytes`.
+    fn for_keys(keys: u64, max_bytes: usize) -> Bloom {
+        // The largest power of two within `max_bytes`.
+        let max_bits = 1u64 << (63 - (max_bytes as u64 * 8).max(64).leading_zeros());
+        let bits = keys
+            .max(Self::MIN_KEYS)
+            .saturating_mul(Self::BITS_PER_KEY)
+            .checked_next_power_of_two()
+            .unwrap_or(max_bits)
+            .min(max_bits)
+            .max(64);
+        Bloom {
+            words: vec![0; usize::try_from(bits / 64).unwrap_or(usize::MAX)],
+            mask: bits - 1,
+            count: 0,
+            capacity: bits / Self::BITS_PER_KEY,
+        }
+    }
+
+    /// The bits of `key`: (word index, bit mask).
+    fn probes(key: &Key, mask: u64) -> impl Iterator<Item = (usize, u64)> {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&key[..8]);
+        hi.copy_from_slice(&key[8..]);
+        let (h1, h2) = (u64::from_le_bytes(lo), u64::from_le_bytes(hi) | 1);
+        (0..Self::PROBES).map(move |i| {
+            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & mask;
+            ((bit / 64) as usize, 1u64 << (bit % 64))
+        })
+    }
+
+    fn insert(&mut self, key: &Key) {
+        for (word, bit) in Self::probes(key, self.mask) {
+            self.words[word] |= bit;
+        }
+        self.count += 1;
+    }
+
+    fn may_contain(&self, key: &Key) -> bool {
+        Self::probes(key, self.mask).all(|(word, bit)| self.words[word] & bit != 0)
+    }
+
+    fn bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+/// A filter that grows: when its newest bloom is full, keys go to a new one twice its size
+/// (a scalable bloom filter), so a partition growing between two pruning passes does not
+/// saturate it. Lookups check every layer; a pass replaces them all by one of the right size.
+struct Layers(Vec<Bloom>);
+
+impl Layers {
+    fn for_keys(keys: u64) -> Layers {
+        Layers(vec![Bloom::for_keys(keys, SeenFilter::MAX_BYTES)])
+    }
+
+    fn insert(&mut self, key: &Key) {
+        let used = self.bytes();
+        if let Some(last) = self.0.last() {
+            let grown = last.bytes() * 2;
+            if last.count >= last.capacity && used + grown <= SeenFilter::MAX_BYTES {
+                self.0.push(Bloom::for_keys(last.capacity * 2, grown));
+            }
+        }
+        // At the memory cap the newest layer just fills up (more false positives, never a
+        // false negative).
+        if let Some(last) = self.0.last_mut() {
+            last.insert(key);
+        }
+    }
+
+    fn may_contain(&self, key: &Key) -> bool {
+        self.0.iter().any(|b| b.may_contain(key))
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.iter().map(Bloom::bytes).sum()
+    }
+}
+
+/// The filter of the commit (see the module docs): the one in use, and the one the pruning
+/// pass in progress is building.
+#[derive(Default)]
+pub(crate) struct SeenFilter {
+    current: Option<Layers>,
+    building: Option<Layers>,
+}
+
+impl SeenFilter {
+    /// The most one filter takes (16 MiB: ~6.7 million ids at 20 bits each; more ids only
+    /// raise the false-positive rate). Two exist while a pass runs.
+    pub(crate) const MAX_BYTES: usize = 16 * 1024 * 1024;
+
+    /// False only if `key` is certainly not in the partition.
+    pub(crate) fn may_contain(&self, key: &Key) -> bool {
+        self.current.as_ref().is_none_or(|l| l.may_contain(key))
+    }
+
+    /// A key about to be written to the partition.
+    pub(crate) fn insert(&mut self, key: &Key) {
+        for layers in [&mut self.current, &mut self.building]
+            .into_iter()
+            .flatten()
+        {
+            layers.insert(key);
+        }
+    }
+
+    /// Heap bytes of the filters.
+    pub(crate) fn bytes(&self) -> usize {
+        [&self.current, &self.building]
+            .into_iter()
+            .flatten()
+            .map(Layers::bytes)
+            .sum()
+    }
+}
+
 impl Store {
     /// Whether `key` was accepted (durably: only committed batches are visible) within the
     /// window ending at `now_ms`.
@@ -94,13 +240,24 @@ impl Store {
     /// older than the window. Losing a pruning batch in a crash is harmless (it is redone), so
     /// it is written without a sync. Returns how many ids were forgotten and whether the pass
     /// reached the end of the partition (the cursor is then reset for the next pass).
+    ///
+    /// The pass also builds the next [`SeenFilter`]: from the entries it keeps (plus, through
+    /// [`SeenFilter::insert`], the keys staged while it runs); it is put in use when the pass
+    /// ends.
     pub(crate) fn prune_dedupe_step(
         &self,
         cursor: &mut PruneCursor,
         now_ms: u64,
         window: Duration,
         chunk: usize,
+        filter: &mut SeenFilter,
     ) -> Result<(usize, bool), OutboxError> {
+        if cursor.after.is_none() {
+            // A new pass: size the next filter for what the partition holds now, twice over
+            // (it grows by layers if that is not enough before the next pass).
+            let keys = u64::try_from(self.dedupe.approximate_len()).unwrap_or(u64::MAX);
+            filter.building = Some(Layers::for_keys(keys.saturating_mul(2)));
+        }
         let cutoff = now_ms.saturating_sub(window_ms(window));
         let mut batch = self.batch();
         let mut forgotten = 0;
@@ -114,17 +271,25 @@ impl Store {
         for kv in range.take(chunk) {
             let (k, v) = kv?;
             seen += 1;
+            let key = Key::try_from(k.as_ref()).ok();
             if accepted_at(&v) < cutoff {
                 batch.remove(&self.dedupe, k.to_vec());
                 forgotten += 1;
+            } else if let (Some(key), Some(building)) = (&key, &mut filter.building) {
+                building.insert(key);
             }
-            last = Key::try_from(k.as_ref()).ok();
+            last = key;
         }
         if forgotten > 0 {
             batch.commit()?;
         }
         let done = seen < chunk || last.is_none();
         cursor.after = if done { None } else { last };
+        if done {
+            if let Some(next) = filter.building.take() {
+                filter.current = Some(next);
+            }
+        }
         Ok((forgotten, done))
     }
 
@@ -132,9 +297,11 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn prune_dedupe(&self, now_ms: u64, window: Duration) -> Result<usize, OutboxError> {
         let mut cursor = PruneCursor::default();
+        let mut filter = SeenFilter::default();
         let mut total = 0;
         loop {
-            let (n, done) = self.prune_dedupe_step(&mut cursor, now_ms, window, PRUNE_CHUNK)?;
+            let (n, done) =
+                self.prune_dedupe_step(&mut cursor, now_ms, window, PRUNE_CHUNK, &mut filter)?;
             total += n;
             if done {
                 return Ok(total);

@@ -160,6 +160,9 @@ pub struct OutboxStats {
     /// Duration of the last `fdatasync`.
     pub last_sync_latency: Option<Duration>,
     pub poisoned: bool,
+    /// Heap bytes of the dedupe filter (see the `dedupe` module); 0 until the first pruning
+    /// pass after open has built it.
+    pub dedupe_filter_bytes: usize,
 }
 
 /// State shared by the handles and the commit thread.
@@ -178,6 +181,8 @@ pub(crate) struct Shared {
     pub(crate) unsynced: AtomicBool,
     /// Records of written groups not yet applied to the queue (at the sync thread).
     pub(crate) in_flight: AtomicUsize,
+    /// Heap bytes of the dedupe filter, as the commit last saw it.
+    pub(crate) dedupe_filter_bytes: AtomicUsize,
     #[cfg(test)]
     pub(crate) faults: tests::Faults,
 }
@@ -251,6 +256,7 @@ impl Outbox {
             last_sync_nanos: AtomicU64::new(u64::MAX),
             unsynced: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            dedupe_filter_bytes: AtomicUsize::new(0),
             #[cfg(test)]
             faults: tests::Faults::default(),
         });
@@ -449,6 +455,7 @@ impl Outbox {
             appends: s.appends.load(Ordering::Relaxed),
             last_sync_latency: (nanos != u64::MAX).then(|| Duration::from_nanos(nanos)),
             poisoned: s.poisoned.load(Ordering::Relaxed),
+            dedupe_filter_bytes: s.dedupe_filter_bytes.load(Ordering::Relaxed),
         }
     }
 

@@ -128,13 +128,22 @@ fn pruning_steps_through_the_index_and_forgets_only_expired_ids() {
     }
     batch.commit().unwrap();
     let mut cursor = dedupe::PruneCursor::default();
+    let mut filter = dedupe::SeenFilter::default();
+    let late = dedupe::key(&"t".into(), &"staged during the pass".into());
     let (mut forgotten, mut steps) = (0, 0);
     loop {
         let (n, done) = store
-            .prune_dedupe_step(&mut cursor, now, window, 4)
+            .prune_dedupe_step(&mut cursor, now, window, 4, &mut filter)
             .unwrap();
         forgotten += n;
         steps += 1;
+        if steps == 3 {
+            // A key written between two steps (before the cursor or after it).
+            let mut batch = store.batch();
+            store.stage_seen(&mut batch, &late, now);
+            filter.insert(&late);
+            batch.commit().unwrap();
+        }
         if done {
             break;
         }
@@ -142,18 +151,133 @@ fn pruning_steps_through_the_index_and_forgets_only_expired_ids() {
     assert_eq!(forgotten, 13);
     assert_eq!(
         steps, 7,
-        "25 entries, 4 a step: the 7th step sees 1 and ends the pass"
+        "26 entries, 4 a step: the 7th step sees the last ones and ends the pass"
     );
-    assert_eq!(store.dedupe.len().unwrap(), 12);
+    assert_eq!(store.dedupe.len().unwrap(), 13);
     for (i, k) in keys.iter().enumerate() {
         assert_eq!(
             store.is_seen(k, now, window).unwrap(),
             i % 2 == 1,
             "key {i}"
         );
+        if i % 2 == 1 {
+            assert!(
+                filter.may_contain(k),
+                "kept key {i} missing from the filter"
+            );
+        }
     }
+    assert!(filter.may_contain(&late));
+    assert!(filter.bytes() > 0);
     // A second pass finds nothing more to forget.
     assert_eq!(store.prune_dedupe(now, window).unwrap(), 0);
+}
+
+#[test]
+fn the_dedupe_filter_never_misses_a_key_and_rarely_claims_one() {
+    // Before any pass there is no filter: everything "may" be there (the tree decides).
+    let mut filter = dedupe::SeenFilter::default();
+    let k = |i: u32| dedupe::key(&"tenant".into(), &format!("ev-{i}").as_str().into());
+    assert!(filter.may_contain(&k(0)));
+    // A pass over an empty partition puts a filter in use; keys inserted later are in it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::open(dir.path()).unwrap();
+    let mut cursor = dedupe::PruneCursor::default();
+    let (_, done) = store
+        .prune_dedupe_step(&mut cursor, 0, Duration::from_secs(60), 10, &mut filter)
+        .unwrap();
+    assert!(done);
+    assert!(!filter.may_contain(&k(0)));
+    let empty_bytes = filter.bytes();
+    for i in 0..50_000 {
+        filter.insert(&k(i));
+    }
+    assert!(
+        (0..50_000).all(|i| filter.may_contain(&k(i))),
+        "a false negative"
+    );
+    // Sized for 4,096 keys and given 50,000: it grew (by layers) instead of filling up, and
+    // still refuses nearly every new key (~0.1% false positives a layer).
+    assert!(filter.bytes() > 8 * empty_bytes, "{} bytes", filter.bytes());
+    let false_positives = (50_000..150_000)
+        .filter(|&i| filter.may_contain(&k(i)))
+        .count();
+    assert!(false_positives < 1_000, "{false_positives} of 100,000");
+    let mut sized = dedupe::SeenFilter::default();
+    let mut cursor = dedupe::PruneCursor::default();
+    let mut batch = store.batch();
+    for i in 0..50_000 {
+        store.stage_seen(&mut batch, &k(i), 1_000);
+    }
+    batch.commit().unwrap();
+    store
+        .prune_dedupe_step(
+            &mut cursor,
+            1_000,
+            Duration::from_secs(60),
+            100_000,
+            &mut sized,
+        )
+        .unwrap();
+    assert!(
+        (0..50_000).all(|i| sized.may_contain(&k(i))),
+        "a false negative"
+    );
+    let false_positives = (50_000..150_000)
+        .filter(|&i| sized.may_contain(&k(i)))
+        .count();
+    assert!(false_positives < 500, "{false_positives} of 100,000");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever keys a pass keeps and whatever is staged while it runs, the filter it leaves
+    /// in use contains every one of them.
+    #[test]
+    fn the_filter_a_pass_builds_contains_every_stored_key(
+        ids in proptest::collection::vec("[a-z0-9]{1,12}", 1..200),
+        staged_at_step in 0usize..8,
+        chunk in 1usize..64,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path()).unwrap();
+        let keys: Vec<dedupe::Key> = ids
+            .iter()
+            .map(|id| dedupe::key(&"t".into(), &id.as_str().into()))
+            .collect();
+        let (before, during) = keys.split_at(keys.len() / 2);
+        let mut batch = store.batch();
+        for k in before {
+            store.stage_seen(&mut batch, k, 1_000);
+        }
+        batch.commit().unwrap();
+        let mut filter = dedupe::SeenFilter::default();
+        let mut cursor = dedupe::PruneCursor::default();
+        let mut step = 0;
+        let mut staged = false;
+        loop {
+            let (_, done) = store
+                .prune_dedupe_step(&mut cursor, 1_000, Duration::from_secs(60), chunk, &mut filter)
+                .unwrap();
+            if !staged && (step == staged_at_step || done) {
+                let mut batch = store.batch();
+                for k in during {
+                    store.stage_seen(&mut batch, k, 1_000);
+                    filter.insert(k);
+                }
+                batch.commit().unwrap();
+                staged = true;
+            }
+            step += 1;
+            if done {
+                break;
+            }
+        }
+        for k in &keys {
+            prop_assert!(filter.may_contain(k));
+        }
+    }
 }
 
 #[test]
@@ -222,6 +346,58 @@ fn append_dedupes_and_survives_reopen() {
     });
 }
 
+#[test]
+fn duplicates_are_found_once_the_dedupe_filter_is_in_use() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(settings(
+            dir.path(),
+            SyncPolicy::Interval(Duration::from_millis(50)),
+        ))
+        .unwrap();
+        let first: Vec<AcceptedEvent> =
+            (0..300).map(|i| event("t1", &format!("a{i}"), 1)).collect();
+        assert!(ob
+            .append(first.clone())
+            .await
+            .unwrap()
+            .iter()
+            .all(|o| *o == AppendOutcome::Accepted));
+        ob.close().await.unwrap();
+
+        // After a restart the first pass (which starts at open) builds the filter from disk.
+        let ob = Outbox::open(settings(
+            dir.path(),
+            SyncPolicy::Interval(Duration::from_millis(50)),
+        ))
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ob.stats().dedupe_filter_bytes == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no dedupe filter after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut again = first.clone();
+        again.extend((0..300).map(|i| event("t1", &format!("b{i}"), 1)));
+        let out = ob.append(again.clone()).await.unwrap();
+        assert!(
+            out[..300].iter().all(|o| *o == AppendOutcome::Duplicate),
+            "ids from before the restart"
+        );
+        assert!(
+            out[300..].iter().all(|o| *o == AppendOutcome::Accepted),
+            "new ids"
+        );
+        // Ids written after the filter was built are in it too.
+        let out = ob.append(again).await.unwrap();
+        assert!(out.iter().all(|o| *o == AppendOutcome::Duplicate));
+        assert_eq!(ob.depth(), 600);
+        ob.close().await.unwrap();
+    });
+}
+
 /// Nice values of this process's threads named `name`, from `/proc/self/task/*/stat`.
 #[cfg(target_os = "linux")]
 fn nice_of_threads_named(name: &str) -> Vec<i32> {
@@ -250,16 +426,26 @@ fn storage_threads_run_below_the_callers_priority() {
     let mine = rustix::process::getpriority_process(None).unwrap();
     let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
     let expected = (mine + store::BACKGROUND_NICE_OFFSET).min(19);
+    // A thread takes its name when it starts running, which may be after `open` returned.
+    let named = |name: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let nices = nice_of_threads_named(name);
+            if !nices.is_empty() {
+                return nices;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {name} thread");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
     for name in ["flusher", "compactor", "monitor"] {
-        let nices = nice_of_threads_named(name);
-        assert!(!nices.is_empty(), "no {name} thread");
+        let nices = named(name);
         assert!(nices.iter().all(|&n| n == expected), "{name}: {nices:?}");
     }
     // The caller and the outbox's own threads keep the caller's priority.
     assert_eq!(rustix::process::getpriority_process(None).unwrap(), mine);
     for name in ["outbox-commit", "outbox-sync"] {
-        let nices = nice_of_threads_named(name);
-        assert!(!nices.is_empty(), "no {name} thread");
+        let nices = named(name);
         assert!(nices.iter().all(|&n| n == mine), "{name}: {nices:?}");
     }
     rt().block_on(ob.close()).unwrap();

@@ -18,3 +18,5 @@ pub const OUTBOX_GROUPS_TOTAL: &str = "credyt_proxy_outbox_groups_total";
 pub const OUTBOX_APPENDS_TOTAL: &str = "credyt_proxy_outbox_appends_total";
 /// 1 when a failed write or sync stopped the outbox.
 pub const OUTBOX_POISONED: &str = "credyt_proxy_outbox_poisoned";
+/// Gauge: heap bytes of the outbox's dedupe filter (bounded; see the outbox's dedupe module).
+pub const OUTBOX_DEDUPE_FILTER_BYTES: &str = "credyt_proxy_outbox_dedupe_filter_bytes";
