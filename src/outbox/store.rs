@@ -134,10 +134,16 @@ impl Store {
         // not what memtables use but the point where fjall puts the writer (our commit thread)
         // to sleep, 100 ms at a time, until flushes catch up; at 16 MiB, four memtables, it did
         // so in ordinary load (a 135 ms stall in a half-rate latency run).
+        //
+        // The journal cap is raised from fjall's 512 MiB to 1 GiB because fjall counts every
+        // journal at its preallocated 32 MiB (a sparse file) whatever it holds: with 4 MiB
+        // memtables a journal holds a few MiB, and under a 100-event-batch burst fjall reached
+        // 90% of 512 MiB with a fraction of that written and slept the writer 500 ms.
         let config = Config::new(store_dir(dir))
             .manual_journal_persist(true)
             .cache_size(8 * 1024 * 1024)
-            .max_write_buffer_size(64 * 1024 * 1024);
+            .max_write_buffer_size(64 * 1024 * 1024)
+            .max_journaling_size(1024 * 1024 * 1024);
         let keyspace = open_in_background(config)?;
         let open = |name: &str| {
             let options = PartitionCreateOptions::default().max_memtable_size(4 * 1024 * 1024);
