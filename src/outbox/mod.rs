@@ -11,15 +11,16 @@
 //!   runs shares the next one (the `syncer` module: syncs run on their own thread, so writing
 //!   and syncing overlap). The call returns `Ok` only once that batch is durable per
 //!   [`SyncPolicy`]. An event id is `Duplicate` only if its commit is durable; an id whose
-//!   commit is in flight is answered with the result of that commit, because one thread
-//!   decides groups strictly one after the other and answers leave in that order.
+//!   commit is in flight is answered with the result of that commit, because groups are
+//!   decided strictly one after the other (under one lock) and answers leave in that order.
 //! * A failed write or sync answers the whole group with an error and claims nothing. A failed
 //!   sync (or any storage error after bytes may have reached the file) poisons the outbox: every
 //!   later write fails with [`OutboxError::Poisoned`] until the process restarts. No fsync is
 //!   ever retried on the same file ("fsyncgate").
-//! * The work of a call (commit, dedupe, hand-off to the pending queue) runs on the commit
-//!   thread, not in the caller's future: a caller that is dropped (client disconnect) cannot
-//!   leave a half-done append behind.
+//! * The work of a call (commit, dedupe, hand-off to the pending queue) runs in plain blocking
+//!   code between two awaits, never across one: a caller that is dropped (client disconnect)
+//!   cannot leave a half-done append behind, and one dropped before its write still has it
+//!   written and answered (see the `commit` module).
 //! * Delivered marks are written without their own sync: losing them in a crash only redelivers
 //!   a record whose Credyt transaction id is deterministic, which Credyt answers idempotently.
 //!
@@ -165,7 +166,7 @@ pub struct OutboxStats {
     pub dedupe_filter_bytes: usize,
 }
 
-/// State shared by the handles and the commit thread.
+/// State shared by the handles, the writers and the sync thread.
 pub(crate) struct Shared {
     pub(crate) queue: Mutex<Queue>,
     pub(crate) notify: Notify,
@@ -176,7 +177,7 @@ pub(crate) struct Shared {
     pub(crate) appends: AtomicU64,
     /// Nanoseconds of the last sync, `u64::MAX` before the first.
     pub(crate) last_sync_nanos: AtomicU64,
-    /// Whether anything was written since the last sync began (set by the commit thread,
+    /// Whether anything was written since the last sync began (set by the writer,
     /// cleared by the sync thread).
     pub(crate) unsynced: AtomicBool,
     /// Records of written groups not yet applied to the queue (at the sync thread).
@@ -215,7 +216,7 @@ impl Drop for WriteOnDrop<'_> {
     }
 }
 
-/// The durable outbox. Cheap to clone; all clones share one store and one commit thread.
+/// The durable outbox. Cheap to clone; all clones share one store and one commit.
 #[derive(Clone)]
 pub struct Outbox {
     inner: Arc<Inner>,
@@ -232,7 +233,7 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (or creates) the outbox in `settings.dir` and recovers it: the pending queue and
     /// the dedupe index are rebuilt from disk before this returns (expired dedupe entries are
-    /// pruned later, step by step, by the commit thread). Blocking: call it at startup or from
+    /// pruned later, step by step, by the `outbox-commit` thread). Blocking: call it at startup or from
     /// `spawn_blocking`.
     pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
         let store = Arc::new(Store::open(&settings.dir)?);
@@ -459,7 +460,7 @@ impl Outbox {
         }
     }
 
-    /// Writes what is queued, syncs once more, stops the commit thread and, if this was the
+    /// Writes what is queued, syncs once more, stops the `outbox-commit` thread and, if this was the
     /// last handle, closes the store and releases the directory lock. Other clones get
     /// [`OutboxError::Closed`] afterwards.
     pub async fn close(self) -> Result<(), OutboxError> {
@@ -473,7 +474,7 @@ impl Outbox {
         result
     }
 
-    /// Test-only crash: the commit thread stops without its final sync and the store is
+    /// Test-only crash: the outbox stops without its final sync and the store is
     /// dropped as a killed process would leave it (every acknowledged write already reached
     /// the OS; nothing else is flushed).
     #[cfg(test)]

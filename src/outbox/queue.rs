@@ -20,7 +20,7 @@ struct Entry {
 pub(crate) struct Queue {
     /// Ordered by seq: new records are appended at the right edge, so growing to hundreds of
     /// thousands of pending records (an upstream outage) never rehashes the whole map, as a
-    /// hash map did (a tenth of the commit thread's time in the load test's capacity phase).
+    /// hash map did (a tenth of the commit's time in the load test's capacity phase).
     entries: BTreeMap<u64, Entry>,
     /// Seqs not leased, oldest first.
     ready: BTreeSet<u64>,

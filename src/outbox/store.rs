@@ -76,7 +76,7 @@ pub(crate) const BACKGROUND_NICE_OFFSET: i32 = 10;
 /// spikes in the half-rate latency test; at nice +10 (weight 110 against 1024) the request
 /// threads preempt it and it runs in the idle time. RocksDB offers the same for its
 /// compaction pool (`LowerThreadPoolCPUPriority`); fjall does not, hence the inheritance. The
-/// commit thread itself keeps the normal priority (it is the writer). Linux only: elsewhere
+/// writers (the request threads, see the commit module) keep the normal priority. Linux only: elsewhere
 /// the nice value is per process, so the keyspace is opened on the calling thread.
 fn open_in_background(config: Config) -> Result<Keyspace, OutboxError> {
     if !cfg!(target_os = "linux") {
@@ -131,7 +131,7 @@ impl Store {
         // We decide durability per batch; fjall must not add syncs or buffering of its own.
         // Memory is sized for a sidecar: a small block cache and 4 MiB memtables (fjall's
         // default is 16 MiB per partition). The write-buffer cap stays at fjall's 64 MiB: it is
-        // not what memtables use but the point where fjall puts the writer (our commit thread)
+        // not what memtables use but the point where fjall puts the writer (whoever commits)
         // to sleep, 100 ms at a time, until flushes catch up; at 16 MiB, four memtables, it did
         // so in ordinary load (a 135 ms stall in a half-rate latency run).
         //

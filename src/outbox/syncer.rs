@@ -1,22 +1,22 @@
-//! The sync thread: every `fdatasync` of the outbox runs here, so the commit thread never waits
+//! The sync thread: every `fdatasync` of the outbox runs here, so a writer never waits
 //! for the disk.
 //!
-//! * `always`: the commit thread writes a group to the OS and hands it over; this thread takes
-//!   every group handed over meanwhile, makes them durable with one `fdatasync`, then applies
-//!   them to the in-memory queue in order and answers them. While it syncs, the commit thread
-//!   already decides and writes the next groups (pipelined group commit: the disk and the CPU
-//!   work overlap instead of taking turns).
-//! * `interval`: the commit thread answers its groups itself once written; this thread syncs
+//! * `always`: the writer (see the commit module) writes a group to the OS and hands it over;
+//!   this thread takes every group handed over meanwhile, makes them durable with one
+//!   `fdatasync`, then applies them to the in-memory queue in order and answers them. While it
+//!   syncs, the next groups are already decided and written (pipelined group commit: the disk
+//!   and the CPU work overlap instead of taking turns).
+//! * `interval`: the writer answers its groups itself once written; this thread syncs
 //!   every interval if anything was written since the last sync.
 //! * A failed sync poisons the outbox and fails every group it was to cover; it is never
 //!   retried. Groups behind it were written after the failure was possible, so they are failed
-//!   too (the commit thread refuses new writes once poisoned).
+//!   too (the writers refuse new writes once poisoned).
 //! * An id is answered `Duplicate` by a later group only after that later group's sync, which
 //!   runs after the sync of the group that claimed the id: the "duplicate only once durable"
 //!   rule of the commit module holds across the pipeline.
 //!
 //! It syncs fjall's journal through a descriptor of its own: `Keyspace::persist` holds the
-//! journal writer's lock for the duration of the sync, which would stall the commit thread's
+//! journal writer's lock for the duration of the sync, which would stall the writers'
 //! writes. fjall syncs a journal (and its folder) itself when it seals it at rotation, so only
 //! the active journal, the highest-numbered file in `journals/`, needs syncing here; a group
 //! handed over was written before this thread lists the folder, so it is in that file or in a
@@ -136,7 +136,7 @@ impl Syncer {
                 }
             }
             if matches!(self.policy, SyncPolicy::Interval(_)) {
-                // Interval groups are answered by the commit thread; this is the periodic sync.
+                // Interval groups are answered by their writer; this is the periodic sync.
                 need_sync = true;
             }
             let synced = if need_sync {

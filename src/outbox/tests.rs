@@ -398,6 +398,29 @@ fn duplicates_are_found_once_the_dedupe_filter_is_in_use() {
     });
 }
 
+#[test]
+fn an_append_dropped_before_its_write_is_still_written_once() {
+    use futures_util::FutureExt;
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+        // Polled once, the call has queued its message and yielded; then its caller goes away
+        // (a client disconnect drops the request's future).
+        let dropped = ob.append(vec![event("t1", "gone", 2)]).now_or_never();
+        assert!(dropped.is_none(), "the append finished without yielding");
+        // Its write happened anyway (when the future was dropped): the id is taken, once.
+        assert_eq!(
+            ob.append(vec![event("t1", "gone", 2)]).await.unwrap(),
+            vec![AppendOutcome::Duplicate]
+        );
+        assert_eq!(ob.depth(), 2);
+        ob.close().await.unwrap();
+        let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+        assert_eq!(ob.depth(), 2, "the dropped caller's records are durable");
+        ob.close().await.unwrap();
+    });
+}
+
 /// Nice values of this process's threads named `name`, from `/proc/self/task/*/stat`.
 #[cfg(target_os = "linux")]
 fn nice_of_threads_named(name: &str) -> Vec<i32> {
