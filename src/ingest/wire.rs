@@ -1,13 +1,20 @@
 //! Wire payloads -> domain: Credyt's `UsageRequest`, checked field by field.
 //!
-//! The body is read as a JSON tree (numbers kept as their literal text, never through f64) and
-//! each event is validated on its own, so one bad event yields a precise rejection naming its
-//! index and field (`events[3].occurred_at`) while the others are still judged.
+//! The body is read in one pass into the fields this service looks at (numbers kept as their
+//! literal text, never through f64; unknown fields skipped without being built), and each event
+//! is validated on its own, so one bad event yields a precise rejection naming its index and
+//! field (`events[3].occurred_at`) while the others are still judged. A field's value is kept as
+//! a small JSON value, so "absent", `null` and "of the wrong type" stay distinct; a key given
+//! twice counts with its last value.
 
 use std::collections::HashSet;
+use std::fmt;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::IngestSettings;
@@ -48,17 +55,21 @@ pub fn parse_request(
     limits: &IngestSettings,
     now: DateTime<Utc>,
 ) -> Result<ParsedRequest, ApiError> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
-    let Value::Object(mut root) = root else {
-        return Err(ApiError::BadJson("the body must be a JSON object".into()));
-    };
+    if first_byte(body) != Some(b'{') {
+        // Not an object: say whether it is JSON at all.
+        return Err(ApiError::BadJson(
+            match serde_json::from_slice::<IgnoredAny>(body) {
+                Err(e) => e.to_string(),
+                Ok(_) => "the body must be a JSON object".into(),
+            },
+        ));
+    }
+    let root: RawRequest<'_> =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let whole = |code, field: &str, msg: &str| {
         ApiError::Validation(vec![reject(code, field.to_string(), msg)])
     };
-    let customer = match (
-        root.remove("customer_id"),
-        root.remove("customer_external_id"),
-    ) {
+    let customer = match (root.customer_id, root.customer_external_id) {
         (Some(Value::String(id)), None | Some(Value::Null)) if valid_text(&id, 128) => {
             CustomerRef::Id(id)
         }
@@ -87,8 +98,10 @@ pub fn parse_request(
             ))
         }
     };
-    let events = match root.remove("events") {
-        Some(Value::Array(events)) => events,
+    let events: Vec<&RawValue> = match root.events {
+        Some(raw) if first_byte(raw.get().as_bytes()) == Some(b'[') => {
+            serde_json::from_str(raw.get()).map_err(|e| ApiError::BadJson(e.to_string()))?
+        }
         Some(_) => return Err(whole("invalid_events", "events", "events must be an array")),
         None => return Err(whole("missing_events", "events", "events is required")),
     };
@@ -137,19 +150,24 @@ fn valid_text(s: &str, max: usize) -> bool {
 
 fn parse_event(
     i: usize,
-    value: Value,
+    raw: &RawValue,
     limits: &IngestSettings,
     now: DateTime<Utc>,
 ) -> Result<UsageEvent, Rejection> {
     let field = |name: &str| format!("events[{i}].{name}");
-    let Value::Object(mut obj) = value else {
-        return Err(reject(
+    let not_object = || {
+        reject(
             "invalid_event",
             format!("events[{i}]"),
             "each event must be an object",
-        ));
+        )
     };
-    let id = match obj.remove("id") {
+    if first_byte(raw.get().as_bytes()) != Some(b'{') {
+        return Err(not_object());
+    }
+    // Valid JSON already (the request parsed), and an object: this cannot fail.
+    let mut obj: RawEvent = serde_json::from_str(raw.get()).map_err(|_| not_object())?;
+    let id = match obj.id.take() {
         Some(Value::String(id)) if valid_text(&id, limits.max_event_id_len) => id,
         Some(Value::String(_)) => {
             return Err(reject(
@@ -164,7 +182,7 @@ fn parse_event(
         Some(_) => return Err(reject("invalid_id", field("id"), "id must be a string")),
         None => return Err(reject("missing_id", field("id"), "id is required")),
     };
-    let event_type = match obj.remove("event_type") {
+    let event_type = match obj.event_type.take() {
         Some(Value::String(t)) if valid_text(&t, 256) => t,
         Some(_) => {
             return Err(reject(
@@ -181,7 +199,7 @@ fn parse_event(
             ))
         }
     };
-    let occurred_at = match obj.remove("occurred_at") {
+    let occurred_at = match obj.occurred_at.take() {
         Some(Value::String(s)) => parse_time(&s, limits, now)
             .map_err(|(code, msg)| reject(code, field("occurred_at"), msg))?,
         Some(_) => {
@@ -199,8 +217,8 @@ fn parse_event(
             ))
         }
     };
-    let mut optional_text = |name: &str| -> Result<Option<String>, Rejection> {
-        match obj.remove(name) {
+    let optional_text = |name: &str, value: Option<Value>| -> Result<Option<String>, Rejection> {
+        match value {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.len() <= limits.max_field_len => Ok(Some(s)),
             Some(_) => Err(reject(
@@ -213,9 +231,9 @@ fn parse_event(
             )),
         }
     };
-    let subject = optional_text("subject")?;
-    let description = optional_text("description")?;
-    let data = match obj.remove("data") {
+    let subject = optional_text("subject", obj.subject.take())?;
+    let description = optional_text("description", obj.description.take())?;
+    let data = match obj.data.take() {
         None | Some(Value::Null) => EventData::new(),
         Some(Value::Object(map)) => parse_data(i, map, limits)?,
         Some(_) => {
@@ -226,7 +244,7 @@ fn parse_event(
             ))
         }
     };
-    match obj.remove("costs") {
+    match obj.costs.take() {
         None | Some(Value::Null) | Some(Value::Array(_)) => {}
         Some(_) => {
             return Err(reject(
@@ -244,6 +262,125 @@ fn parse_event(
         description,
         data,
     })
+}
+
+/// The first byte of a JSON text that is not whitespace.
+fn first_byte(json: &[u8]) -> Option<u8> {
+    json.iter()
+        .copied()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// The fields of a `UsageRequest` this service reads; the events stay raw until each is judged.
+#[derive(Default)]
+struct RawRequest<'a> {
+    customer_id: Option<Value>,
+    customer_external_id: Option<Value>,
+    events: Option<&'a RawValue>,
+}
+
+/// The fields of one usage event this service reads.
+#[derive(Default)]
+struct RawEvent {
+    id: Option<Value>,
+    event_type: Option<Value>,
+    occurred_at: Option<Value>,
+    subject: Option<Value>,
+    description: Option<Value>,
+    data: Option<Value>,
+    costs: Option<Value>,
+}
+
+/// Reads an object key as its index in the given names (`None`: a key this service ignores),
+/// without allocating.
+struct KeySeed(&'static [&'static str]);
+
+impl<'de> de::DeserializeSeed<'de> for KeySeed {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeySeed {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|n| *n == key))
+    }
+}
+
+const REQUEST_KEYS: &[&str] = &["customer_id", "customer_external_id", "events"];
+const EVENT_KEYS: &[&str] = &[
+    "id",
+    "event_type",
+    "occurred_at",
+    "subject",
+    "description",
+    "data",
+    "costs",
+];
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawRequest<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawRequest<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<RawRequest<'a>, A::Error> {
+                let mut r = RawRequest::default();
+                while let Some(key) = m.next_key_seed(KeySeed(REQUEST_KEYS))? {
+                    match key {
+                        Some(0) => r.customer_id = Some(m.next_value()?),
+                        Some(1) => r.customer_external_id = Some(m.next_value()?),
+                        Some(2) => r.events = Some(m.next_value()?),
+                        _ => {
+                            m.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(r)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawEvent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawEvent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<RawEvent, A::Error> {
+                let mut e = RawEvent::default();
+                while let Some(key) = m.next_key_seed(KeySeed(EVENT_KEYS))? {
+                    let slot = match key {
+                        Some(0) => &mut e.id,
+                        Some(1) => &mut e.event_type,
+                        Some(2) => &mut e.occurred_at,
+                        Some(3) => &mut e.subject,
+                        Some(4) => &mut e.description,
+                        Some(5) => &mut e.data,
+                        Some(6) => &mut e.costs,
+                        _ => {
+                            m.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(m.next_value()?);
+                }
+                Ok(e)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 fn parse_time(
@@ -418,6 +555,110 @@ mod tests {
         assert_eq!(first.data["n"], DataValue::Number(Decimal::new(1005, 3)));
         let bad = parsed.events[1].as_ref().unwrap_err();
         assert_eq!(bad.field, "events[1].occurred_at");
+    }
+
+    fn codes_of(body: &str) -> Vec<String> {
+        let parsed = parse_request(body.as_bytes(), &limits(), now()).unwrap();
+        parsed
+            .events
+            .iter()
+            .map(|e| match e {
+                Ok(ev) => format!("ok:{}", ev.id),
+                Err(r) => format!("{}@{}", r.code, r.field),
+            })
+            .collect()
+    }
+
+    fn bad_json(body: &str) -> String {
+        match parse_request(body.as_bytes(), &limits(), now()) {
+            Err(ApiError::BadJson(m)) => m,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn absent_null_and_wrong_types_stay_distinct() {
+        const T: &str = r#""event_type":"t","occurred_at":"2026-01-05T11:00:00Z""#;
+        let body = format!(
+            r#"{{"customer_id":null,"customer_external_id":"u","events":[
+                {{{T}}},
+                {{"id":null,{T}}},
+                {{"id":7,{T}}},
+                {{"id":"a","event_type":null,"occurred_at":"2026-01-05T11:00:00Z"}},
+                {{"id":"b","event_type":"t"}},
+                {{"id":"c",{T},"subject":null,"description":"d","data":null,"costs":null}},
+                {{"id":"d",{T},"subject":5}},
+                {{"id":"e",{T},"data":[1]}},
+                {{"id":"f",{T},"costs":[{{"x":1}}]}},
+                {{"id":"g",{T},"costs":{{}}}},
+                7, "x", null, [], 1.5e3
+            ]}}"#
+        );
+        assert_eq!(
+            codes_of(&body),
+            [
+                "missing_id@events[0].id",
+                "invalid_id@events[1].id",
+                "invalid_id@events[2].id",
+                "invalid_event_type@events[3].event_type",
+                "missing_occurred_at@events[4].occurred_at",
+                "ok:c",
+                "invalid_field@events[6].subject",
+                "invalid_data@events[7].data",
+                "ok:f",
+                "invalid_field@events[9].costs",
+                "invalid_event@events[10]",
+                "invalid_event@events[11]",
+                "invalid_event@events[12]",
+                "invalid_event@events[13]",
+                "invalid_event@events[14]",
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_count_with_their_last_value_and_unknown_ones_are_skipped() {
+        let body = r#"{"customer_external_id":"old","events":"no","customer_external_id":"u",
+            "extra":{"deep":[1,{"x":null}]},"events":[
+            {"id":"first","id":"second","event_type":"t","occurred_at":"2026-01-05T11:00:00Z",
+             "unknown":{"a":[1,2,{"b":"c"}]},"\u0069\u0064":"escaped",
+             "data":{"n":1,"n":"two"}}
+        ]}"#;
+        let parsed = parse_request(body.as_bytes(), &limits(), now()).unwrap();
+        assert_eq!(parsed.customer, CustomerRef::ExternalId("u".into()));
+        let ev = parsed.events[0].as_ref().unwrap();
+        assert_eq!(ev.id.as_str(), "escaped", "an escaped key is the same key");
+        assert_eq!(ev.data["n"], DataValue::String("two".into()));
+    }
+
+    #[test]
+    fn a_body_that_is_not_one_json_object_is_bad_json() {
+        for body in ["[]", " 1", "\"x\"", "null", "  [{\"id\":1}]"] {
+            assert_eq!(bad_json(body), "the body must be a JSON object", "{body}");
+        }
+        for body in [
+            "",
+            "{not json",
+            r#"{"customer_id":"c","events":[{"id":"a",}]}"#,
+            r#"{"customer_id":"c","events":[]} trailing"#,
+            r#"{"customer_id":"c","events":[{"id":"a"}]"#,
+            "[1,",
+        ] {
+            assert_ne!(bad_json(body), "the body must be a JSON object", "{body}");
+        }
+        for (body, code) in [
+            (r#"{"customer_id":"c","events":null}"#, "invalid_events"),
+            (r#"{"customer_id":"c","events":{}}"#, "invalid_events"),
+            (r#"{"customer_id":"c","events":12.50}"#, "invalid_events"),
+            (r#"{"customer_id":"c"}"#, "missing_events"),
+            (r#"{"customer_id":1,"events":[]}"#, "invalid_customer"),
+            (r#"{"events":[{}]}"#, "missing_customer"),
+        ] {
+            match parse_request(body.as_bytes(), &limits(), now()) {
+                Err(ApiError::Validation(v)) => assert_eq!(v[0].code, code, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
     }
 
     #[test]
