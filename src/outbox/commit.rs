@@ -167,22 +167,28 @@ impl Commit {
     /// have found the lock still taken (so no message stays queued without a writer).
     fn lead<'a>(&'a self, mut guard: Option<MutexGuard<'a, Committer>>) {
         while let Some(mut state) = guard.take() {
-            loop {
-                let group = {
-                    let mut queue = self.queue.lock();
-                    let n = queue.len().min(state.settings.max_group.max(1));
-                    queue.drain(..n).collect::<Vec<_>>()
-                };
-                if group.is_empty() {
-                    break;
-                }
-                state.process(group);
-            }
+            self.drain(&mut state);
             drop(state);
             if self.queue.lock().is_empty() {
                 return;
             }
             guard = self.state.try_lock();
+        }
+    }
+
+    /// Writes what is queued, group after group (up to `max_group` messages each), until the
+    /// queue is empty. Called with the commit lock held.
+    fn drain(&self, state: &mut Committer) {
+        loop {
+            let group = {
+                let mut queue = self.queue.lock();
+                let n = queue.len().min(state.settings.max_group.max(1));
+                queue.drain(..n).collect::<Vec<_>>()
+            };
+            if group.is_empty() {
+                return;
+            }
+            state.process(group);
         }
     }
 
@@ -229,13 +235,7 @@ impl Commit {
     /// groups in flight, sync and stop.
     fn close(&self) -> Result<(), OutboxError> {
         let mut state = self.state.lock();
-        loop {
-            let group = std::mem::take(&mut *self.queue.lock());
-            if group.is_empty() {
-                break;
-            }
-            state.process(group);
-        }
+        self.drain(&mut state);
         state.closed = true;
         let result = state.final_sync();
         // Anything queued meanwhile (its caller found the lock taken) is answered `Closed`.

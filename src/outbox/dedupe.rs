@@ -155,10 +155,9 @@ impl Layers {
     }
 
     fn insert(&mut self, key: &Key) {
-        let used = self.bytes();
-        if let Some(last) = self.0.last() {
+        if let Some(last) = self.0.last().filter(|l| l.count >= l.capacity) {
             let grown = last.bytes() * 2;
-            if last.count >= last.capacity && used + grown <= SeenFilter::MAX_BYTES {
+            if self.bytes() + grown <= SeenFilter::MAX_BYTES {
                 self.0.push(Bloom::for_keys(last.capacity * 2, grown));
             }
         }
