@@ -2,8 +2,9 @@
 //!
 //! The index is the `dedupe` partition itself, not a heap map: a 7-day window at production
 //! rates is hundreds of millions of ids, which must not live in RAM. Lookups are point reads
-//! on the LSM tree (memtable, then bloom-filtered segments), done by the writer (under the commit lock), so a
-//! lookup and the write that claims the id are never interleaved with another group.
+//! on the LSM tree (memtable, then bloom-filtered segments), done by the writer under the
+//! commit lock, so a lookup and the write that claims the id are never interleaved with
+//! another group.
 //!
 //! Keys are the first 16 bytes of SHA-256 over `u32 BE len(tenant) ++ tenant ++ event id`:
 //! fixed size whatever the ids' lengths, and uniformly spread, so the memtable's comparisons

@@ -233,8 +233,8 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (or creates) the outbox in `settings.dir` and recovers it: the pending queue and
     /// the dedupe index are rebuilt from disk before this returns (expired dedupe entries are
-    /// pruned later, step by step, by the `outbox-commit` thread). Blocking: call it at startup or from
-    /// `spawn_blocking`.
+    /// pruned later, step by step, by the `outbox-commit` thread). Blocking: call it at startup
+    /// or from `spawn_blocking`.
     pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
         let store = Arc::new(Store::open(&settings.dir)?);
         let recovered = store.recover()?;
@@ -460,8 +460,8 @@ impl Outbox {
         }
     }
 
-    /// Writes what is queued, syncs once more, stops the `outbox-commit` thread and, if this was the
-    /// last handle, closes the store and releases the directory lock. Other clones get
+    /// Writes what is queued, syncs once more, stops the `outbox-commit` thread and, if this
+    /// was the last handle, closes the store and releases the directory lock. Other clones get
     /// [`OutboxError::Closed`] afterwards.
     pub async fn close(self) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
