@@ -10,6 +10,7 @@
 //! - `POST /v1/quote` prices one event without accepting it.
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
 
+pub mod finish;
 pub mod pipeline;
 pub mod problem;
 pub mod sink;
@@ -128,11 +129,9 @@ async fn run(
     let state: State = state.into_inner();
     let tenant = pipeline::authenticate(&state, api_key(&req))?;
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
-    // The pipeline runs in its own task: if the client disconnects, actix drops this handler
-    // future, but the hand-off to the sink (and the dedupe claim after it) still completes.
-    let task = tokio::spawn(async move { pipeline::process(&state, &tenant, &body, mode).await });
-    task.await
-        .map_err(|_| ApiError::Unavailable("the request task failed"))?
+    // If the client disconnects, actix drops this future; what must still happen once events
+    // are being accepted runs to its end anyway (see `finish`).
+    pipeline::process(&state, &tenant, &body, mode).await
 }
 
 async fn post_events(

@@ -10,6 +10,7 @@ use crate::identity::{ForwardMode, Tenant};
 use crate::outcome::{Outcome, Rejection};
 use crate::pricing::PricingError;
 
+use super::finish::Finish;
 use super::problem::ApiError;
 use super::sink::{AcceptedEvent, Submitted};
 use super::wire::{parse_request, CustomerRef};
@@ -138,27 +139,34 @@ pub async fn process(
         });
         fees_of.push(fees.clone());
     }
-    let submitted = if accepted.is_empty() {
-        Vec::new()
-    } else {
-        state.sink.submit(accepted).await?
-    };
-
-    // The sink answers once per submitted event, in order.
-    let mut submitted = submitted.into_iter().zip(fees_of);
-    let mut outcomes = Vec::with_capacity(judged.len());
-    for j in judged {
-        outcomes.push(match j {
-            Err(rejection) => Outcome::Rejected(rejection),
-            Ok(_) => match submitted.next() {
-                Some((Submitted::Accepted, fees)) => Outcome::Accepted { fees },
-                Some((Submitted::Duplicate, _)) => Outcome::Duplicate,
-                None => return Err(ApiError::Unavailable("the sink lost track of an event")),
-            },
-        });
-    }
-    for o in &outcomes {
-        state.counters.record(o);
-    }
-    Ok(outcomes)
+    // From here on the request is being accepted: the hand-off and the counting finish even if
+    // the client goes away (see the finish module).
+    let sink = state.sink.clone();
+    let counters = state.counters.clone();
+    Finish::new(async move {
+        let submitted = if accepted.is_empty() {
+            Vec::new()
+        } else {
+            sink.submit(accepted).await?
+        };
+        // The sink answers once per submitted event, in order.
+        let mut submitted = submitted.into_iter().zip(fees_of);
+        let mut outcomes = Vec::with_capacity(judged.len());
+        for j in judged {
+            outcomes.push(match j {
+                Err(rejection) => Outcome::Rejected(rejection),
+                Ok(_) => match submitted.next() {
+                    Some((Submitted::Accepted, fees)) => Outcome::Accepted { fees },
+                    Some((Submitted::Duplicate, _)) => Outcome::Duplicate,
+                    None => return Err(ApiError::Unavailable("the sink lost track of an event")),
+                },
+            });
+        }
+        for o in &outcomes {
+            counters.record(o);
+        }
+        Ok(outcomes)
+    })
+    .await
+    .unwrap_or(Err(ApiError::Unavailable("the request's outcome was already taken")))
 }
