@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A/B two proxy binaries on the request path (what a hot-path change bought).
 
-    python3 loadtest/ab.py /tmp/before /tmp/after [--rounds 5] [--slot 4] [--conns 32] [--e2e]
+    python3 loadtest/ab.py /tmp/before /tmp/after [--rounds 5] [--slot 4] [--conns 32] [--batch 1] [--e2e]
 
 Both binaries serve at once (ack=durable, sync=interval, forwarder held back, one worker,
 pinned with the emulator to the server core) against the same emulator and tenants; loadgen
@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--slot", type=float, default=4.0)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--sync", default="interval")
+    ap.add_argument("--batch", type=int, default=1, help="events per request")
     ap.add_argument("--e2e", action="store_true", help="forwarder on, rate counted until drained")
     ap.add_argument("--load-cpu", default="0")
     ap.add_argument("--server-cpu", default="1")
@@ -52,7 +53,7 @@ def main():
             for name in ("A", "B"):
                 t_start = time.time()
                 r = runner.load(procs[name].port, f"{name} {procs[name].label}", args.conns,
-                                duration=args.slot, phase="ab")
+                                duration=args.slot, batch=args.batch, phase="ab")
                 if args.e2e:
                     secs, _ = runner.drain(procs[name], 120)
                     if secs is None:

@@ -168,5 +168,7 @@ pub async fn process(
         Ok(outcomes)
     })
     .await
-    .unwrap_or(Err(ApiError::Unavailable("the request's outcome was already taken")))
+    .unwrap_or(Err(ApiError::Unavailable(
+        "the request's outcome was already taken",
+    )))
 }

@@ -81,11 +81,19 @@ pub(crate) struct PruneCursor {
     after: Option<Key>,
 }
 
-/// A bloom filter over dedupe keys. Keys are uniform hashes already, so the probe positions
-/// come from the key's two halves (double hashing) without hashing again.
+/// 512 bits: one cache line, the unit a key's probes stay within.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Block([u64; 8]);
+
+/// A blocked bloom filter over dedupe keys: a key's probes all fall in one 64-byte block, so
+/// a lookup or insert touches one cache line (a classic filter touches one per probe, and at
+/// megabytes those are cache misses on the request path). Keys are uniform hashes already, so
+/// the block comes from the key's first half and the probe positions from its second, without
+/// hashing again.
 struct Bloom {
-    words: Vec<u64>,
-    /// Number of bits minus one (the bit count is a power of two).
+    blocks: Vec<Block>,
+    /// Number of blocks minus one (the block count is a power of two).
     mask: u64,
     /// Keys inserted, and how many it is sized for (20 bits each: ~0.1% false positives).
     count: u64,
@@ -93,55 +101,72 @@ struct Bloom {
 }
 
 impl Bloom {
-    const PROBES: u64 = 7;
+    const PROBES: u32 = 7;
     const BITS_PER_KEY: u64 = 20;
     const MIN_KEYS: u64 = 4_096;
+    const BLOCK_BITS: u64 = 512;
 
-    /// Room for `keys` (rounded up to a power of two bits), at most `max_bytes`.
+    /// Room for `keys` (rounded up to a power of two blocks), at most `max_bytes` (but one
+    /// block at least).
     fn for_keys(keys: u64, max_bytes: usize) -> Bloom {
-        // The largest power of two within `max_bytes`.
-        let max_bits = 1u64 << (63 - (max_bytes as u64 * 8).max(64).leading_zeros());
-        let bits = keys
+        // The largest power of two number of blocks within `max_bytes`.
+        let max_blocks = 1u64
+            << (63
+                - (max_bytes as u64 * 8 / Self::BLOCK_BITS)
+                    .max(1)
+                    .leading_zeros());
+        let blocks = keys
             .max(Self::MIN_KEYS)
             .saturating_mul(Self::BITS_PER_KEY)
+            .div_ceil(Self::BLOCK_BITS)
             .checked_next_power_of_two()
-            .unwrap_or(max_bits)
-            .min(max_bits)
-            .max(64);
+            .unwrap_or(max_blocks)
+            .min(max_blocks);
         Bloom {
-            words: vec![0; usize::try_from(bits / 64).unwrap_or(usize::MAX)],
-            mask: bits - 1,
+            blocks: vec![Block([0; 8]); usize::try_from(blocks).unwrap_or(usize::MAX)],
+            mask: blocks - 1,
             count: 0,
-            capacity: bits / Self::BITS_PER_KEY,
+            capacity: blocks * Self::BLOCK_BITS / Self::BITS_PER_KEY,
         }
     }
 
-    /// The bits of `key`: (word index, bit mask).
-    fn probes(key: &Key, mask: u64) -> impl Iterator<Item = (usize, u64)> {
+    /// The block of `key` and the bits within it: ([word index, bit mask] per probe).
+    fn probes(key: &Key, mask: u64) -> (usize, impl Iterator<Item = (usize, u64)>) {
         let mut lo = [0u8; 8];
         let mut hi = [0u8; 8];
         lo.copy_from_slice(&key[..8]);
         hi.copy_from_slice(&key[8..]);
-        let (h1, h2) = (u64::from_le_bytes(lo), u64::from_le_bytes(hi) | 1);
-        (0..Self::PROBES).map(move |i| {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & mask;
+        let block = (u64::from_le_bytes(lo) & mask) as usize;
+        // Seven independent 9-bit positions (0..512) from the second half's 63 low bits.
+        let bits = u64::from_le_bytes(hi);
+        let probes = (0..Self::PROBES).map(move |i| {
+            let bit = (bits >> (9 * i)) & (Self::BLOCK_BITS - 1);
             ((bit / 64) as usize, 1u64 << (bit % 64))
-        })
+        });
+        (block, probes)
     }
 
     fn insert(&mut self, key: &Key) {
-        for (word, bit) in Self::probes(key, self.mask) {
-            self.words[word] |= bit;
+        let (block, probes) = Self::probes(key, self.mask);
+        if let Some(Block(words)) = self.blocks.get_mut(block) {
+            for (word, bit) in probes {
+                words[word] |= bit;
+            }
         }
         self.count += 1;
     }
 
     fn may_contain(&self, key: &Key) -> bool {
-        Self::probes(key, self.mask).all(|(word, bit)| self.words[word] & bit != 0)
+        let (block, mut probes) = Self::probes(key, self.mask);
+        // A block out of range cannot happen (the mask is the block count minus one); were it
+        // to, "maybe" keeps the filter free of false negatives.
+        self.blocks
+            .get(block)
+            .is_none_or(|Block(words)| probes.all(|(word, bit)| words[word] & bit != 0))
     }
 
     fn bytes(&self) -> usize {
-        self.words.len() * 8
+        self.blocks.len() * std::mem::size_of::<Block>()
     }
 }
 
