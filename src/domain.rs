@@ -118,15 +118,15 @@ pub enum UsageType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fee {
     /// The price's id within its book (stable across versions; part of the transaction id).
-    pub price_id: String,
+    pub price_id: Arc<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub price_name: Option<String>,
+    pub price_name: Option<Arc<str>>,
     pub usage_type: UsageType,
     /// The dimension values that selected the rate row (empty when the price has none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dimensions: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volume_field: Option<String>,
+    pub volume_field: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,13 +136,13 @@ pub struct Fee {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_size: Option<Decimal>,
     pub amount: Decimal,
-    pub asset: String,
+    pub asset: Arc<str>,
     /// The price book that priced it, e.g. `standard`.
-    pub book: String,
+    pub book: Arc<str>,
     /// The version of that book in force at `occurred_at` (its `effective_from` label).
-    pub book_version: String,
+    pub book_version: Arc<str>,
     /// Content hash of the whole pricing set that was active (stamped on every debit).
-    pub pricing_hash: String,
+    pub pricing_hash: Arc<str>,
 }
 
 /// The priced, immutable hand-off between pricing and forwarding: one wallet charge to make.

@@ -86,13 +86,13 @@ pub struct Row {
 /// One price of a book version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Price {
-    pub id: String,
-    pub name: Option<String>,
+    pub id: Arc<str>,
+    pub name: Option<Arc<str>>,
     pub event_type: String,
     pub usage_type: UsageType,
     pub model: PricingModel,
-    pub volume_field: Option<String>,
-    pub asset: String,
+    pub volume_field: Option<Arc<str>>,
+    pub asset: Arc<str>,
     /// The asset's precision, copied here so rating needs no second lookup.
     pub precision: u32,
     /// Data keys that select a row (Credyt's `billable_dimensions`); empty = one plain row.
@@ -107,7 +107,7 @@ pub struct Price {
 pub struct ResolvedVersion {
     pub effective_from: DateTime<Utc>,
     /// Stamped on fees as `book_version`.
-    pub label: String,
+    pub label: Arc<str>,
     /// Every price in force, in book order (parent's first).
     pub prices: Box<[Arc<Price>]>,
     /// Prices by `event_type`, in book order.
@@ -117,7 +117,7 @@ pub struct ResolvedVersion {
 /// A book's whole timeline, sorted by `effective_from`.
 #[derive(Debug)]
 pub struct ResolvedBook {
-    pub name: String,
+    pub name: Arc<str>,
     pub timeline: Box<[ResolvedVersion]>,
 }
 

@@ -6,6 +6,7 @@
 //! or invalid volume, or a dimension combination no row covers, never becomes a free event.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
 
@@ -53,20 +54,20 @@ impl PricingError {
 /// Prices `event` with the version of `book` in force at its `occurred_at`.
 pub(crate) fn price_event(
     book: &ResolvedBook,
-    pricing_hash: &str,
+    pricing_hash: &Arc<str>,
     event: &UsageEvent,
 ) -> Result<Vec<Fee>, PricingError> {
     let version =
         book.version_at(event.occurred_at)
             .ok_or_else(|| PricingError::NotYetEffective {
-                book: book.name.clone(),
+                book: book.name.to_string(),
                 occurred_at: event.occurred_at.to_rfc3339(),
             })?;
     let prices = version
         .by_event
         .get(event.event_type.as_str())
         .ok_or_else(|| PricingError::UnknownEventType {
-            book: book.name.clone(),
+            book: book.name.to_string(),
             event_type: event.event_type.clone(),
         })?;
     let mut fees = Vec::with_capacity(prices.len());
@@ -87,7 +88,7 @@ pub(crate) fn price_event(
             asset: price.asset.clone(),
             book: book.name.clone(),
             book_version: version.label.clone(),
-            pricing_hash: pricing_hash.to_owned(),
+            pricing_hash: pricing_hash.clone(),
         });
     }
     Ok(fees)
@@ -106,11 +107,11 @@ pub(crate) struct Rated<'p> {
 
 pub(crate) fn rate<'p>(price: &'p Price, data: &EventData) -> Result<Rated<'p>, PricingError> {
     let row = match_row(price, data).ok_or_else(|| PricingError::NoMatchingPrice {
-        price_id: price.id.clone(),
+        price_id: price.id.to_string(),
         found: describe_dimensions(price, data),
     })?;
     let overflow = || PricingError::AmountOverflow {
-        price_id: price.id.clone(),
+        price_id: price.id.to_string(),
     };
     let mut raw_amount = row.rates.unit_price.unwrap_or(Decimal::ZERO);
     let mut volume = None;
@@ -171,14 +172,14 @@ fn describe_dimensions(price: &Price, data: &EventData) -> String {
 fn read_volume(price: &Price, data: &EventData) -> Result<Decimal, PricingError> {
     let field = price.volume_field.as_deref().unwrap_or_default();
     let invalid = |reason: String| PricingError::InvalidVolume {
-        price_id: price.id.clone(),
+        price_id: price.id.to_string(),
         field: field.to_owned(),
         reason,
     };
     let q = match data.get(field) {
         None => {
             return Err(PricingError::MissingVolume {
-                price_id: price.id.clone(),
+                price_id: price.id.to_string(),
                 field: field.to_owned(),
             })
         }

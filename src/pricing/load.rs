@@ -1066,13 +1066,13 @@ fn parse_price(
         return None;
     }
     Some(Price {
-        id: id?,
-        name,
+        id: id?.into(),
+        name: name.map(Into::into),
         event_type: event_type?,
         usage_type: usage?,
         model: model?,
-        volume_field: volume_field.map(|(f, _)| f),
-        asset: asset?.0,
+        volume_field: volume_field.map(|(f, _)| f.into()),
+        asset: asset?.0.into(),
         precision: precision?,
         dimensions: dimensions.into_boxed_slice(),
         rows: rows.into_iter().map(|(_, r, _)| r).collect(),
@@ -1355,7 +1355,7 @@ pub fn build(files: &[SourceFile]) -> Result<PricingSet, LoadErrors> {
         books: resolved,
         tenants,
         default,
-        hash,
+        hash: hash.into(),
         version,
     })
 }
@@ -1412,7 +1412,7 @@ fn resolve(
         }
         timeline.push(ResolvedVersion {
             effective_from: at,
-            label,
+            label: label.into(),
             prices: prices.into_boxed_slice(),
             by_event: by_event
                 .into_iter()
@@ -1421,7 +1421,7 @@ fn resolve(
         });
     }
     let book = Arc::new(ResolvedBook {
-        name: name.to_owned(),
+        name: name.into(),
         timeline: timeline.into_boxed_slice(),
     });
     memo.insert(name.to_owned(), book.clone());

@@ -36,7 +36,7 @@ pub struct PricingSet {
     pub(crate) books: HashMap<String, Arc<ResolvedBook>>,
     pub(crate) tenants: HashMap<String, Arc<ResolvedBook>>,
     pub(crate) default: Option<Arc<ResolvedBook>>,
-    pub(crate) hash: String,
+    pub(crate) hash: Arc<str>,
     pub(crate) version: String,
 }
 

@@ -62,11 +62,11 @@ pub fn quote_json(set: &PricingSet, tenant: &str, event_json: &str) -> Result<Va
     let mut totals: BTreeMap<&str, Decimal> = BTreeMap::new();
     let mut out = Vec::with_capacity(fees.len());
     for fee in &fees {
-        let total = totals.entry(fee.asset.as_str()).or_default();
+        let total = totals.entry(&*fee.asset).or_default();
         *total = total
             .checked_add(fee.amount)
             .ok_or_else(|| PricingError::AmountOverflow {
-                price_id: fee.price_id.clone(),
+                price_id: fee.price_id.to_string(),
             })?;
         out.push(json!({
             "price_id": fee.price_id,
@@ -124,7 +124,7 @@ pub fn check_dir(dir: &Path) -> Result<String, LoadErrors> {
     }
     lines.push(format!(
         "default book: {}; {} tenant assignment(s)",
-        set.default.as_ref().map_or("(none)", |b| b.name.as_str()),
+        set.default.as_ref().map_or("(none)", |b| &*b.name),
         set.tenants.len()
     ));
     Ok(lines.join("\n"))

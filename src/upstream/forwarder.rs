@@ -191,7 +191,8 @@ impl Forwarder {
         };
         let batch = self.outbox.next_batch(take);
         let mut skipped = Vec::new();
-        let mut groups: BTreeMap<(AccountId, CustomerId, String), Vec<Pending>> = BTreeMap::new();
+        let mut groups: BTreeMap<(AccountId, CustomerId, std::sync::Arc<str>), Vec<Pending>> =
+            BTreeMap::new();
         let mut alone = Vec::new();
         for p in batch {
             if self.in_open.contains(&p.seq) {

@@ -80,7 +80,7 @@ impl<'a> ChargeRequest<'a> {
     pub fn from_debit(debit: &'a Debit) -> ChargeRequest<'a> {
         let fee = &debit.fee;
         let description = match (&fee.price_name, &debit.description) {
-            (Some(name), _) => name.clone(),
+            (Some(name), _) => name.to_string(),
             (None, Some(d)) => d.clone(),
             (None, None) => format!("usage {}", fee.price_id),
         };
@@ -88,10 +88,10 @@ impl<'a> ChargeRequest<'a> {
         metadata.insert("source", "credyt-proxy".to_string());
         metadata.insert("tenant", debit.tenant.to_string());
         metadata.insert("event_id", debit.event_id.to_string());
-        metadata.insert("price_id", fee.price_id.clone());
-        metadata.insert("price_book", fee.book.clone());
-        metadata.insert("price_book_version", fee.book_version.clone());
-        metadata.insert("pricing_hash", fee.pricing_hash.clone());
+        metadata.insert("price_id", fee.price_id.to_string());
+        metadata.insert("price_book", fee.book.to_string());
+        metadata.insert("price_book_version", fee.book_version.to_string());
+        metadata.insert("pricing_hash", fee.pricing_hash.to_string());
         ChargeRequest {
             transaction_id: debit.transaction_id.to_string(),
             asset: &fee.asset,
@@ -111,13 +111,13 @@ impl<'a> ChargeRequest<'a> {
     /// A coalesced charge: the exact sum of the members' amounts (all in one asset, for one
     /// customer), the batch id as `transaction_id`, the member events in metadata.
     pub fn coalesced(batch: uuid::Uuid, debits: &[&'a Debit]) -> ChargeRequest<'a> {
-        let asset = debits.first().map_or("", |d| d.fee.asset.as_str());
+        let asset = debits.first().map_or("", |d| &*d.fee.asset);
         let amount = debits.iter().map(|d| d.fee.amount).sum();
         let mut metadata = BTreeMap::new();
         metadata.insert("source", "credyt-proxy".to_string());
         if let Some(first) = debits.first() {
             metadata.insert("tenant", first.tenant.to_string());
-            metadata.insert("pricing_hash", first.fee.pricing_hash.clone());
+            metadata.insert("pricing_hash", first.fee.pricing_hash.to_string());
         }
         metadata.insert("coalesced", debits.len().to_string());
         let events: Vec<String> = debits
