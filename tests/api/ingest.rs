@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
@@ -535,4 +537,84 @@ async fn forward_events_mode_sends_the_events_to_credyt_on_the_right_account() {
         assert_eq!((available, count), (dec!(20), 0), "{ack}");
         w.stop().await;
     }
+}
+
+/// `credyt_proxy_events_total{outcome="..."}` on the proxy's admin port.
+async fn events_total(w: &World, outcome: &str) -> Option<u64> {
+    let name = format!("credyt_proxy_events_total{{outcome=\"{outcome}\"}}");
+    super::proxy::metric(&w.http, &w.admin_url(), &name).await
+}
+
+#[actix_web::test]
+async fn a_client_that_gives_up_mid_request_still_has_its_event_charged_and_counted_once() {
+    // ack = "upstream": the answer waits for Credyt, which is slow now; the client gives up
+    // long before. actix drops the request's handler when the client goes away: what was
+    // being accepted must still be charged, counted and remembered.
+    let w = World::start().await;
+    let cust = w.customer(&w.a.account, "impatient", "20").await;
+    let warm = w
+        .post(
+            "/events",
+            &w.a.key,
+            &json!({"customer_external_id": "impatient", "events": [
+                {"id": "warm", "event_type": "video_promoted", "occurred_at": ago(5)}]}),
+        )
+        .await;
+    assert_eq!(warm.status(), 204);
+    let accepted_before = events_total(&w, "accepted").await.unwrap_or(0);
+    let faults = json!({"rules": [
+        {"path_prefix": "/customers/", "method": "POST", "latency_ms": 1500}]});
+    w.set_faults(Some(faults)).await;
+
+    let event = json!({"customer_external_id": "impatient", "events": [
+        {"id": "gave-up", "event_type": "video_promoted", "occurred_at": ago(5)}]});
+    // The client gives up after 200 ms and resets the connection (SO_LINGER 0: an RST, as a
+    // killed process or a load balancer's idle timeout sends). A plain FIN would not do: actix
+    // allows half-closed connections and would finish the request anyway.
+    let body = serde_json::to_vec(&event).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(w.app.tenant_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: {}\r\nx-credyt-api-key: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        w.app.tenant_addr(),
+        w.a.key,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body).await.unwrap();
+    let mut answer = [0u8; 64];
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), conn.read(&mut answer)).await;
+    assert!(gave_up.is_err(), "the proxy answered before Credyt did");
+    // A zero linger does not block on close (the deprecation is about non-zero ones).
+    #[allow(deprecated)]
+    conn.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(conn);
+
+    // Without any retry from the client, the charge lands and the event is counted.
+    super::proxy::eventually(Duration::from_secs(10), "the abandoned charge", || async {
+        let (count, total) = super::proxy::usd_charges(&w.state().await, &cust);
+        (count == 2).then_some(total)
+    })
+    .await;
+    super::proxy::eventually(Duration::from_secs(10), "the accepted count", || async {
+        (events_total(&w, "accepted").await? == accepted_before + 1).then_some(())
+    })
+    .await;
+
+    // The client's retry is a duplicate, not a second acceptance.
+    w.set_faults(None).await;
+    let retry = w.post("/v1/events", &w.a.key, &event).await;
+    assert_eq!(retry.status(), 200);
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "duplicate", "{body}");
+    let (count, total) = super::proxy::usd_charges(&w.state().await, &cust);
+    assert_eq!((count, total), (2, dec!(1.00)));
+    assert_eq!(
+        events_total(&w, "accepted").await,
+        Some(accepted_before + 1)
+    );
+    assert_eq!(events_total(&w, "duplicate").await, Some(1));
+    w.stop().await;
 }
