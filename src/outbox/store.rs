@@ -20,7 +20,8 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 use fjall::{
-    Batch, CompressionType, Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode,
+    compaction::Strategy as CompactionStrategy, Batch, CompressionType, Config, Keyspace,
+    PartitionCreateOptions, PartitionHandle, PersistMode,
 };
 use rustix::fs::{flock, FlockOperation};
 use uuid::Uuid;
@@ -152,6 +153,17 @@ impl Store {
             // nothing (it was ~5% of the request path's CPU in the load test).
             let options = match name {
                 "dedupe" | "records" => options.compression(CompressionType::None),
+                _ => options,
+            };
+            // Dedupe keys are random, so under leveled compaction every flushed segment
+            // overlaps the whole next level and each compaction rewrites it. Size-tiered
+            // compaction merges whole runs of similar size instead (far less rewriting); its
+            // cost, more segments per point read, is mostly avoided by the commit's own
+            // filter (a new id, almost every lookup, reads no segment).
+            let options = match name {
+                "dedupe" => options.compaction_strategy(CompactionStrategy::SizeTiered(
+                    fjall::compaction::SizeTiered::default(),
+                )),
                 _ => options,
             };
             keyspace.open_partition(name, options)
