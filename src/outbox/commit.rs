@@ -363,9 +363,9 @@ impl Committer {
         }
         let mut batch = self.store.batch();
         let mut staged = Vec::with_capacity(group.len());
+        // The dedupe keys of the group's new events; their entries are staged last, in key
+        // order (below).
         let mut claimed: HashSet<dedupe::Key> = HashSet::new();
-        // Dedupe entries of the group's new events, staged last and in key order (below).
-        let mut seen_keys: Vec<dedupe::Key> = Vec::new();
         // Records of groups still at the sync thread count too: they are applied shortly. Both
         // read under the queue lock, under which the sync thread moves them into the queue.
         let mut pending = {
@@ -384,15 +384,7 @@ impl Committer {
             }
             match msg {
                 Msg::Append { events, reply } => {
-                    let staged_append = self.stage_append(
-                        &mut batch,
-                        events,
-                        &mut claimed,
-                        &mut seen_keys,
-                        pending,
-                        now_ms,
-                    );
-                    match staged_append {
+                    match self.stage_append(&mut batch, events, &mut claimed, pending, now_ms) {
                         Ok((outcomes, added)) => {
                             pending += added.len();
                             needs_sync |= !added.is_empty();
@@ -509,6 +501,7 @@ impl Committer {
         // The dedupe keys are uniform hashes: inserted in random order, each one's search of
         // the memtable's skiplist misses the cache at nearly every level. In key order each
         // search follows much of the previous one's path, which is still in the cache.
+        let mut seen_keys: Vec<dedupe::Key> = claimed.into_iter().collect();
         seen_keys.sort_unstable();
         for key in &seen_keys {
             self.store.stage_seen(&mut batch, key, now_ms);
@@ -554,13 +547,13 @@ impl Committer {
         }
     }
 
-    /// Decides one append call: outcomes, and the writes of its new events staged into `batch`.
+    /// Decides one append call: outcomes, and the records of its new events staged into `batch`.
+    /// Their dedupe keys go into `claimed`, whose entries the caller stages for the whole group.
     fn stage_append(
         &mut self,
         batch: &mut fjall::Batch,
         events: Vec<AcceptedEvent>,
         claimed: &mut HashSet<dedupe::Key>,
-        seen_keys: &mut Vec<dedupe::Key>,
         pending: usize,
         now_ms: u64,
     ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
@@ -605,7 +598,6 @@ impl Committer {
                 batch.insert(&self.store.records, seq_key(seq).to_vec(), bytes);
                 added.push((seq, delivery));
             }
-            seen_keys.push(key);
             self.seen.insert(&key);
             claimed.insert(key);
         }
