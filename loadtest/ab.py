@@ -54,14 +54,9 @@ def main():
                 t_start = time.time()
                 # The other build is paused (SIGSTOP) so its background work (flushes,
                 # compactions) is not charged to this one's slot.
-                for other, proc in procs.items():
-                    proc.pause(other != name)
-                try:
+                with run.running_alone(list(procs.values()), {procs[name]}):
                     r = runner.load(procs[name].port, f"{name} {procs[name].label}", args.conns,
                                     duration=args.slot, batch=args.batch, phase="ab")
-                finally:
-                    for proc in procs.values():
-                        proc.pause(False)
                 if args.e2e:
                     secs, _ = runner.drain(procs[name], 120)
                     if secs is None:

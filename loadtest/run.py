@@ -21,6 +21,7 @@ Phases (see loadtest/README.md):
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -120,6 +121,19 @@ class Proc:
         self.logf.close()
         if self in PROCS:
             PROCS.remove(self)
+
+
+@contextlib.contextmanager
+def running_alone(servers, needs):
+    """Pauses every one of `servers` not in `needs` for the duration of the block (a measured
+    slot), and resumes them all afterwards, also on error."""
+    for proc in servers:
+        proc.pause(proc not in needs)
+    try:
+        yield
+    finally:
+        for proc in servers:
+            proc.pause(False)
 
 
 def stop_all():
@@ -568,14 +582,9 @@ def main():
                         # Only what the slot measures runs: the others are paused, so neither
                         # reference pays for a proxy's deferred background work (which then
                         # runs in that proxy's own slots).
-                        for proc in servers:
-                            proc.pause(proc not in needs)
-                        try:
+                        with running_alone(servers, needs):
                             runner.load(port, label, c, duration=args.slot, batch=batch,
                                         proxy=is_proxy, phase="capacity")
-                        finally:
-                            for proc in servers:
-                                proc.pause(False)
                 for kind, sync, _ in kinds:
                     p = procs[kind]
                     name = f"{kind}-c{c}"

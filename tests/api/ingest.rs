@@ -548,8 +548,8 @@ async fn events_total(w: &World, outcome: &str) -> Option<u64> {
 #[actix_web::test]
 async fn a_client_that_gives_up_mid_request_still_has_its_event_charged_and_counted_once() {
     // ack = "upstream": the answer waits for Credyt, which is slow now; the client gives up
-    // long before. actix drops the request's handler when the client goes away: what was
-    // being accepted must still be charged, counted and remembered.
+    // long before and resets its connection, on which actix drops the request's handler: what
+    // was being accepted must still be charged, counted and remembered.
     let w = World::start().await;
     let cust = w.customer(&w.a.account, "impatient", "20").await;
     let warm = w
