@@ -51,6 +51,7 @@ async fn open_outbox(settings: &Settings) -> anyhow::Result<Outbox> {
         max_pending: s.max_pending,
         dedupe_window: settings.ingest.dedupe_window,
         max_group: s.max_group,
+        ..OutboxSettings::new(s.dir.clone())
     };
     let dir = s.dir.clone();
     tokio::task::spawn_blocking(move || Outbox::open(outbox_settings))

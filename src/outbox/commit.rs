@@ -9,9 +9,11 @@
 //! thread hop and no wake-up of another thread (both were most of an append's cost). For each
 //! group, in order:
 //!
-//! 1. decide every request against the store and the group so far (dedupe lookups, `Full`),
-//!    staging its writes into the group's batch;
-//! 2. write the batch to the journal and flush it to the OS (`PersistMode::Buffer`);
+//! 1. decide every request against the store and the group so far (dedupe lookups: the group,
+//!    the keys not indexed yet, then the partition; `Full`), staging its changes into the
+//!    group's log frame (records, delivered marks, dedupe keys) and fjall batch (dead letters,
+//!    batch memberships; see the `store` module for what goes where and in which order);
+//! 2. write the frame to the log and then the batch to fjall, both to the OS only;
 //! 3. with [`SyncPolicy::Interval`], apply the group to the in-memory queue, wake the
 //!    forwarder and answer at once; with [`SyncPolicy::Always`], hand the group to the sync
 //!    thread, which applies and answers it after an `fdatasync` that began after the write
@@ -28,7 +30,8 @@
 //! The writing runs in plain (blocking) code between two awaits: a caller dropped before it
 //! (client disconnect) leaves its message queued, and the next writer writes it; once started, a
 //! group is written and answered whole. The `outbox-commit` thread only prunes the dedupe index
-//! between groups, writes what a dropped caller left queued, and closes.
+//! and copies records out of old log segments between groups, writes what a dropped caller left
+//! queued, and closes.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -39,6 +42,8 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::index::{Deferred, ToIndex};
+use super::log::Log;
 use super::store::{encode_dead, seq_key, store_batch_value, Store};
 use super::syncer::ToSyncer;
 use super::{
@@ -49,14 +54,20 @@ use crate::domain::Delivery;
 
 /// How often a pass over the dedupe index starts, pruning expired entries.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// A log segment this many segments behind the active one has its pending records copied
+/// forward (see [`Committer::copy_forward`]).
+const COPY_AFTER: u64 = 4;
+/// How often the `outbox-commit` thread looks for such a segment.
+const COPY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Pause between two steps of a pass ([`dedupe::PRUNE_CHUNK`] entries each): a pass over 10⁸
 /// ids takes about 17 minutes and never takes more than a sliver of the commit thread.
 const PRUNE_STEP_EVERY: Duration = Duration::from_millis(20);
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
 
-/// Records staged for the in-memory queue once their group is committed.
-type Added = Vec<(u64, Delivery)>;
+/// Records staged for the in-memory queue once their group is committed, with their log
+/// segment.
+type Added = Vec<(u64, Delivery, u64)>;
 
 pub(crate) enum Msg {
     Append {
@@ -222,6 +233,14 @@ impl Commit {
                     if state.syncer.send(ToSyncer::Crash(done)).is_ok() {
                         let _ = wait.recv();
                     }
+                    let (done, wait) = mpsc::channel();
+                    if state
+                        .index
+                        .send(ToIndex::Close { done, crash: true })
+                        .is_ok()
+                    {
+                        let _ = wait.recv();
+                    }
                     self.lead(Some(state));
                     drop(self);
                     let _ = reply.send(Ok(()));
@@ -259,6 +278,10 @@ pub(crate) struct Committer {
     seen: dedupe::SeenFilter,
     /// Closed (or crashed): every later message is answered [`OutboxError::Closed`].
     closed: bool,
+    /// The record log: where groups are written (see the `log` module).
+    log: Log,
+    /// The index thread (see the `index` module): close.
+    index: mpsc::Sender<ToIndex>,
 }
 
 impl Committer {
@@ -268,6 +291,8 @@ impl Committer {
         settings: OutboxSettings,
         next_seq: u64,
         syncer: mpsc::Sender<ToSyncer>,
+        log: Log,
+        index: mpsc::Sender<ToIndex>,
     ) -> Self {
         Self {
             store,
@@ -285,27 +310,33 @@ impl Committer {
             )),
             seen: dedupe::SeenFilter::default(),
             closed: false,
+            log,
+            index,
         }
     }
 
     fn idle_timeout(&self) -> Duration {
-        match &self.prune {
+        let prune = match &self.prune {
             Some((_, last_step)) => PRUNE_STEP_EVERY.saturating_sub(last_step.elapsed()),
             None => PRUNE_EVERY.saturating_sub(self.last_prune.elapsed()),
-        }
+        };
+        prune.min(COPY_CHECK_EVERY)
     }
 
-    /// Dedupe pruning, between groups (syncs are the sync thread's).
+    /// Dedupe pruning and copying records out of old log segments, between groups (syncs are
+    /// the sync thread's).
     fn maintain(&mut self) {
         if self.poisoned() {
             return;
         }
+        self.copy_forward();
         let due = match &self.prune {
             Some((_, last_step)) => last_step.elapsed() >= PRUNE_STEP_EVERY,
             None => self.last_prune.elapsed() >= PRUNE_EVERY,
         };
         if due {
             let mut cursor = self.prune.take().map(|(c, _)| c).unwrap_or_default();
+            let starting = cursor.at_start();
             match self.store.prune_dedupe_step(
                 &mut cursor,
                 dedupe::now_ms(),
@@ -314,6 +345,14 @@ impl Committer {
                 &mut self.seen,
             ) {
                 Ok((n, done)) => {
+                    if starting {
+                        // The pass reads the partition; keys written but not indexed yet
+                        // are not there (see the `index` module).
+                        let ix = self.shared.index.lock();
+                        for key in ix.recent.keys() {
+                            self.seen.insert(key);
+                        }
+                    }
                     self.shared
                         .dedupe_filter_bytes
                         .store(self.seen.bytes(), Ordering::Relaxed);
@@ -339,6 +378,15 @@ impl Committer {
             .send(ToSyncer::Close(done))
             .map_err(|_| OutboxError::Closed)?;
         let result = wait.recv().map_err(|_| OutboxError::Closed)?;
+        // What the final sync made durable goes to the index before the store closes.
+        let (done, wait) = mpsc::channel();
+        if self
+            .index
+            .send(ToIndex::Close { done, crash: false })
+            .is_ok()
+        {
+            let _ = wait.recv();
+        }
         if result.is_ok() {
             tracing::info!("outbox closed");
         }
@@ -361,10 +409,11 @@ impl Committer {
             }
             return;
         }
+        self.log.frame().clear();
         let mut batch = self.store.batch();
+        let mut g = GroupState::default();
         let mut staged = Vec::with_capacity(group.len());
-        // The dedupe keys of the group's new events; their entries are staged last, in key
-        // order (below).
+        // The dedupe keys of the group's new events; they are written last, in key order.
         let mut claimed: HashSet<dedupe::Key> = HashSet::new();
         // Records of groups still at the sync thread count too: they are applied shortly. Both
         // read under the queue lock, under which the sync thread moves them into the queue.
@@ -372,10 +421,9 @@ impl Committer {
             let queue = self.shared.queue.lock();
             queue.len() + self.shared.in_flight.load(Ordering::Acquire)
         };
-        let mut needs_sync = false;
         let mut appends = 0u64;
-        let first_seq = self.next_seq;
         let now_ms = dedupe::now_ms();
+        let seg = self.log.segment();
 
         for msg in group {
             if self.poisoned() {
@@ -384,10 +432,11 @@ impl Committer {
             }
             match msg {
                 Msg::Append { events, reply } => {
-                    match self.stage_append(&mut batch, events, &mut claimed, pending, now_ms) {
+                    match self.stage_append(events, &mut claimed, pending, now_ms) {
                         Ok((outcomes, added)) => {
                             pending += added.len();
-                            needs_sync |= !added.is_empty();
+                            g.needs_sync |= outcomes.contains(&AppendOutcome::Accepted);
+                            g.added += added.len();
                             appends += 1;
                             staged.push(Staged::Append {
                                 reply,
@@ -407,11 +456,17 @@ impl Committer {
                     let queue = self.shared.queue.lock();
                     let seqs: Vec<u64> = seqs
                         .into_iter()
-                        .filter(|s| queue.get(*s).is_some())
+                        .filter(|s| match queue.segment(*s) {
+                            Some(seg) => {
+                                g.removed_from.push(seg);
+                                true
+                            }
+                            None => false,
+                        })
                         .collect();
                     drop(queue);
                     for &seq in &seqs {
-                        batch.remove(&self.store.records, seq_key(seq).to_vec());
+                        self.log.frame().remove(seq);
                     }
                     staged.push(Staged::Delivered { reply, seqs });
                 }
@@ -422,8 +477,11 @@ impl Committer {
                     upstream_body,
                     reply,
                 } => {
-                    let delivery = self.shared.queue.lock().get(seq).cloned();
-                    let Some(delivery) = delivery else {
+                    let found = {
+                        let queue = self.shared.queue.lock();
+                        queue.get(seq).cloned().zip(queue.segment(seq))
+                    };
+                    let Some((delivery, from)) = found else {
                         let _ = reply.send(Err(OutboxError::UnknownSeq { seq }));
                         continue;
                     };
@@ -437,9 +495,12 @@ impl Committer {
                     };
                     match encode_dead(&letter) {
                         Ok(bytes) => {
-                            batch.remove(&self.store.records, seq_key(seq).to_vec());
+                            // Only into `dead`: the log keeps the record, and a record that is
+                            // also a dead letter is one (see the `store` module).
                             batch.insert(&self.store.dead, seq_key(seq).to_vec(), bytes);
-                            needs_sync = true;
+                            g.removed_from.push(from);
+                            g.needs_sync = true;
+                            g.fjall_durable = true;
                             staged.push(Staged::DeadLetter { reply, seq });
                         }
                         Err(e) => {
@@ -449,8 +510,15 @@ impl Committer {
                 }
                 Msg::Replay { seqs, reply } => {
                     match self.store.stage_replay(&mut batch, seqs.as_deref()) {
-                        Ok(added) => {
-                            needs_sync |= !added.is_empty();
+                        Ok(moved) => {
+                            let mut added = Vec::with_capacity(moved.len());
+                            for (seq, delivery, bytes) in moved {
+                                self.log.frame().add(seq, &bytes);
+                                added.push((seq, delivery, seg));
+                            }
+                            g.needs_sync |= !added.is_empty();
+                            g.replayed |= !added.is_empty();
+                            g.added += added.len();
                             staged.push(Staged::Replay { reply, added });
                         }
                         Err(e) => {
@@ -464,7 +532,8 @@ impl Committer {
                 Msg::PersistBatch { id, seqs, reply } => match store_batch_value(&seqs) {
                     Ok(bytes) => {
                         batch.insert(&self.store.batches, id.as_bytes().to_vec(), bytes);
-                        needs_sync = true;
+                        g.needs_sync = true;
+                        g.fjall_durable = true;
                         staged.push(Staged::Done { reply });
                     }
                     Err(e) => {
@@ -474,10 +543,16 @@ impl Committer {
                 Msg::CompleteBatch { id, reply } => match self.store.get_batch(id) {
                     Ok(members) => {
                         let members = members.unwrap_or_default();
-                        for &seq in &members {
-                            batch.remove(&self.store.records, seq_key(seq).to_vec());
+                        {
+                            let queue = self.shared.queue.lock();
+                            g.removed_from
+                                .extend(members.iter().filter_map(|s| queue.segment(*s)));
                         }
-                        batch.remove(&self.store.batches, id.as_bytes().to_vec());
+                        for &seq in &members {
+                            self.log.frame().remove(seq);
+                        }
+                        // The membership goes once these marks are durable (index thread).
+                        g.forget_batches.push(id);
                         staged.push(Staged::Delivered {
                             reply,
                             seqs: members,
@@ -492,36 +567,56 @@ impl Committer {
                 },
                 Msg::ForgetBatch { id, reply } => {
                     batch.remove(&self.store.batches, id.as_bytes().to_vec());
-                    needs_sync = true;
+                    g.needs_sync = true;
+                    g.fjall_durable = true;
                     staged.push(Staged::Done { reply });
                 }
             }
         }
 
-        // The dedupe keys are uniform hashes: inserted in random order, each one's search of
-        // the memtable's skiplist misses the cache at nearly every level. In key order each
-        // search follows much of the previous one's path, which is still in the cache.
-        let mut seen_keys: Vec<dedupe::Key> = claimed.into_iter().collect();
-        seen_keys.sort_unstable();
-        for key in &seen_keys {
-            self.store.stage_seen(&mut batch, key, now_ms);
+        // The dedupe keys are uniform hashes; in key order the index thread's inserts (and
+        // the recovery's) follow each other's paths through the memtable.
+        let mut keys: Vec<dedupe::Key> = claimed.into_iter().collect();
+        keys.sort_unstable();
+        for key in &keys {
+            self.log.frame().key(key, now_ms);
         }
-        if self.next_seq != first_seq {
-            self.store.set_next_seq(&mut batch, self.next_seq);
-        }
-        if let Err(e) = self.write(batch) {
-            // Nothing of the group is applied in memory; seqs are not reused (harmless gap).
-            let injected = matches!(e, OutboxError::Io(_)) && !self.poisoned();
-            for s in staged {
-                s.fail(|| {
-                    if injected {
-                        OutboxError::Io(std::io::Error::other("outbox write failed"))
-                    } else {
-                        OutboxError::Poisoned
-                    }
+        let written = match self.write(batch, &g) {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                // Nothing of the group is applied in memory; seqs are not reused (harmless gap).
+                let injected = matches!(e, OutboxError::Io(_)) && !self.poisoned();
+                for s in staged {
+                    s.fail(|| {
+                        if injected {
+                            OutboxError::Io(std::io::Error::other("outbox write failed"))
+                        } else {
+                            OutboxError::Poisoned
+                        }
+                    });
+                }
+                return;
+            }
+        };
+        {
+            let mut ix = self.shared.index.lock();
+            for key in &keys {
+                ix.recent.insert(*key, now_ms);
+            }
+            if !keys.is_empty() || !g.forget_batches.is_empty() {
+                ix.deferred.push_back(Deferred {
+                    lsn: written,
+                    keys: keys.into_iter().map(|k| (k, now_ms)).collect(),
+                    forget_batches: std::mem::take(&mut g.forget_batches),
                 });
             }
-            return;
+            if g.added > 0 {
+                ix.add_live(seg, g.added);
+            }
+            for from in g.removed_from.drain(..) {
+                ix.remove_live(from);
+            }
+            ix.segments.insert(self.log.segment());
         }
         self.shared.groups.fetch_add(1, Ordering::Relaxed);
         self.shared.appends.fetch_add(appends, Ordering::Relaxed);
@@ -532,7 +627,7 @@ impl Committer {
                 self.shared.in_flight.fetch_add(records, Ordering::AcqRel);
                 let group = ToSyncer::Group {
                     staged,
-                    sync: needs_sync,
+                    sync: g.needs_sync,
                 };
                 if let Err(mpsc::SendError(ToSyncer::Group { staged, .. })) =
                     self.syncer.send(group)
@@ -547,26 +642,43 @@ impl Committer {
         }
     }
 
-    /// Decides one append call: outcomes, and the records of its new events staged into `batch`.
-    /// Their dedupe keys go into `claimed`, whose entries the caller stages for the whole group.
+    /// Decides one append call: outcomes, and the records of its new events staged into the
+    /// log's frame. Their dedupe keys go into `claimed`, which the caller writes for the group.
     fn stage_append(
         &mut self,
-        batch: &mut fjall::Batch,
         events: Vec<AcceptedEvent>,
         claimed: &mut HashSet<dedupe::Key>,
         pending: usize,
         now_ms: u64,
     ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
         let window = self.settings.dedupe_window;
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let keys: Vec<dedupe::Key> = events
+            .iter()
+            .map(|ev| dedupe::key(&ev.tenant, &ev.event_id))
+            .collect();
+        // Keys written but not yet in the partition (see the `index` module).
+        let recent: Vec<Option<u64>> = {
+            let ix = self.shared.index.lock();
+            if ix.recent.is_empty() {
+                Vec::new()
+            } else {
+                keys.iter().map(|k| ix.recent(k)).collect()
+            }
+        };
         let mut outcomes = Vec::with_capacity(events.len());
         let mut fresh: Vec<(dedupe::Key, AcceptedEvent)> = Vec::with_capacity(events.len());
         let mut fresh_keys: HashSet<dedupe::Key> = HashSet::with_capacity(events.len());
-        for ev in events {
-            let key = dedupe::key(&ev.tenant, &ev.event_id);
+        for (i, (ev, key)) in events.into_iter().zip(keys).enumerate() {
             // Claimed earlier in this group (this call or another): durable together with it.
             let dup = claimed.contains(&key)
                 || !fresh_keys.insert(key)
-                || (self.seen.may_contain(&key) && self.store.is_seen(&key, now_ms, window)?);
+                || match recent.get(i).copied().flatten() {
+                    Some(at) => at.saturating_add(window_ms) >= now_ms,
+                    None => {
+                        self.seen.may_contain(&key) && self.store.is_seen(&key, now_ms, window)?
+                    }
+                };
             if dup {
                 outcomes.push(AppendOutcome::Duplicate);
             } else {
@@ -582,21 +694,22 @@ impl Committer {
                 max_pending,
             });
         }
-        // Encode everything before touching the batch, so a failure leaves it unchanged.
+        // Encode everything before touching the frame, so a failure leaves it unchanged.
         let mut encoded = Vec::with_capacity(new_records);
         for (_, ev) in &fresh {
             for d in &ev.deliveries {
                 encoded.push(record::encode(d)?);
             }
         }
+        let seg = self.log.segment();
         let mut added = Vec::with_capacity(new_records);
         let mut encoded = encoded.into_iter();
         for (key, ev) in fresh {
             for (delivery, bytes) in ev.deliveries.into_iter().zip(encoded.by_ref()) {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                batch.insert(&self.store.records, seq_key(seq).to_vec(), bytes);
-                added.push((seq, delivery));
+                self.log.frame().add(seq, &bytes);
+                added.push((seq, delivery, seg));
             }
             self.seen.insert(&key);
             claimed.insert(key);
@@ -604,32 +717,130 @@ impl Committer {
         Ok((outcomes, added))
     }
 
-    /// Writes the group's batch and flushes it to the OS (the sync is the sync thread's).
-    fn write(&mut self, batch: fjall::Batch) -> Result<(), OutboxError> {
+    /// Writes the group: its frame to the log (to the OS; the sync is the sync thread's), then
+    /// its fjall batch. Returns where the frame ended (or where the log stands, if the group
+    /// wrote no frame).
+    fn write(&mut self, batch: fjall::Batch, g: &GroupState) -> Result<u64, OutboxError> {
         if self.poisoned() {
             // Something failed while the group was decided: write none of it.
+            self.log.frame().clear();
             return Err(OutboxError::Poisoned);
-        }
-        if batch.is_empty() {
-            return Ok(());
         }
         #[cfg(test)]
         if self.shared.faults.take_write() {
-            // A failure before any byte reached the journal: nothing to poison.
+            // A failure before any byte reached the log: nothing to poison.
+            self.log.frame().clear();
             return Err(OutboxError::Io(std::io::Error::other(
                 "injected write failure",
             )));
         }
-        if let Err(e) = batch.commit() {
-            // fjall poisons itself when a journal flush fails; we do the same for any error
-            // because we cannot know how much of the batch reached the file.
-            let e = OutboxError::from(e);
-            self.poison("write", &e);
-            return Err(e);
+        let mut end = self.log.position();
+        if !self.log.frame().is_empty() {
+            // We cannot know how much of the frame reached the file: poison on any error.
+            match self.log.write(self.next_seq) {
+                Ok(lsn) => end = lsn,
+                Err(e) => {
+                    let e = OutboxError::Io(e);
+                    self.poison("write", &e);
+                    return Err(e);
+                }
+            }
+            self.shared.written_lsn.store(end, Ordering::Release);
+            self.shared.unsynced.store(true, Ordering::Release);
+            if g.replayed {
+                // A replay leaves `dead` below; its records must be durable in the log first.
+                if let Err(e) = self.log.shared().sync() {
+                    let e = OutboxError::Io(e);
+                    self.poison("sync", &e);
+                    return Err(e);
+                }
+            }
         }
-        self.shared.unsynced.store(true, Ordering::Release);
-        Ok(())
+        if !batch.is_empty() {
+            if let Err(e) = batch.commit() {
+                // fjall poisons itself when a journal flush fails; we do the same for any
+                // error because we cannot know how much of the batch reached the file.
+                let e = OutboxError::from(e);
+                self.poison("write", &e);
+                return Err(e);
+            }
+            if g.fjall_durable {
+                self.shared.fjall_unsynced.store(true, Ordering::Release);
+                self.shared.unsynced.store(true, Ordering::Release);
+            }
+        }
+        Ok(end)
     }
+
+    /// Copies the pending records of an old log segment into the active one, so that a few
+    /// records retried for long do not keep every later segment on disk. Only for segments
+    /// [`COPY_AFTER`] or more behind the active one.
+    fn copy_forward(&mut self) {
+        let active = self.log.segment();
+        let oldest = {
+            let ix = self.shared.index.lock();
+            ix.live.keys().next().copied()
+        };
+        let Some(old) = oldest.filter(|o| o + COPY_AFTER <= active) else {
+            return;
+        };
+        let records = self.shared.queue.lock().in_segment(old);
+        if records.is_empty() {
+            // Counted but not in the queue: nothing there to keep.
+            self.shared.index.lock().live.remove(&old);
+            return;
+        }
+        self.log.frame().clear();
+        for (seq, delivery) in &records {
+            match record::encode(delivery) {
+                Ok(bytes) => self.log.frame().add(*seq, &bytes),
+                Err(e) => {
+                    self.log.frame().clear();
+                    tracing::error!(error = %e, seq, "cannot copy an outbox record forward");
+                    return;
+                }
+            }
+        }
+        let g = GroupState::default();
+        if let Err(e) = self.write(self.store.batch(), &g) {
+            tracing::error!(error = %e, "outbox log copy failed");
+            return;
+        }
+        {
+            let mut queue = self.shared.queue.lock();
+            for (seq, _) in &records {
+                queue.move_to(*seq, active);
+            }
+        }
+        let mut ix = self.shared.index.lock();
+        for _ in &records {
+            ix.remove_live(old);
+        }
+        ix.add_live(active, records.len());
+        ix.segments.insert(self.log.segment());
+        tracing::info!(
+            segment = old,
+            records = records.len(),
+            "outbox records copied forward out of an old log segment"
+        );
+    }
+}
+
+/// What a group changes besides its frame and batch.
+#[derive(Default)]
+struct GroupState {
+    /// Anything whose loss would matter (for `always`: sync before answering).
+    needs_sync: bool,
+    /// Written to fjall and needing its journal synced (dead letters, batch memberships).
+    fjall_durable: bool,
+    /// Dead letters moved back: the frame is synced before they leave `dead`.
+    replayed: bool,
+    /// Records added, all in the active segment.
+    added: usize,
+    /// The segments of the records the group removes (delivered or dead-lettered).
+    removed_from: Vec<u64>,
+    /// Completed batches, forgotten once the group is durable.
+    forget_batches: Vec<Uuid>,
 }
 
 /// Applies a committed (and, per the policy, durable) group to the in-memory queue, wakes the
@@ -648,8 +859,8 @@ pub(crate) fn apply(shared: &Shared, staged: Vec<Staged>, in_flight: usize) {
                 added,
             } => {
                 woke |= !added.is_empty();
-                for (seq, d) in added {
-                    queue.insert(seq, d);
+                for (seq, d, seg) in added {
+                    queue.insert(seq, d, seg);
                 }
                 replies.push(Box::new(move || {
                     let _ = reply.send(Ok(outcomes));
@@ -679,8 +890,8 @@ pub(crate) fn apply(shared: &Shared, staged: Vec<Staged>, in_flight: usize) {
             Staged::Replay { reply, added } => {
                 let n = added.len();
                 woke |= n > 0;
-                for (seq, d) in added {
-                    queue.insert(seq, d);
+                for (seq, d, seg) in added {
+                    queue.insert(seq, d, seg);
                 }
                 let _ = shared
                     .dead_count

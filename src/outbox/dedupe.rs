@@ -24,7 +24,8 @@
 //! [`SeenFilter`]: a bloom filter over every key in the partition, which answers "certainly
 //! not seen" for almost all new ids without touching the tree; a "maybe" is read from the tree
 //! as before. It is built by the pruning pass (which reads every entry anyway) from the entries
-//! the pass keeps plus every key staged while it runs, and replaces the previous one when the
+//! the pass keeps, the keys not yet indexed when it starts (see the `index` module) and every
+//! key staged while it runs, and replaces the previous one when the
 //! pass ends; until the first pass after open has ended, every lookup reads the tree. A filter
 //! has no false negatives; a false positive only costs the read it would have cost anyway.
 //!
@@ -79,6 +80,13 @@ fn accepted_at(value: &[u8]) -> u64 {
 #[derive(Default)]
 pub(crate) struct PruneCursor {
     after: Option<Key>,
+}
+
+impl PruneCursor {
+    /// Whether the next step begins a pass.
+    pub(crate) fn at_start(&self) -> bool {
+        self.after.is_none()
+    }
 }
 
 /// 512 bits: one cache line, the unit a key's probes stay within.

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::store::Store;
-use super::{DeadLetter, OutboxError};
+use super::{DeadLetter, Outbox, OutboxError, OutboxSettings, SyncPolicy};
 
 /// All dead letters in `dir`, oldest sequence first.
 pub fn dlq_list(dir: impl AsRef<Path>) -> Result<Vec<DeadLetter>, OutboxError> {
@@ -15,15 +15,35 @@ pub fn dlq_list(dir: impl AsRef<Path>) -> Result<Vec<DeadLetter>, OutboxError> {
 }
 
 /// Moves the given (or all) dead letters in `dir` back to pending; returns how many moved.
-/// Unknown sequence numbers are skipped.
+/// Unknown sequence numbers are skipped. Opens (recovers) the outbox like the proxy does and
+/// replays through it, with `sync = "always"`.
 pub fn dlq_replay(dir: impl AsRef<Path>, seqs: Option<&[u64]>) -> Result<usize, OutboxError> {
-    let store = Store::open(dir.as_ref())?;
-    let mut batch = store.batch();
-    let moved = store.stage_replay(&mut batch, seqs)?;
-    if moved.is_empty() {
-        return Ok(0);
-    }
-    batch.commit()?;
-    store.sync()?;
-    Ok(moved.len())
+    let settings = OutboxSettings {
+        sync: SyncPolicy::Always,
+        ..OutboxSettings::new(dir.as_ref())
+    };
+    // A runtime of its own, on a thread of its own: callable from anywhere, inside another
+    // runtime too.
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(OutboxError::Io)?;
+            rt.block_on(async move {
+                let outbox = Outbox::open(settings)?;
+                let moved = outbox.replay(seqs).await;
+                let closed = outbox.close().await;
+                let moved = moved?;
+                closed?;
+                Ok(moved)
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(OutboxError::Io(std::io::Error::other(
+                "the dead-letter replay thread panicked",
+            )))
+        })
+    })
 }

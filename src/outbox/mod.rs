@@ -2,14 +2,15 @@
 //!
 //! # Contract
 //!
-//! * [`Outbox::open`] recovers before it returns: the pending queue is rebuilt from disk and the
-//!   dedupe index (an fjall partition) is recovered from the journal. Nothing is accepted before
-//!   that, so readiness may be released as soon as `open` returned.
+//! * [`Outbox::open`] recovers before it returns: the pending queue is rebuilt from the record
+//!   log and the dedupe index (an fjall partition) gets every key the log still holds. Nothing
+//!   is accepted before that, so readiness may be released as soon as `open` returned.
 //! * [`Outbox::append`]: one call is one atomic write. The records of all its new events and
-//!   their dedupe entries go into the same fjall write batch; concurrent calls are merged into
-//!   one batch (group commit, see the `commit` module), and every batch written while a sync
-//!   runs shares the next one (the `syncer` module: syncs run on their own thread, so writing
-//!   and syncing overlap). The call returns `Ok` only once that batch is durable per
+//!   their dedupe keys go into the same frame of the record log (the `log` module);
+//!   concurrent calls are merged into one frame (group commit, see the `commit` module), and
+//!   every frame written while a sync runs shares the next one (the `syncer` module: syncs run
+//!   on their own thread, so writing and syncing overlap). The dedupe partition follows the
+//!   log once it is durable (the `index` module); until then the keys are looked up in memory. The call returns `Ok` only once that batch is durable per
 //!   [`SyncPolicy`]. An event id is `Duplicate` only if its commit is durable; an id whose
 //!   commit is in flight is answered with the result of that commit, because groups are
 //!   decided strictly one after the other (under one lock) and answers leave in that order.
@@ -30,6 +31,8 @@ mod commit;
 mod dedupe;
 mod dlq;
 mod error;
+mod index;
+mod log;
 mod queue;
 mod record;
 mod store;
@@ -62,7 +65,7 @@ pub use error::OutboxError;
 /// When an append is acknowledged, relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncPolicy {
-    /// Answer after `fdatasync` of the group's journal write returned. Survives power loss and
+    /// Answer after `fdatasync` of the group's log write returned. Survives power loss and
     /// kernel crashes.
     Always,
     /// Answer after the group's write reached the OS page cache (survives the process being
@@ -80,7 +83,8 @@ impl Default for SyncPolicy {
 /// How the outbox is opened.
 #[derive(Clone, Debug)]
 pub struct OutboxSettings {
-    /// Data directory; holds `LOCK` and the fjall keyspace under `store/`.
+    /// Data directory; holds `LOCK`, the record log under `log/` and the fjall keyspace under
+    /// `store/`.
     pub dir: PathBuf,
     pub sync: SyncPolicy,
     /// Bound on undelivered (pending or leased) records; an append that would exceed it gets
@@ -91,11 +95,13 @@ pub struct OutboxSettings {
     pub dedupe_window: Duration,
     /// Most append calls merged into one commit group.
     pub max_group: usize,
+    /// Size at which a segment of the record log is sealed and a new one begun.
+    pub log_segment_bytes: u64,
 }
 
 impl OutboxSettings {
     /// Defaults: `interval` sync every 500 ms, 100 000 pending records, 7-day dedupe window,
-    /// groups of up to 512 appends.
+    /// groups of up to 512 appends, 32 MiB log segments.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
@@ -103,6 +109,7 @@ impl OutboxSettings {
             max_pending: 100_000,
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             max_group: 512,
+            log_segment_bytes: log::SEGMENT_BYTES,
         }
     }
 }
@@ -184,6 +191,13 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// Heap bytes of the dedupe filter, as the commit last saw it.
     pub(crate) dedupe_filter_bytes: AtomicUsize,
+    /// Whether fjall was written something that must be durable since the last sync.
+    pub(crate) fjall_unsynced: AtomicBool,
+    /// Where the last frame written to the log ends, and up to where the log is synced.
+    pub(crate) written_lsn: AtomicU64,
+    pub(crate) synced_lsn: AtomicU64,
+    /// Dedupe keys not yet indexed, deferred fjall work, live records per log segment.
+    pub(crate) index: Mutex<index::Indexing>,
     #[cfg(test)]
     pub(crate) faults: tests::Faults,
 }
@@ -237,8 +251,11 @@ impl Outbox {
     /// or from `spawn_blocking`.
     pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
         let store = Arc::new(Store::open(&settings.dir)?);
-        let recovered = store.recover()?;
+        let recovered = store.recover(&settings.dir, settings.log_segment_bytes.max(1))?;
         let queue = Queue::from_records(recovered.pending);
+        let log = recovered.log;
+        let log_shared = Arc::clone(log.shared());
+        let start_lsn = log.position();
         tracing::info!(
             dir = %settings.dir.display(),
             pending = queue.len(),
@@ -258,14 +275,30 @@ impl Outbox {
             unsynced: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             dedupe_filter_bytes: AtomicUsize::new(0),
+            fjall_unsynced: AtomicBool::new(false),
+            written_lsn: AtomicU64::new(start_lsn),
+            synced_lsn: AtomicU64::new(start_lsn),
+            index: Mutex::new(recovered.indexing),
             #[cfg(test)]
             faults: tests::Faults::default(),
         });
+        let (index_tx, index_rx) = mpsc::channel();
+        let indexer = index::Indexer {
+            store: Arc::clone(&store),
+            shared: Arc::clone(&shared),
+            log: Arc::clone(&log_shared),
+        };
+        std::thread::Builder::new()
+            .name("outbox-index".into())
+            .spawn(move || indexer.run(index_rx))
+            .map_err(OutboxError::Io)?;
         let (sync_tx, sync_rx) = mpsc::channel();
         let syncer = Syncer::new(
             Arc::clone(&shared),
             settings.sync,
             &store::store_dir(&settings.dir),
+            log_shared,
+            index_tx.clone(),
         );
         std::thread::Builder::new()
             .name("outbox-sync".into())
@@ -278,6 +311,8 @@ impl Outbox {
             settings,
             recovered.next_seq,
             sync_tx,
+            log,
+            index_tx,
         )));
         let thread_commit = Arc::clone(&commit);
         std::thread::Builder::new()
@@ -415,7 +450,11 @@ impl Outbox {
 
     /// Batches persisted and not completed: to be re-sent as they are (see [`Outbox::lease`]).
     pub fn persisted_batches(&self) -> Result<Vec<(Uuid, Vec<u64>)>, OutboxError> {
-        self.inner.store.batches()
+        let mut batches = self.inner.store.batches()?;
+        // Completed batches leave the store only once their delivered marks are durable.
+        let ix = self.inner.shared.index.lock();
+        batches.retain(|(id, _)| !ix.forgetting(id));
+        Ok(batches)
     }
 
     /// Upstream accepted the batch: forgets its membership and removes its records, in one

@@ -1,6 +1,6 @@
 //! The in-memory pending queue: undelivered records and their leases.
 //!
-//! It mirrors the `records` partition (rebuilt from it on open) and is changed only after the
+//! It mirrors the record log (rebuilt from it on open) and is changed only after the
 //! write that justifies the change is committed, except for leases, which are memory-only by
 //! design: a lease dies with the process and the record is simply leased again. Memory is
 //! bounded by `max_pending` records (plus replayed dead letters).
@@ -12,6 +12,8 @@ use crate::domain::Delivery;
 
 struct Entry {
     delivery: Delivery,
+    /// The log segment holding the record's newest copy.
+    seg: u64,
     attempts: u32,
     leased: bool,
 }
@@ -27,10 +29,10 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    pub(crate) fn from_records(records: Vec<(u64, Delivery)>) -> Queue {
+    pub(crate) fn from_records(records: Vec<(u64, Delivery, u64)>) -> Queue {
         let mut q = Queue::default();
-        for (seq, delivery) in records {
-            q.insert(seq, delivery);
+        for (seq, delivery, seg) in records {
+            q.insert(seq, delivery, seg);
         }
         q
     }
@@ -39,11 +41,12 @@ impl Queue {
         self.entries.len()
     }
 
-    pub(crate) fn insert(&mut self, seq: u64, delivery: Delivery) {
+    pub(crate) fn insert(&mut self, seq: u64, delivery: Delivery, seg: u64) {
         self.entries.insert(
             seq,
             Entry {
                 delivery,
+                seg,
                 attempts: 0,
                 leased: false,
             },
@@ -58,6 +61,28 @@ impl Queue {
 
     pub(crate) fn get(&self, seq: u64) -> Option<&Delivery> {
         self.entries.get(&seq).map(|e| &e.delivery)
+    }
+
+    /// The log segment holding the record.
+    pub(crate) fn segment(&self, seq: u64) -> Option<u64> {
+        self.entries.get(&seq).map(|e| e.seg)
+    }
+
+    /// The records whose newest copy is in log segment `seg` (a scan: for copying them
+    /// forward, which is rare).
+    pub(crate) fn in_segment(&self, seg: u64) -> Vec<(u64, Delivery)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.seg == seg)
+            .map(|(s, e)| (*s, e.delivery.clone()))
+            .collect()
+    }
+
+    /// The record's newest copy is now in `seg`.
+    pub(crate) fn move_to(&mut self, seq: u64, seg: u64) {
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.seg = seg;
+        }
     }
 
     pub(crate) fn lease(&mut self, max: usize) -> Vec<Pending> {

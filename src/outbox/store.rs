@@ -1,20 +1,28 @@
-//! On-disk layout of the outbox, on fjall (an LSM tree with a write-ahead journal).
+//! On-disk layout of the outbox: the record log (`log` module) and an fjall keyspace (an LSM
+//! tree with a write-ahead journal) for what lives long or is looked up by key.
 //!
 //! ```text
 //! DIR/LOCK            exclusive flock: one process per directory (proxy or offline dlq tool)
+//! DIR/log/            the record log: pending records, delivered marks, claimed dedupe keys
 //! DIR/store/          fjall keyspace, partitions:
-//!   records           seq (u64 BE)                      -> record (record.rs: binary charge or JSON)
 //!   dead              seq (u64 BE)                      -> JSON DeadLetter
 //!   dedupe            dedupe key (16 bytes, dedupe.rs)  -> accepted_at ms (u64 BE)
 //!   batches           batch id (16-byte UUID)           -> JSON [seq, ...] (coalesced sends)
-//!   meta              "next_seq"                        -> u64 BE
-//!                     "format"                          -> FORMAT (checked on open)
+//!   meta              "format"                          -> FORMAT (checked on open)
+//!   records           format 2 only: seq -> record; moved into the log on open
 //! ```
 //!
-//! Every change is an fjall write batch: atomic across partitions, journaled before it becomes
-//! visible, recovered on open. A record lives in exactly one of `records` and `dead`, moved in
-//! one batch. Sequence numbers only grow (`meta/next_seq` is written with every group that
-//! assigns some), so a seq names one record for the lifetime of the directory.
+//! The log is the commit point of the request path: a group's records, delivered marks and
+//! dedupe keys are one frame, whole or absent after a crash. fjall follows it: dedupe keys
+//! reach the `dedupe` partition only after their frame is durable, and are put there again
+//! from every segment on disk at open (see the `index` module). The rarer changes go to fjall
+//! directly, ordered so that no crash loses a record or sends one twice under two ids:
+//! a dead letter is written to `dead` only (the log keeps its record, and on open a record
+//! that is also a dead letter is a dead letter); a replay is written to the log and synced
+//! before it leaves `dead`; a completed batch's delivered marks are in the log before its
+//! membership leaves `batches`, and a membership with a member no longer pending is dropped
+//! on open. Sequence numbers only grow: each log segment's header records the next one, and
+//! on open the bound also covers `dead`, `batches` and format 2's `meta/next_seq`.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
@@ -23,22 +31,30 @@ use fjall::{
     compaction::Strategy as CompactionStrategy, Batch, CompressionType, Config, Keyspace,
     PartitionCreateOptions, PartitionHandle, PersistMode,
 };
+use std::collections::{BTreeMap, HashSet};
+
 use rustix::fs::{flock, FlockOperation};
 use uuid::Uuid;
 
+use super::index::Indexing;
+use super::log::Log;
 use super::{record, DeadLetter, OutboxError};
 use crate::domain::Delivery;
 
 const NEXT_SEQ: &[u8] = b"next_seq";
 const FORMAT_KEY: &[u8] = b"format";
 /// The on-disk format this build writes and reads. 2: 16-byte hashed dedupe keys, no time
-/// index, binary charge records. A directory of another format is refused at open rather than misread.
-pub(crate) const FORMAT: &str = "2";
+/// index, binary charge records in fjall. 3: records in the log. A format 2 directory is
+/// moved to 3 at open; any other is refused rather than misread.
+pub(crate) const FORMAT: &str = "3";
+const FORMAT_2: &str = "2";
 
 pub(crate) struct Recovered {
-    pub(crate) pending: Vec<(u64, Delivery)>,
+    pub(crate) pending: Vec<(u64, Delivery, u64)>,
     pub(crate) dead_count: usize,
     pub(crate) next_seq: u64,
+    pub(crate) log: Log,
+    pub(crate) indexing: Indexing,
 }
 
 /// The open keyspace and its partitions. Field order matters: the keyspace is dropped (its
@@ -59,6 +75,11 @@ pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
 
 pub(crate) fn seq_from_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+/// Where the record log of the outbox in `dir` lives.
+pub(crate) fn log_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("log")
 }
 
 /// Where the fjall keyspace of the outbox in `dir` lives.
@@ -181,7 +202,8 @@ impl Store {
         Ok(store)
     }
 
-    /// Refuses a directory of another format; stamps a new (empty) one with [`FORMAT`].
+    /// Refuses a directory of another format; stamps a new (empty) one with [`FORMAT`]. A
+    /// format 2 directory is let through: [`Store::recover`] moves it to [`FORMAT`].
     fn check_format(&self, dir: &Path) -> Result<(), OutboxError> {
         let refuse = |found: String| OutboxError::Format {
             dir: dir.into(),
@@ -189,7 +211,9 @@ impl Store {
             expected: FORMAT,
         };
         match self.meta.get(FORMAT_KEY)? {
-            Some(v) if v.as_ref() == FORMAT.as_bytes() => Ok(()),
+            Some(v) if v.as_ref() == FORMAT.as_bytes() || v.as_ref() == FORMAT_2.as_bytes() => {
+                Ok(())
+            }
             Some(v) => Err(refuse(String::from_utf8_lossy(&v).into_owned())),
             None if self.meta.is_empty()? && self.dedupe.is_empty()? => {
                 self.meta.insert(FORMAT_KEY, FORMAT.as_bytes())?;
@@ -200,51 +224,108 @@ impl Store {
         }
     }
 
-    /// Reads the pending records and the sequence counter (blocking, at open only).
-    pub(crate) fn recover(&self) -> Result<Recovered, OutboxError> {
-        let mut pending = Vec::new();
-        let mut max_seq = None::<u64>;
-        for kv in self.records.iter() {
-            let (k, v) = kv?;
-            let Some(seq) = seq_from_key(&k) else {
-                continue;
-            };
-            pending.push((seq, record::decode(&v)?));
-            max_seq = max_seq.max(Some(seq));
-        }
-        let mut dead_count = 0;
+    /// Recovers the outbox (blocking, at open only): reads the record log, puts the dedupe
+    /// keys of every segment still on disk into the partition again (see the `index` module),
+    /// moves the records of a directory written by an older version (format 2, records in
+    /// fjall) into the log, and drops what the log says is over (records that are dead
+    /// letters, memberships of completed coalesced batches).
+    pub(crate) fn recover(&self, dir: &Path, segment_bytes: u64) -> Result<Recovered, OutboxError> {
+        let mut dead = HashSet::new();
+        let mut floor = 0u64;
         for kv in self.dead.iter() {
             let (k, _) = kv?;
             if let Some(seq) = seq_from_key(&k) {
-                dead_count += 1;
-                max_seq = max_seq.max(Some(seq));
+                dead.insert(seq);
+                floor = floor.max(seq + 1);
             }
         }
-        let stored_next = self
-            .meta
-            .get(NEXT_SEQ)?
-            .and_then(|v| seq_from_key(&v))
-            .unwrap_or(0);
-        let next_seq = stored_next.max(max_seq.map_or(0, |s| s + 1));
+        let mut legacy = Vec::new();
+        for kv in self.records.iter() {
+            let (k, v) = kv?;
+            if let Some(seq) = seq_from_key(&k) {
+                floor = floor.max(seq + 1);
+                legacy.push((seq, v.to_vec()));
+            }
+        }
+        let batches = self.batches()?;
+        for (_, seqs) in &batches {
+            floor = floor.max(seqs.iter().max().map_or(0, |s| s + 1));
+        }
+        if let Some(v) = self.meta.get(NEXT_SEQ)? {
+            floor = floor.max(seq_from_key(&v).unwrap_or(0));
+        }
+        let (mut log, segments, next_seq) =
+            Log::open(&log_dir(dir), segment_bytes, |n| n.max(floor))?;
+        let mut indexing = Indexing::default();
+        let mut pending: BTreeMap<u64, (Vec<u8>, u64)> = BTreeMap::new();
+        for seg in segments {
+            indexing.segments.insert(seg.id);
+            let mut keys = Vec::new();
+            for frame in seg.frames {
+                for (seq, bytes) in frame.adds {
+                    pending.insert(seq, (bytes, seg.id));
+                }
+                for seq in frame.removes {
+                    pending.remove(&seq);
+                }
+                keys.extend(frame.keys);
+            }
+            keys.sort_by_key(|(k, _)| *k);
+            let mut batch = self.batch();
+            for (k, at) in keys {
+                self.stage_seen(&mut batch, &k, at);
+            }
+            batch.commit()?;
+        }
+        indexing.segments.insert(log.segment());
+        if !legacy.is_empty() {
+            // Into the log first, durably; only then out of fjall (a crash in between
+            // leaves them in both, and the next open moves them again: same seqs).
+            for (seq, bytes) in &legacy {
+                log.frame().add(*seq, bytes);
+                pending.insert(*seq, (bytes.clone(), log.segment()));
+            }
+            log.write(next_seq).map_err(OutboxError::Io)?;
+            log.shared().sync().map_err(OutboxError::Io)?;
+            let mut batch = self.batch();
+            for (seq, _) in &legacy {
+                batch.remove(&self.records, seq_key(*seq).to_vec());
+            }
+            batch.commit()?;
+        }
+        let mut batch = self.batch();
+        if self.meta.get(FORMAT_KEY)?.as_deref() != Some(FORMAT.as_bytes()) {
+            batch.insert(&self.meta, FORMAT_KEY, FORMAT.as_bytes());
+        }
+        // A dead letter is in `dead` only; its record may still be in the log.
+        pending.retain(|seq, _| !dead.contains(seq));
+        // A batch one of whose members is no longer pending was completed: its delivered
+        // marks are in the log, and forgetting it had not reached fjall yet.
+        for (id, seqs) in &batches {
+            if seqs.iter().any(|s| !pending.contains_key(s)) {
+                batch.remove(&self.batches, id.as_bytes().to_vec());
+            }
+        }
+        if !batch.is_empty() {
+            batch.commit()?;
+        }
+        self.keyspace.persist(PersistMode::SyncAll)?;
+        let mut records = Vec::with_capacity(pending.len());
+        for (seq, (bytes, seg)) in pending {
+            indexing.add_live(seg, 1);
+            records.push((seq, record::decode(&bytes)?, seg));
+        }
         Ok(Recovered {
-            pending,
-            dead_count,
+            pending: records,
+            dead_count: dead.len(),
             next_seq,
+            log,
+            indexing,
         })
-    }
-
-    pub(crate) fn set_next_seq(&self, batch: &mut Batch, next_seq: u64) {
-        batch.insert(&self.meta, NEXT_SEQ, seq_key(next_seq).to_vec());
     }
 
     pub(crate) fn batch(&self) -> Batch {
         self.keyspace.batch().durability(Some(PersistMode::Buffer))
-    }
-
-    pub(crate) fn sync(&self) -> Result<(), OutboxError> {
-        self.keyspace
-            .persist(PersistMode::SyncData)
-            .map_err(OutboxError::from)
     }
 
     pub(crate) fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
@@ -264,12 +345,13 @@ impl Store {
             .transpose()
     }
 
-    /// Adds to `batch` the moves of the given (or all) dead letters back to `records`.
+    /// Adds to `batch` the removal of the given (or all) dead letters from `dead`, and returns
+    /// them with their records encoded, for the log (see [`Store::recover`] for the order).
     pub(crate) fn stage_replay(
         &self,
         batch: &mut Batch,
         seqs: Option<&[u64]>,
-    ) -> Result<Vec<(u64, Delivery)>, OutboxError> {
+    ) -> Result<Vec<(u64, Delivery, Vec<u8>)>, OutboxError> {
         let letters = match seqs {
             None => self.dead_letters()?,
             Some(seqs) => {
@@ -286,13 +368,9 @@ impl Store {
         };
         let mut moved = Vec::with_capacity(letters.len());
         for letter in letters {
+            let bytes = record::encode(&letter.delivery)?;
             batch.remove(&self.dead, seq_key(letter.seq).to_vec());
-            batch.insert(
-                &self.records,
-                seq_key(letter.seq).to_vec(),
-                record::encode(&letter.delivery)?,
-            );
-            moved.push((letter.seq, letter.delivery));
+            moved.push((letter.seq, letter.delivery, bytes));
         }
         Ok(moved)
     }

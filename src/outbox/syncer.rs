@@ -15,7 +15,9 @@
 //!   runs after the sync of the group that claimed the id: the "duplicate only once durable"
 //!   rule of the commit module holds across the pipeline.
 //!
-//! It syncs fjall's journal through a descriptor of its own: `Keyspace::persist` holds the
+//! A sync covers the record log (see the `log` module: sealed segments, the active one, the
+//! folder) and, when a group wrote something to fjall that must be durable (dead letters,
+//! batch memberships), fjall's journal. It syncs the journal through a descriptor of its own: `Keyspace::persist` holds the
 //! journal writer's lock for the duration of the sync, which would stall the writers'
 //! writes. fjall syncs a journal (and its folder) itself when it seals it at rotation, so only
 //! the active journal, the highest-numbered file in `journals/`, needs syncing here; a group
@@ -30,6 +32,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use super::commit::{apply, poison, staged_records, Staged};
+use super::index::ToIndex;
+use super::log::LogShared;
 use super::{OutboxError, Shared, SyncPolicy};
 
 pub(crate) enum ToSyncer {
@@ -84,10 +88,19 @@ pub(crate) struct Syncer {
     shared: Arc<Shared>,
     policy: SyncPolicy,
     journal: Journal,
+    log: Arc<LogShared>,
+    /// The index thread, told after each sync (see the `index` module).
+    index: mpsc::Sender<ToIndex>,
 }
 
 impl Syncer {
-    pub(crate) fn new(shared: Arc<Shared>, policy: SyncPolicy, store_dir: &Path) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        policy: SyncPolicy,
+        store_dir: &Path,
+        log: Arc<LogShared>,
+        index: mpsc::Sender<ToIndex>,
+    ) -> Self {
         Syncer {
             shared,
             policy,
@@ -95,6 +108,8 @@ impl Syncer {
                 dir: store_dir.join("journals"),
                 open: None,
             },
+            log,
+            index,
         }
     }
 
@@ -174,7 +189,8 @@ impl Syncer {
         self.sync_if_dirty()
     }
 
-    /// One `fdatasync` of the journal if anything was written since the last one.
+    /// Syncs the log (and fjall's journal, if something there must be durable) if anything
+    /// was written since the last sync; then tells the index thread how far the log is durable.
     fn sync_if_dirty(&mut self) -> Result<(), OutboxError> {
         if self.poisoned() {
             return Err(OutboxError::Poisoned);
@@ -183,6 +199,9 @@ impl Syncer {
         if !self.shared.unsynced.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
+        // Every frame up to here was written before the sync begins, so the sync covers it.
+        let upto = self.shared.written_lsn.load(Ordering::Acquire);
+        let fjall = self.shared.fjall_unsynced.swap(false, Ordering::AcqRel);
         let started = Instant::now();
         #[cfg(test)]
         std::thread::sleep(std::time::Duration::from_millis(
@@ -192,10 +211,10 @@ impl Syncer {
         let result = if self.shared.faults.take_sync() {
             Err(io::Error::other("injected sync failure"))
         } else {
-            self.journal.sync()
+            self.sync_files(fjall)
         };
         #[cfg(not(test))]
-        let result = self.journal.sync();
+        let result = self.sync_files(fjall);
         let took = started.elapsed();
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
         self.shared.last_sync_nanos.store(
@@ -207,6 +226,17 @@ impl Syncer {
             // so a later "successful" fsync would prove nothing.
             poison(&self.shared, "sync", &OutboxError::Io(e));
             OutboxError::Poisoned
-        })
+        })?;
+        self.shared.synced_lsn.fetch_max(upto, Ordering::AcqRel);
+        let _ = self.index.send(ToIndex::Synced);
+        Ok(())
+    }
+
+    fn sync_files(&mut self, fjall: bool) -> io::Result<()> {
+        self.log.sync()?;
+        if fjall {
+            self.journal.sync()?;
+        }
+        Ok(())
     }
 }

@@ -1122,3 +1122,128 @@ fn failed_interval_sync_poisons() {
         );
     });
 }
+
+/// A directory written by the version before the record log (format 2: records in fjall,
+/// `meta/next_seq`) opens with its records pending, in the log, and its seqs never reused.
+#[test]
+fn a_format_2_directory_has_its_records_moved_into_the_log() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let old = debit("t", "old", "p");
+        {
+            let store = store::Store::open(dir.path()).unwrap();
+            store.meta.insert("format", "2").unwrap();
+            store.meta.insert("next_seq", 41u64.to_be_bytes()).unwrap();
+            store
+                .records
+                .insert(7u64.to_be_bytes(), record::encode(&old).unwrap())
+                .unwrap();
+            store.keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+        assert_eq!(ob.depth(), 1);
+        ob.append(vec![event("t", "new", 1)]).await.unwrap();
+        let pending = ob.next_batch(10);
+        assert_eq!(pending[0].seq, 7);
+        assert_eq!(pending[0].delivery, old);
+        assert_eq!(pending[1].seq, 41, "seqs continue after format 2's counter");
+        ob.crash().await;
+
+        let store = store::Store::open(dir.path()).unwrap();
+        assert!(store.records.is_empty().unwrap(), "moved out of fjall");
+        assert_eq!(
+            store.meta.get("format").unwrap().as_deref(),
+            Some(store::FORMAT.as_bytes())
+        );
+        drop(store);
+        let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+        assert_eq!(ob.depth(), 2);
+        ob.close().await.unwrap();
+    });
+}
+
+fn segments(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(store::log_dir(dir)).unwrap().count()
+}
+
+/// Delivered records' segments are deleted; a record retried for long is copied forward out
+/// of its old segment instead of keeping every later one on disk; nothing is lost on the way.
+#[test]
+fn old_log_segments_are_deleted_and_a_stuck_record_is_copied_forward() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = OutboxSettings {
+            log_segment_bytes: 2048,
+            ..settings(dir.path(), SyncPolicy::Interval(Duration::from_millis(5)))
+        };
+        let ob = Outbox::open(s.clone()).unwrap();
+        ob.append(vec![event("t", "stuck", 1)]).await.unwrap();
+        let stuck = ob.next_batch(1);
+        for i in 0..300 {
+            ob.append(vec![event("t", &format!("e{i}"), 1)])
+                .await
+                .unwrap();
+            let b = ob.next_batch(10);
+            ob.mark_delivered(&seqs_of(&b)).await.unwrap();
+        }
+        let before = segments(dir.path());
+        assert!(before > 20, "{before} segments");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while segments(dir.path()) > 6 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} segments left of {before}",
+                segments(dir.path())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Ids of deleted segments are still remembered (the index has them).
+        assert_eq!(
+            ob.append(vec![event("t", "e3", 1)]).await.unwrap(),
+            vec![AppendOutcome::Duplicate]
+        );
+        ob.crash().await;
+
+        let ob = Outbox::open(s).unwrap();
+        let pending = ob.next_batch(10);
+        assert_eq!(pending.len(), 1, "only the stuck record is pending");
+        assert_eq!(pending[0].seq, stuck[0].seq);
+        assert_eq!(pending[0].delivery, stuck[0].delivery);
+        assert_eq!(
+            ob.append(vec![event("t", "e5", 1)]).await.unwrap(),
+            vec![AppendOutcome::Duplicate]
+        );
+        ob.close().await.unwrap();
+    });
+}
+
+fn seqs_of(p: &[Pending]) -> Vec<u64> {
+    p.iter().map(|p| p.seq).collect()
+}
+
+/// A completed coalesced batch whose removal from the store was not written yet when the
+/// process died is dropped on open, because its delivered marks are in the log.
+#[test]
+fn a_completed_batch_is_not_resent_after_a_crash() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), SyncPolicy::Interval(Duration::from_secs(3600)));
+        let ob = Outbox::open(s.clone()).unwrap();
+        ob.append(vec![event("t", "e1", 1), event("t", "e2", 1)])
+            .await
+            .unwrap();
+        let leased = ob.next_batch(2);
+        let id = Uuid::from_u128(9);
+        ob.persist_batch(id, &seqs_of(&leased)).await.unwrap();
+        ob.complete_batch(id).await.unwrap();
+        // No sync ran (hour-long interval): the membership is still in the store.
+        assert!(ob.persisted_batches().unwrap().is_empty());
+        assert_eq!(ob.inner.store.batches().unwrap().len(), 1);
+        ob.crash().await;
+
+        let ob = Outbox::open(s).unwrap();
+        assert!(ob.persisted_batches().unwrap().is_empty());
+        assert_eq!(ob.depth(), 0);
+        ob.close().await.unwrap();
+    });
+}

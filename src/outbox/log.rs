@@ -1,0 +1,629 @@
+//! The record log: an append-only, segmented file log that is the outbox's commit point for
+//! the request path.
+//!
+//! ```text
+//! DIR/log/00000000000000000001.seg   header: magic (8) ++ first_seq (u64 LE) ++ xxh3 of both (u64 LE)
+//!                                     frames: len (u32 LE) ++ xxh3 of body (u64 LE) ++ body
+//! ```
+//!
+//! One commit group is one frame. A frame's body holds what the group changed, in order:
+//! records added (seq, bytes as `record.rs` encodes them), seqs removed (delivered), and the
+//! dedupe keys the group claimed with their acceptance time. A frame is whole or absent: on
+//! open, the frames of each segment are read in order, and the first one whose length or
+//! checksum does not hold ends the log. That is only legitimate in the newest segment (a write
+//! torn by a crash; the file is truncated there so later frames do not follow garbage); in an
+//! older one, which was synced when it was sealed, it is corruption, and the outbox refuses to
+//! open rather than silently drop what follows.
+//!
+//! Segments are sealed at [`SEGMENT_BYTES`]; the writer does not wait for the sealed file's
+//! sync, the sync thread does it (with the new segment and the folder) before it answers for
+//! any later group. A segment is deleted, oldest first, once none of its records is pending
+//! and the derived state (the dedupe index) is durable elsewhere; see the `index` module.
+//!
+//! Positions are log sequence numbers, `segment id << 32 | byte offset`: they grow with
+//! every frame, across segments.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::dedupe;
+use super::OutboxError;
+
+/// A segment is sealed once it holds this many bytes (a group is never split), by default.
+pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
+const MAGIC: &[u8; 8] = b"CPOLOG01";
+const HEADER: usize = 24;
+const FRAME_HEAD: usize = 12;
+/// Largest frame body accepted on read (a length beyond it is a torn or corrupt frame).
+const MAX_FRAME: usize = 1 << 30;
+
+pub(crate) type Lsn = u64;
+
+pub(crate) fn lsn(segment: u64, offset: u64) -> Lsn {
+    (segment << 32) | offset
+}
+
+pub(crate) fn segment_of(lsn: Lsn) -> u64 {
+    lsn >> 32
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+fn corrupt(what: &'static str) -> OutboxError {
+    OutboxError::Malformed {
+        partition: "log",
+        what,
+    }
+}
+
+/// What the sync thread must make durable: sealed segments not synced yet, the active one,
+/// and the folder when segments were created since the last sync.
+pub(crate) struct SyncSet {
+    pub(crate) sealed: Vec<Arc<File>>,
+    pub(crate) active: Arc<File>,
+    pub(crate) dir_dirty: bool,
+}
+
+/// The parts of the log the sync thread and the index thread share with the writer.
+pub(crate) struct LogShared {
+    pub(crate) dir: PathBuf,
+    pub(crate) sync: Mutex<SyncSet>,
+}
+
+impl LogShared {
+    /// `fdatasync` of everything written so far (every group whose write returned before this
+    /// call began): sealed segments, the active one, and the folder.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        let (sealed, active, dir_dirty) = {
+            let mut s = self.sync.lock();
+            let dirty = std::mem::take(&mut s.dir_dirty);
+            (std::mem::take(&mut s.sealed), Arc::clone(&s.active), dirty)
+        };
+        for f in &sealed {
+            f.sync_data()?;
+        }
+        active.sync_data()?;
+        if dir_dirty {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the given segments (oldest first; the caller made sure nothing in them is
+    /// needed any more) and syncs the folder.
+    pub(crate) fn delete_segments(&self, ids: &[u64]) -> io::Result<()> {
+        for &id in ids {
+            match std::fs::remove_file(segment_path(&self.dir, id)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !ids.is_empty() {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// One frame's changes, as read back.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Frame {
+    pub(crate) adds: Vec<(u64, Vec<u8>)>,
+    pub(crate) removes: Vec<u64>,
+    pub(crate) keys: Vec<(dedupe::Key, u64)>,
+}
+
+/// A frame being built by the writer (reused from group to group).
+#[derive(Default)]
+pub(crate) struct FrameBuf {
+    adds: Vec<u8>,
+    n_adds: u32,
+    removes: Vec<u8>,
+    n_removes: u32,
+    keys: Vec<u8>,
+    n_keys: u32,
+    out: Vec<u8>,
+}
+
+impl FrameBuf {
+    pub(crate) fn add(&mut self, seq: u64, bytes: &[u8]) {
+        self.adds.extend_from_slice(&seq.to_le_bytes());
+        // Records are small (a charge is ~150 bytes); one over 4 GiB cannot be built.
+        self.adds
+            .extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+        self.adds.extend_from_slice(bytes);
+        self.n_adds += 1;
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64) {
+        self.removes.extend_from_slice(&seq.to_le_bytes());
+        self.n_removes += 1;
+    }
+
+    pub(crate) fn key(&mut self, key: &dedupe::Key, at_ms: u64) {
+        self.keys.extend_from_slice(key);
+        self.keys.extend_from_slice(&at_ms.to_le_bytes());
+        self.n_keys += 1;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.n_adds == 0 && self.n_removes == 0 && self.n_keys == 0
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.adds.clear();
+        self.removes.clear();
+        self.keys.clear();
+        self.n_adds = 0;
+        self.n_removes = 0;
+        self.n_keys = 0;
+    }
+
+    /// The whole frame: head and body.
+    fn encode(&mut self) -> &[u8] {
+        let body_len = 12 + self.adds.len() + self.removes.len() + self.keys.len();
+        self.out.clear();
+        self.out.reserve(FRAME_HEAD + body_len);
+        self.out
+            .extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+        self.out.extend_from_slice(&[0u8; 8]);
+        self.out.extend_from_slice(&self.n_adds.to_le_bytes());
+        self.out.extend_from_slice(&self.adds);
+        self.out.extend_from_slice(&self.n_removes.to_le_bytes());
+        self.out.extend_from_slice(&self.removes);
+        self.out.extend_from_slice(&self.n_keys.to_le_bytes());
+        self.out.extend_from_slice(&self.keys);
+        let sum = xxh3_64(&self.out[FRAME_HEAD..]);
+        self.out[4..FRAME_HEAD].copy_from_slice(&sum.to_le_bytes());
+        &self.out
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_le_bytes)
+    }
+}
+
+fn decode_body(body: &[u8]) -> Option<Frame> {
+    let mut c = Cursor(body);
+    let mut frame = Frame::default();
+    for _ in 0..c.u32()? {
+        let seq = c.u64()?;
+        let len = usize::try_from(c.u32()?).ok()?;
+        frame.adds.push((seq, c.take(len)?.to_vec()));
+    }
+    for _ in 0..c.u32()? {
+        frame.removes.push(c.u64()?);
+    }
+    for _ in 0..c.u32()? {
+        let key = dedupe::Key::try_from(c.take(16)?).ok()?;
+        frame.keys.push((key, c.u64()?));
+    }
+    c.0.is_empty().then_some(frame)
+}
+
+/// A segment as read on open.
+pub(crate) struct Segment {
+    pub(crate) id: u64,
+    pub(crate) first_seq: u64,
+    pub(crate) frames: Vec<Frame>,
+    /// Where its valid frames end.
+    pub(crate) end: u64,
+}
+
+fn header(first_seq: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&first_seq.to_le_bytes());
+    let sum = xxh3_64(&h[..16]);
+    h[16..].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+/// Reads one segment's frames; `Ok(None)` if its header is torn (a segment created just
+/// before a crash).
+fn read_segment(id: u64, bytes: &[u8], newest: bool) -> Result<Option<Segment>, OutboxError> {
+    let valid_header = bytes.len() >= HEADER
+        && &bytes[..8] == MAGIC
+        && bytes[16..HEADER] == xxh3_64(&bytes[..16]).to_le_bytes();
+    if !valid_header {
+        return if newest {
+            Ok(None)
+        } else {
+            Err(corrupt("segment header"))
+        };
+    }
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&bytes[8..16]);
+    let mut seg = Segment {
+        id,
+        first_seq: u64::from_le_bytes(first),
+        frames: Vec::new(),
+        end: HEADER as u64,
+    };
+    let mut at = HEADER;
+    while at < bytes.len() {
+        let frame = (|| {
+            let mut c = Cursor(&bytes[at..]);
+            let len = usize::try_from(c.u32()?).ok()?;
+            let sum = c.u64()?;
+            if len > MAX_FRAME {
+                return None;
+            }
+            let body = c.take(len)?;
+            (xxh3_64(body) == sum).then_some(())?;
+            Some((decode_body(body)?, FRAME_HEAD + len))
+        })();
+        match frame {
+            Some((frame, size)) => {
+                seg.frames.push(frame);
+                at += size;
+            }
+            // A torn tail: the newest segment ends here.
+            None if newest => break,
+            None => return Err(corrupt("frame in a sealed segment")),
+        }
+    }
+    seg.end = at as u64;
+    Ok(Some(seg))
+}
+
+/// The writer's end of the log. Owned by the commit (used under its lock).
+pub(crate) struct Log {
+    shared: Arc<LogShared>,
+    active: Arc<File>,
+    id: u64,
+    offset: u64,
+    frame: FrameBuf,
+    segment_bytes: u64,
+}
+
+impl Log {
+    /// Opens (creating) the log in `dir`, reads every segment in order, truncates a torn tail,
+    /// and starts a new segment for this run whose header records `next_seq`, a bound on
+    /// every seq the log ever held (seqs are never reused, even once their segments are gone).
+    /// `next_seq` is given the seqs the caller knows of besides the log (dead letters).
+    pub(crate) fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        next_seq: impl FnOnce(u64) -> u64,
+    ) -> Result<(Log, Vec<Segment>, u64), OutboxError> {
+        std::fs::create_dir_all(dir).map_err(OutboxError::Io)?;
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(OutboxError::Io)? {
+            let name = entry.map_err(OutboxError::Io)?.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(id) = id {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut segments = Vec::with_capacity(ids.len());
+        let mut log_next_seq = 0u64;
+        for (i, &id) in ids.iter().enumerate() {
+            let path = segment_path(dir, id);
+            let bytes = std::fs::read(&path).map_err(OutboxError::Io)?;
+            let newest = i + 1 == ids.len();
+            match read_segment(id, &bytes, newest)? {
+                Some(seg) => {
+                    log_next_seq = log_next_seq.max(seg.first_seq);
+                    for f in &seg.frames {
+                        for (seq, _) in &f.adds {
+                            log_next_seq = log_next_seq.max(seq + 1);
+                        }
+                    }
+                    if newest {
+                        // It is sealed from now on: cut a torn tail off, and sync it (a run
+                        // ended by a kill left its last writes unsynced).
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(OutboxError::Io)?;
+                        if seg.end < bytes.len() as u64 {
+                            f.set_len(seg.end).map_err(OutboxError::Io)?;
+                        }
+                        f.sync_all().map_err(OutboxError::Io)?;
+                    }
+                    segments.push(seg);
+                }
+                None => {
+                    std::fs::remove_file(&path).map_err(OutboxError::Io)?;
+                }
+            }
+        }
+        let next_seq = next_seq(log_next_seq);
+        let id = segments.last().map_or(1, |s| s.id + 1);
+        let file = create_segment(dir, id, next_seq)?;
+        // The new segment must exist after a crash before anything is written to it.
+        file.sync_all().map_err(OutboxError::Io)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(OutboxError::Io)?;
+        let active = Arc::new(file);
+        let shared = Arc::new(LogShared {
+            dir: dir.to_path_buf(),
+            sync: Mutex::new(SyncSet {
+                sealed: Vec::new(),
+                active: Arc::clone(&active),
+                dir_dirty: false,
+            }),
+        });
+        Ok((
+            Log {
+                shared,
+                active,
+                id,
+                offset: HEADER as u64,
+                frame: FrameBuf::default(),
+                segment_bytes,
+            },
+            segments,
+            next_seq,
+        ))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<LogShared> {
+        &self.shared
+    }
+
+    /// The frame of the group being staged.
+    pub(crate) fn frame(&mut self) -> &mut FrameBuf {
+        &mut self.frame
+    }
+
+    /// The segment the next frame goes to.
+    pub(crate) fn segment(&self) -> u64 {
+        self.id
+    }
+
+    /// Where the next frame will start.
+    pub(crate) fn position(&self) -> Lsn {
+        lsn(self.id, self.offset)
+    }
+
+    /// Writes the staged frame (to the OS, not synced) and clears it; returns the position
+    /// where it ends. Seals the segment afterwards if it is full; the new one's header
+    /// records `next_seq`. An error leaves an unknown part of the frame in the file: the
+    /// caller must write nothing more (the outbox is poisoned).
+    pub(crate) fn write(&mut self, next_seq: u64) -> io::Result<Lsn> {
+        let bytes = self.frame.encode();
+        self.active.write_all_at(bytes, self.offset)?;
+        self.offset += bytes.len() as u64;
+        self.frame.clear();
+        let end = lsn(self.id, self.offset);
+        if self.offset >= self.segment_bytes {
+            self.rotate(next_seq)?;
+        }
+        Ok(end)
+    }
+
+    /// Seals the active segment and starts the next one; the sync thread syncs both (and the
+    /// folder) before it answers for anything written later.
+    fn rotate(&mut self, next_seq: u64) -> io::Result<()> {
+        let id = self.id + 1;
+        let file = create_segment(&self.shared.dir, id, next_seq).map_err(|e| match e {
+            OutboxError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        })?;
+        let file = Arc::new(file);
+        {
+            let mut s = self.shared.sync.lock();
+            let old = std::mem::replace(&mut s.active, Arc::clone(&file));
+            s.sealed.push(old);
+            s.dir_dirty = true;
+        }
+        self.active = file;
+        self.id = id;
+        self.offset = HEADER as u64;
+        Ok(())
+    }
+}
+
+fn create_segment(dir: &Path, id: u64, first_seq: u64) -> Result<File, OutboxError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(segment_path(dir, id))
+        .map_err(OutboxError::Io)?;
+    file.write_all_at(&header(first_seq), 0)
+        .map_err(OutboxError::Io)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> (Log, Vec<Segment>, u64) {
+        Log::open(dir, 4 * 1024 * 1024, |n| n).unwrap()
+    }
+
+    fn key(b: u8) -> dedupe::Key {
+        [b; 16]
+    }
+
+    #[test]
+    fn frames_come_back_in_order_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, segs, next) = open(dir.path());
+        assert!(segs.is_empty());
+        assert_eq!(next, 0);
+        log.frame().add(0, b"zero");
+        log.frame().add(1, b"one");
+        log.frame().key(&key(7), 42);
+        log.write(2).unwrap();
+        log.frame().remove(0);
+        log.write(2).unwrap();
+        drop(log);
+        let (_log, segs, next) = open(dir.path());
+        assert_eq!(next, 2);
+        assert_eq!(segs.len(), 1);
+        let f = &segs[0].frames;
+        assert_eq!(
+            f[0],
+            Frame {
+                adds: vec![(0, b"zero".to_vec()), (1, b"one".to_vec())],
+                removes: vec![],
+                keys: vec![(key(7), 42)],
+            }
+        );
+        assert_eq!(f[1].removes, vec![0]);
+    }
+
+    #[test]
+    fn a_torn_tail_ends_the_newest_segment_and_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = open(dir.path());
+        log.frame().add(5, b"kept");
+        log.write(6).unwrap();
+        log.frame().add(6, b"torn");
+        log.write(7).unwrap();
+        let path = segment_path(dir.path(), log.segment());
+        drop(log);
+        // Cut the second frame short, as a crash during its write would.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 3).unwrap();
+        drop(f);
+        let (mut log, segs, next) = open(dir.path());
+        let frames: Vec<_> = segs.iter().flat_map(|s| &s.frames).collect();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].adds, vec![(5, b"kept".to_vec())]);
+        // The header of the empty segment the torn run began keeps the seq bound.
+        assert_eq!(next, 6);
+        // Writing goes on after the cut without a gap of garbage.
+        log.frame().add(9, b"after");
+        log.write(10).unwrap();
+        drop(log);
+        let (_, segs, _) = open(dir.path());
+        let adds: Vec<_> = segs
+            .iter()
+            .flat_map(|s| &s.frames)
+            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
+            .collect();
+        assert_eq!(adds, vec![5, 9]);
+    }
+
+    #[test]
+    fn a_flipped_bit_in_the_newest_segment_ends_it_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = open(dir.path());
+        log.frame().add(1, b"first");
+        log.write(2).unwrap();
+        let mid = log.offset;
+        log.frame().add(2, b"second");
+        log.write(3).unwrap();
+        let path = segment_path(dir.path(), log.segment());
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let i = usize::try_from(mid).unwrap() + FRAME_HEAD + 2;
+        bytes[i] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, segs, _) = open(dir.path());
+        let adds: Vec<u64> = segs
+            .iter()
+            .flat_map(|s| &s.frames)
+            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
+            .collect();
+        assert_eq!(adds, vec![1]);
+    }
+
+    #[test]
+    fn corruption_in_a_sealed_segment_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = open(dir.path());
+        log.frame().add(1, b"first");
+        log.write(2).unwrap();
+        let path = segment_path(dir.path(), log.segment());
+        drop(log);
+        // Reopening starts a newer segment, so this one is sealed now.
+        drop(open(dir.path()));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            Log::open(dir.path(), SEGMENT_BYTES, |n| n),
+            Err(OutboxError::Malformed {
+                partition: "log",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn full_segments_are_sealed_and_the_sync_set_covers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = open(dir.path());
+        let first = log.segment();
+        let big = vec![7u8; 1024 * 1024];
+        let mut seq = 0;
+        while log.segment() == first {
+            log.frame().add(seq, &big);
+            seq += 1;
+            log.write(seq).unwrap();
+        }
+        {
+            let s = log.shared().sync.lock();
+            assert_eq!(s.sealed.len(), 1);
+            assert!(s.dir_dirty);
+        }
+        log.shared().sync().unwrap();
+        {
+            let s = log.shared().sync.lock();
+            assert!(s.sealed.is_empty());
+            assert!(!s.dir_dirty);
+        }
+        drop(log);
+        let (_, segs, next) = open(dir.path());
+        assert_eq!(next, seq);
+        let n: usize = segs.iter().map(|s| s.frames.len()).sum();
+        assert_eq!(n, usize::try_from(seq).unwrap());
+    }
+
+    #[test]
+    fn seqs_are_never_reused_after_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = open(dir.path());
+        log.frame().add(41, b"x");
+        log.write(42).unwrap();
+        let old = log.segment();
+        drop(log);
+        let (log, _, next) = open(dir.path());
+        assert_eq!(next, 42);
+        log.shared().delete_segments(&[old]).unwrap();
+        drop(log);
+        let (_, segs, next) = open(dir.path());
+        assert!(segs.iter().all(|s| s.frames.is_empty()));
+        assert_eq!(next, 42, "the newer segment's header keeps the bound");
+    }
+}
