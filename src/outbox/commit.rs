@@ -57,6 +57,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// A log segment this many segments behind the active one has its pending records copied
 /// forward (see [`Committer::copy_forward`]).
 const COPY_AFTER: u64 = 4;
+/// ... and once fewer than 1 in this many of the records written to it are still pending.
+const COPY_WHEN_LIVE_BELOW: usize = 8;
+/// Most records copied at once.
+const COPY_CHUNK: usize = 1_000;
 /// How often the `outbox-commit` thread looks for such a segment.
 const COPY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Pause between two steps of a pass ([`dedupe::PRUNE_CHUNK`] entries each): a pass over 10⁸
@@ -336,7 +340,14 @@ impl Committer {
         };
         if due {
             let mut cursor = self.prune.take().map(|(c, _)| c).unwrap_or_default();
-            let starting = cursor.at_start();
+            // A new pass reads the partition; keys written but not indexed yet are not there
+            // (see the `index` module). Taken before the pass begins: a key the index thread
+            // moves into the partition meanwhile, behind the pass's cursor, is still counted.
+            let recent: Vec<dedupe::Key> = if cursor.at_start() {
+                self.shared.index.lock().recent.keys().copied().collect()
+            } else {
+                Vec::new()
+            };
             match self.store.prune_dedupe_step(
                 &mut cursor,
                 dedupe::now_ms(),
@@ -345,13 +356,8 @@ impl Committer {
                 &mut self.seen,
             ) {
                 Ok((n, done)) => {
-                    if starting {
-                        // The pass reads the partition; keys written but not indexed yet
-                        // are not there (see the `index` module).
-                        let ix = self.shared.index.lock();
-                        for key in ix.recent.keys() {
-                            self.seen.insert(key);
-                        }
+                    for key in &recent {
+                        self.seen.insert(key);
                     }
                     self.shared
                         .dedupe_filter_bytes
@@ -774,17 +780,24 @@ impl Committer {
 
     /// Copies the pending records of an old log segment into the active one, so that a few
     /// records retried for long do not keep every later segment on disk. Only for segments
-    /// [`COPY_AFTER`] or more behind the active one.
+    /// [`COPY_AFTER`] or more behind the active one, and mostly delivered (a backlog, as in
+    /// an outage, stays where it is: copying it would only write it again); at most
+    /// [`COPY_CHUNK`] records per call, so the commit lock is never held long.
     fn copy_forward(&mut self) {
         let active = self.log.segment();
         let oldest = {
             let ix = self.shared.index.lock();
-            ix.live.keys().next().copied()
+            ix.live.iter().next().map(|(seg, live)| {
+                let written = ix.written.get(seg).copied().unwrap_or(0);
+                (*seg, *live, written)
+            })
         };
-        let Some(old) = oldest.filter(|o| o + COPY_AFTER <= active) else {
+        let Some((old, _, _)) = oldest.filter(|(seg, live, written)| {
+            seg + COPY_AFTER <= active && live.saturating_mul(COPY_WHEN_LIVE_BELOW) <= *written
+        }) else {
             return;
         };
-        let records = self.shared.queue.lock().in_segment(old);
+        let records = self.shared.queue.lock().in_segment(old, COPY_CHUNK);
         if records.is_empty() {
             // Counted but not in the queue: nothing there to keep.
             self.shared.index.lock().live.remove(&old);

@@ -52,6 +52,8 @@ pub(crate) struct Indexing {
     pub(crate) forgetting: Vec<Uuid>,
     /// Pending records per log segment (segments with none may be missing).
     pub(crate) live: BTreeMap<u64, usize>,
+    /// Records written to each segment (copies forward included), pending or not.
+    pub(crate) written: BTreeMap<u64, usize>,
     /// Every segment on disk, the active one included.
     pub(crate) segments: BTreeSet<u64>,
 }
@@ -59,6 +61,7 @@ pub(crate) struct Indexing {
 impl Indexing {
     pub(crate) fn add_live(&mut self, seg: u64, n: usize) {
         *self.live.entry(seg).or_default() += n;
+        *self.written.entry(seg).or_default() += n;
     }
 
     pub(crate) fn remove_live(&mut self, seg: u64) {
@@ -198,6 +201,7 @@ impl Indexer {
         let mut ix = self.shared.index.lock();
         for s in &doomed {
             ix.segments.remove(s);
+            ix.written.remove(s);
         }
         tracing::debug!(segments = doomed.len(), "outbox log segments deleted");
         Ok(())

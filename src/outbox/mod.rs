@@ -95,7 +95,7 @@ pub struct OutboxSettings {
     pub dedupe_window: Duration,
     /// Most append calls merged into one commit group.
     pub max_group: usize,
-    /// Size at which a segment of the record log is sealed and a new one begun.
+    /// Size at which a segment of the record log is sealed and a new one begun (at most 1 GiB).
     pub log_segment_bytes: u64,
 }
 
@@ -251,7 +251,9 @@ impl Outbox {
     /// or from `spawn_blocking`.
     pub fn open(settings: OutboxSettings) -> Result<Outbox, OutboxError> {
         let store = Arc::new(Store::open(&settings.dir)?);
-        let recovered = store.recover(&settings.dir, settings.log_segment_bytes.max(1))?;
+        // Log positions keep a segment's offsets in 32 bits.
+        let segment_bytes = settings.log_segment_bytes.clamp(1, 1 << 30);
+        let recovered = store.recover(&settings.dir, segment_bytes)?;
         let queue = Queue::from_records(recovered.pending);
         let log = recovered.log;
         let log_shared = Arc::clone(log.shared());

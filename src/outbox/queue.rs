@@ -68,12 +68,13 @@ impl Queue {
         self.entries.get(&seq).map(|e| e.seg)
     }
 
-    /// The records whose newest copy is in log segment `seg` (a scan: for copying them
-    /// forward, which is rare).
-    pub(crate) fn in_segment(&self, seg: u64) -> Vec<(u64, Delivery)> {
+    /// Up to `max` of the records whose newest copy is in log segment `seg` (a scan: for
+    /// copying them forward, which is rare).
+    pub(crate) fn in_segment(&self, seg: u64, max: usize) -> Vec<(u64, Delivery)> {
         self.entries
             .iter()
             .filter(|(_, e)| e.seg == seg)
+            .take(max)
             .map(|(s, e)| (*s, e.delivery.clone()))
             .collect()
     }

@@ -312,6 +312,8 @@ impl Store {
         self.keyspace.persist(PersistMode::SyncAll)?;
         let mut records = Vec::with_capacity(pending.len());
         for (seq, (bytes, seg)) in pending {
+            // Counted as written too: what a segment held before is gone from the count, so a
+            // recovered segment looks fuller than it was (copied forward a little later).
             indexing.add_live(seg, 1);
             records.push((seq, record::decode(&bytes)?, seg));
         }

@@ -36,6 +36,10 @@ use super::index::ToIndex;
 use super::log::LogShared;
 use super::{OutboxError, Shared, SyncPolicy};
 
+/// With `always`, how long the thread waits for a group before it syncs what was written
+/// without needing it.
+const ALWAYS_IDLE_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) enum ToSyncer {
     /// A written group; `sync` if it holds anything whose loss would matter.
     Group { staged: Vec<Staged>, sync: bool },
@@ -116,7 +120,9 @@ impl Syncer {
     pub(crate) fn run(mut self, rx: mpsc::Receiver<ToSyncer>) {
         loop {
             let first = match self.policy {
-                SyncPolicy::Always => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                // Groups that need no sync (delivered marks) still get one within a second,
+                // so the index thread can go on deleting log segments.
+                SyncPolicy::Always => rx.recv_timeout(ALWAYS_IDLE_SYNC),
                 SyncPolicy::Interval(every) => rx.recv_timeout(every),
             };
             let first = match first {
@@ -150,7 +156,7 @@ impl Syncer {
                     }
                 }
             }
-            if matches!(self.policy, SyncPolicy::Interval(_)) {
+            if matches!(self.policy, SyncPolicy::Interval(_)) || groups.is_empty() {
                 // Interval groups are answered by their writer; this is the periodic sync.
                 need_sync = true;
             }

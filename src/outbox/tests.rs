@@ -1247,3 +1247,35 @@ fn a_completed_batch_is_not_resent_after_a_crash() {
         ob.close().await.unwrap();
     });
 }
+
+/// A backlog (nothing delivered, as in an outage) is not copied forward: that would only
+/// write it again.
+#[test]
+fn a_backlog_is_left_in_its_segments() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = OutboxSettings {
+            log_segment_bytes: 2048,
+            ..settings(dir.path(), SyncPolicy::Interval(Duration::from_millis(5)))
+        };
+        let ob = Outbox::open(s).unwrap();
+        for i in 0..200 {
+            ob.append(vec![event("t", &format!("e{i}"), 1)])
+                .await
+                .unwrap();
+        }
+        let bytes = || -> u64 {
+            std::fs::read_dir(store::log_dir(dir.path()))
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        let before = (segments(dir.path()), bytes());
+        assert!(before.0 > 10, "{before:?}");
+        // The copy check runs every second.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!((segments(dir.path()), bytes()), before);
+        assert_eq!(ob.depth(), 200);
+        ob.close().await.unwrap();
+    });
+}
