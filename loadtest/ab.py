@@ -66,6 +66,7 @@ def main():
                 res[name].append(r)
     finally:
         run.stop_all()
+        run.remove_outboxes(out)
     for name, binary in (("A", args.a), ("B", args.b)):
         ev = [r["events_per_s"] for r in res[name]]
         p99 = [r["latency_us"]["p99"] / 1000 for r in res[name]]

@@ -495,6 +495,13 @@ def ratio(a, b):
 # ---------------------------------------------------------------------------------------------
 
 
+def remove_outboxes(out):
+    """The proxies' outbox folders: verified and drained by now, and gigabytes after a full run
+    (they filled this machine's disk once)."""
+    for d in out.glob("outbox-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="report folder (default target/loadtest/<time>)")
@@ -514,6 +521,8 @@ def main():
     ap.add_argument("--load-cpu", default="0")
     ap.add_argument("--server-cpu", default="1")
     ap.add_argument("--quick", action="store_true", help="short smoke run (1 round, 2 s slots, no memory phase)")
+    ap.add_argument("--keep-outboxes", action="store_true",
+                    help="keep the proxies' outbox folders (gigabytes after a full run; removed by default)")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: capacity,sustained,coalesce,memory")
     args = ap.parse_args()
     if args.quick:
@@ -713,6 +722,8 @@ def main():
         }
     finally:
         stop_all()
+        if not args.keep_outboxes:
+            remove_outboxes(out)
 
     report["emulator_peak_rss_kib"] = world.emulator.peak_rss_kib if world.emulator else None
     report["figures"] = figures(runner.slots, conns_list if "capacity" not in skip else [], report)

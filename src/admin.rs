@@ -130,6 +130,18 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
                 stats.dedupe_filter_bytes as u64,
             ),
             (
+                names::OUTBOX_LOG_SEGMENTS,
+                "segments of the outbox's record log on disk",
+                "gauge",
+                stats.log_segments as u64,
+            ),
+            (
+                names::OUTBOX_UNINDEXED_IDS,
+                "accepted event ids not yet in the outbox's dedupe index",
+                "gauge",
+                stats.unindexed_ids as u64,
+            ),
+            (
                 names::OUTBOX_POISONED,
                 "1 when a failed write stopped the outbox",
                 "gauge",

@@ -33,7 +33,6 @@
 //! and copies records out of old log segments between groups, writes what a dropped caller left
 //! queued, and closes.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -420,7 +419,7 @@ impl Committer {
         let mut g = GroupState::default();
         let mut staged = Vec::with_capacity(group.len());
         // The dedupe keys of the group's new events; they are written last, in key order.
-        let mut claimed: HashSet<dedupe::Key> = HashSet::new();
+        let mut claimed = dedupe::KeySet::default();
         // Records of groups still at the sync thread count too: they are applied shortly. Both
         // read under the queue lock, under which the sync thread moves them into the queue.
         let mut pending = {
@@ -653,7 +652,7 @@ impl Committer {
     fn stage_append(
         &mut self,
         events: Vec<AcceptedEvent>,
-        claimed: &mut HashSet<dedupe::Key>,
+        claimed: &mut dedupe::KeySet,
         pending: usize,
         now_ms: u64,
     ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
@@ -674,7 +673,8 @@ impl Committer {
         };
         let mut outcomes = Vec::with_capacity(events.len());
         let mut fresh: Vec<(dedupe::Key, AcceptedEvent)> = Vec::with_capacity(events.len());
-        let mut fresh_keys: HashSet<dedupe::Key> = HashSet::with_capacity(events.len());
+        let mut fresh_keys =
+            dedupe::KeySet::with_capacity_and_hasher(events.len(), Default::default());
         for (i, (ev, key)) in events.into_iter().zip(keys).enumerate() {
             // Claimed earlier in this group (this call or another): durable together with it.
             let dup = claimed.contains(&key)
@@ -700,22 +700,29 @@ impl Committer {
                 max_pending,
             });
         }
-        // Encode everything before touching the frame, so a failure leaves it unchanged.
-        let mut encoded = Vec::with_capacity(new_records);
+        // Records are encoded straight into the frame; if one fails, the call's part of the
+        // frame is undone and nothing of it is claimed.
+        let mark = self.log.frame().mark();
+        let mut seq = self.next_seq;
         for (_, ev) in &fresh {
             for d in &ev.deliveries {
-                encoded.push(record::encode(d)?);
+                if let Err(e) = self
+                    .log
+                    .frame()
+                    .add_with(seq, |buf| record::encode_into(d, buf))
+                {
+                    self.log.frame().rollback(mark);
+                    return Err(e);
+                }
+                seq += 1;
             }
         }
         let seg = self.log.segment();
         let mut added = Vec::with_capacity(new_records);
-        let mut encoded = encoded.into_iter();
         for (key, ev) in fresh {
-            for (delivery, bytes) in ev.deliveries.into_iter().zip(encoded.by_ref()) {
-                let seq = self.next_seq;
+            for delivery in ev.deliveries {
+                added.push((self.next_seq, delivery, seg));
                 self.next_seq += 1;
-                self.log.frame().add(seq, &bytes);
-                added.push((seq, delivery, seg));
             }
             self.seen.insert(&key);
             claimed.insert(key);
@@ -805,13 +812,14 @@ impl Committer {
         }
         self.log.frame().clear();
         for (seq, delivery) in &records {
-            match record::encode(delivery) {
-                Ok(bytes) => self.log.frame().add(*seq, &bytes),
-                Err(e) => {
-                    self.log.frame().clear();
-                    tracing::error!(error = %e, seq, "cannot copy an outbox record forward");
-                    return;
-                }
+            let copied = self
+                .log
+                .frame()
+                .add_with(*seq, |buf| record::encode_into(delivery, buf));
+            if let Err(e) = copied {
+                self.log.frame().clear();
+                tracing::error!(error = %e, seq, "cannot copy an outbox record forward");
+                return;
             }
         }
         let g = GroupState::default();

@@ -50,6 +50,11 @@ pub(crate) const PRUNE_CHUNK: usize = 2_000;
 /// A dedupe key (see the module docs).
 pub(crate) type Key = [u8; 16];
 
+/// Sets and maps of dedupe keys hash with foldhash (seeded per process), not SipHash: SipHash
+/// over the group's keys was ~5% of a 100-event request.
+pub(crate) type KeySet = std::collections::HashSet<Key, foldhash::fast::RandomState>;
+pub(crate) type KeyMap<V> = std::collections::HashMap<Key, V, foldhash::fast::RandomState>;
+
 pub(crate) fn key(tenant: &TenantId, event: &EventId) -> Key {
     let (t, e) = (tenant.as_str().as_bytes(), event.as_str().as_bytes());
     let mut h = Sha256::new();

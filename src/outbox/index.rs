@@ -18,7 +18,7 @@
 //!   pending any more, everything deferred in it has reached the partition, and the keyspace
 //!   was synced after that (which also makes the dead letters taken from it durable).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -27,7 +27,7 @@ use fjall::PersistMode;
 use uuid::Uuid;
 
 use super::commit::poison;
-use super::dedupe::Key;
+use super::dedupe::{Key, KeyMap};
 use super::log::{segment_of, LogShared, Lsn};
 use super::store::Store;
 use super::{OutboxError, Shared};
@@ -46,7 +46,7 @@ pub(crate) struct Deferred {
 #[derive(Default)]
 pub(crate) struct Indexing {
     /// Claimed dedupe keys not yet in the partition, with their acceptance time (ms).
-    pub(crate) recent: HashMap<Key, u64>,
+    pub(crate) recent: KeyMap<u64>,
     pub(crate) deferred: VecDeque<Deferred>,
     /// Completed batches taken from `deferred` whose removal is being written.
     pub(crate) forgetting: Vec<Uuid>,

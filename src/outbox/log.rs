@@ -6,9 +6,10 @@
 //!                                     frames: len (u32 LE) ++ xxh3 of body (u64 LE) ++ body
 //! ```
 //!
-//! One commit group is one frame. A frame's body holds what the group changed, in order:
-//! records added (seq, bytes as `record.rs` encodes them), seqs removed (delivered), and the
-//! dedupe keys the group claimed with their acceptance time. A frame is whole or absent: on
+//! One commit group is one frame. A frame's body holds what the group changed, in order, each
+//! entry a tag and its fields: a record added (`1`, seq, length, bytes as `record.rs` encodes
+//! them), a seq removed (`2`: delivered), a dedupe key the group claimed (`3`, key, acceptance
+//! time in ms). A frame is whole or absent: on
 //! open, the frames of each segment are read in order, and the first one whose length or
 //! checksum does not hold ends the log. That is only legitimate in the newest segment (a write
 //! torn by a crash; the file is truncated there so later frames do not follow garbage); in an
@@ -122,69 +123,95 @@ pub(crate) struct Frame {
     pub(crate) keys: Vec<(dedupe::Key, u64)>,
 }
 
-/// A frame being built by the writer (reused from group to group).
-#[derive(Default)]
+const ADD: u8 = 1;
+const REMOVE: u8 = 2;
+const KEY: u8 = 3;
+
+/// A frame being built by the writer (reused from group to group): the head's room, then the
+/// entries as they are staged, each a tag and its fields, so the frame is written as it was
+/// built, without a copy.
 pub(crate) struct FrameBuf {
-    adds: Vec<u8>,
-    n_adds: u32,
-    removes: Vec<u8>,
-    n_removes: u32,
-    keys: Vec<u8>,
-    n_keys: u32,
-    out: Vec<u8>,
+    buf: Vec<u8>,
 }
 
+impl Default for FrameBuf {
+    fn default() -> Self {
+        FrameBuf {
+            buf: vec![0; FRAME_HEAD],
+        }
+    }
+}
+
+/// Where a frame stood, to undo what was staged after it.
+#[derive(Clone, Copy)]
+pub(crate) struct Mark(usize);
+
 impl FrameBuf {
-    pub(crate) fn add(&mut self, seq: u64, bytes: &[u8]) {
-        self.adds.extend_from_slice(&seq.to_le_bytes());
+    /// Adds a record, encoded by `encode` straight into the frame. If it fails, the frame is
+    /// left as it was.
+    pub(crate) fn add_with<E>(
+        &mut self,
+        seq: u64,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mark = self.mark();
+        self.buf.push(ADD);
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        if let Err(e) = encode(&mut self.buf) {
+            self.rollback(mark);
+            return Err(e);
+        }
         // Records are small (a charge is ~150 bytes); one over 4 GiB cannot be built.
-        self.adds
-            .extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
-        self.adds.extend_from_slice(bytes);
-        self.n_adds += 1;
+        let len = u32::try_from(self.buf.len() - len_at - 4).unwrap_or(u32::MAX);
+        self.buf[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        Ok(())
+    }
+
+    /// Adds a record already encoded.
+    pub(crate) fn add(&mut self, seq: u64, bytes: &[u8]) {
+        let _ = self.add_with(seq, |b| {
+            b.extend_from_slice(bytes);
+            Ok::<(), ()>(())
+        });
     }
 
     pub(crate) fn remove(&mut self, seq: u64) {
-        self.removes.extend_from_slice(&seq.to_le_bytes());
-        self.n_removes += 1;
+        self.buf.push(REMOVE);
+        self.buf.extend_from_slice(&seq.to_le_bytes());
     }
 
     pub(crate) fn key(&mut self, key: &dedupe::Key, at_ms: u64) {
-        self.keys.extend_from_slice(key);
-        self.keys.extend_from_slice(&at_ms.to_le_bytes());
-        self.n_keys += 1;
+        self.buf.push(KEY);
+        self.buf.extend_from_slice(key);
+        self.buf.extend_from_slice(&at_ms.to_le_bytes());
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.n_adds == 0 && self.n_removes == 0 && self.n_keys == 0
+        self.buf.len() == FRAME_HEAD
+    }
+
+    pub(crate) fn mark(&self) -> Mark {
+        Mark(self.buf.len())
+    }
+
+    /// Undoes everything staged since `mark`.
+    pub(crate) fn rollback(&mut self, mark: Mark) {
+        self.buf.truncate(mark.0.max(FRAME_HEAD));
     }
 
     pub(crate) fn clear(&mut self) {
-        self.adds.clear();
-        self.removes.clear();
-        self.keys.clear();
-        self.n_adds = 0;
-        self.n_removes = 0;
-        self.n_keys = 0;
+        self.buf.truncate(FRAME_HEAD);
     }
 
     /// The whole frame: head and body.
     fn encode(&mut self) -> &[u8] {
-        let body_len = 12 + self.adds.len() + self.removes.len() + self.keys.len();
-        self.out.clear();
-        self.out.reserve(FRAME_HEAD + body_len);
-        self.out
-            .extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
-        self.out.extend_from_slice(&[0u8; 8]);
-        self.out.extend_from_slice(&self.n_adds.to_le_bytes());
-        self.out.extend_from_slice(&self.adds);
-        self.out.extend_from_slice(&self.n_removes.to_le_bytes());
-        self.out.extend_from_slice(&self.removes);
-        self.out.extend_from_slice(&self.n_keys.to_le_bytes());
-        self.out.extend_from_slice(&self.keys);
-        let sum = xxh3_64(&self.out[FRAME_HEAD..]);
-        self.out[4..FRAME_HEAD].copy_from_slice(&sum.to_le_bytes());
-        &self.out
+        let body_len = self.buf.len() - FRAME_HEAD;
+        let sum = xxh3_64(&self.buf[FRAME_HEAD..]);
+        self.buf[..4].copy_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+        self.buf[4..FRAME_HEAD].copy_from_slice(&sum.to_le_bytes());
+        &self.buf
     }
 }
 
@@ -212,19 +239,22 @@ impl<'a> Cursor<'a> {
 fn decode_body(body: &[u8]) -> Option<Frame> {
     let mut c = Cursor(body);
     let mut frame = Frame::default();
-    for _ in 0..c.u32()? {
-        let seq = c.u64()?;
-        let len = usize::try_from(c.u32()?).ok()?;
-        frame.adds.push((seq, c.take(len)?.to_vec()));
+    while let Some(tag) = c.take(1) {
+        match tag[0] {
+            ADD => {
+                let seq = c.u64()?;
+                let len = usize::try_from(c.u32()?).ok()?;
+                frame.adds.push((seq, c.take(len)?.to_vec()));
+            }
+            REMOVE => frame.removes.push(c.u64()?),
+            KEY => {
+                let key = dedupe::Key::try_from(c.take(16)?).ok()?;
+                frame.keys.push((key, c.u64()?));
+            }
+            _ => return None,
+        }
     }
-    for _ in 0..c.u32()? {
-        frame.removes.push(c.u64()?);
-    }
-    for _ in 0..c.u32()? {
-        let key = dedupe::Key::try_from(c.take(16)?).ok()?;
-        frame.keys.push((key, c.u64()?));
-    }
-    c.0.is_empty().then_some(frame)
+    Some(frame)
 }
 
 /// A segment as read on open.
@@ -313,7 +343,15 @@ impl Log {
         segment_bytes: u64,
         next_seq: impl FnOnce(u64) -> u64,
     ) -> Result<(Log, Vec<Segment>, u64), OutboxError> {
-        std::fs::create_dir_all(dir).map_err(OutboxError::Io)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(OutboxError::Io)?;
+            // The folder itself must survive a power loss along with what goes into it.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(OutboxError::Io)?;
+            }
+        }
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(OutboxError::Io)? {
             let name = entry.map_err(OutboxError::Io)?.file_name();

@@ -171,6 +171,10 @@ pub struct OutboxStats {
     /// Heap bytes of the dedupe filter (see the `dedupe` module); 0 until the first pruning
     /// pass after open has built it.
     pub dedupe_filter_bytes: usize,
+    /// Segments of the record log on disk, the active one included.
+    pub log_segments: usize,
+    /// Accepted event ids whose log frame is written but not yet in the dedupe index.
+    pub unindexed_ids: usize,
 }
 
 /// State shared by the handles, the writers and the sync thread.
@@ -489,7 +493,13 @@ impl Outbox {
     pub fn stats(&self) -> OutboxStats {
         let s = &self.inner.shared;
         let nanos = s.last_sync_nanos.load(Ordering::Relaxed);
+        let (log_segments, unindexed_ids) = {
+            let ix = s.index.lock();
+            (ix.segments.len(), ix.recent.len())
+        };
         OutboxStats {
+            log_segments,
+            unindexed_ids,
             depth: self.depth(),
             dead_letters: s.dead_count.load(Ordering::Relaxed),
             syncs: s.syncs.load(Ordering::Relaxed),

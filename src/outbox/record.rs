@@ -33,19 +33,27 @@ struct StoredRecord {
 }
 
 pub(crate) fn encode(delivery: &Delivery) -> Result<Vec<u8>, OutboxError> {
+    let mut out = Vec::with_capacity(256);
+    encode_into(delivery, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the encoding of `delivery` to `out` (the record log's frame, without a copy in
+/// between). On error `out` may hold part of it: the caller truncates.
+pub(crate) fn encode_into(delivery: &Delivery, out: &mut Vec<u8>) -> Result<(), OutboxError> {
     match delivery {
         Delivery::Charge(debit) => {
-            let mut w = Writer(Vec::with_capacity(256));
+            let mut w = Writer(out);
             w.0.push(CHARGE_V1);
             w.debit(debit);
-            Ok(w.0)
+            Ok(())
         }
         Delivery::Usage(_) => {
             #[derive(Serialize)]
             struct Ref<'a> {
                 delivery: &'a Delivery,
             }
-            serde_json::to_vec(&Ref { delivery }).map_err(OutboxError::Encode)
+            serde_json::to_writer(out, &Ref { delivery }).map_err(OutboxError::Encode)
         }
     }
 }
@@ -92,9 +100,9 @@ fn usage_type_of(tag: u8) -> Option<UsageType> {
     }
 }
 
-struct Writer(Vec<u8>);
+struct Writer<'a>(&'a mut Vec<u8>);
 
-impl Writer {
+impl Writer<'_> {
     fn len(&mut self, mut n: u64) {
         loop {
             let byte = (n & 0x7f) as u8;

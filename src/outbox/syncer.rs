@@ -17,9 +17,9 @@
 //!
 //! A sync covers the record log (see the `log` module: sealed segments, the active one, the
 //! folder) and, when a group wrote something to fjall that must be durable (dead letters,
-//! batch memberships), fjall's journal. It syncs the journal through a descriptor of its own: `Keyspace::persist` holds the
-//! journal writer's lock for the duration of the sync, which would stall the writers'
-//! writes. fjall syncs a journal (and its folder) itself when it seals it at rotation, so only
+//! batch memberships), fjall's journal. It syncs the journal through a descriptor of its own:
+//! `Keyspace::persist` holds the journal writer's lock for the duration of the sync, which
+//! would stall the writers' writes. fjall syncs a journal (and its folder) itself when it seals it at rotation, so only
 //! the active journal, the highest-numbered file in `journals/`, needs syncing here; a group
 //! handed over was written before this thread lists the folder, so it is in that file or in a
 //! sealed (synced) one.

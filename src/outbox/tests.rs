@@ -1197,6 +1197,7 @@ fn old_log_segments_are_deleted_and_a_stuck_record_is_copied_forward() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        assert_eq!(ob.stats().log_segments, segments(dir.path()));
         // Ids of deleted segments are still remembered (the index has them).
         assert_eq!(
             ob.append(vec![event("t", "e3", 1)]).await.unwrap(),
@@ -1232,6 +1233,8 @@ fn a_completed_batch_is_not_resent_after_a_crash() {
         ob.append(vec![event("t", "e1", 1), event("t", "e2", 1)])
             .await
             .unwrap();
+        // No sync ran yet: the ids wait in memory for the index.
+        assert_eq!(ob.stats().unindexed_ids, 2);
         let leased = ob.next_batch(2);
         let id = Uuid::from_u128(9);
         ob.persist_batch(id, &seqs_of(&leased)).await.unwrap();

@@ -18,5 +18,11 @@ pub const OUTBOX_GROUPS_TOTAL: &str = "credyt_proxy_outbox_groups_total";
 pub const OUTBOX_APPENDS_TOTAL: &str = "credyt_proxy_outbox_appends_total";
 /// 1 when a failed write or sync stopped the outbox.
 pub const OUTBOX_POISONED: &str = "credyt_proxy_outbox_poisoned";
+/// Gauge: segments of the outbox's record log on disk (grows with the backlog; a few when
+/// Credyt keeps up).
+pub const OUTBOX_LOG_SEGMENTS: &str = "credyt_proxy_outbox_log_segments";
+/// Gauge: accepted event ids not yet in the outbox's dedupe index (held in memory until their
+/// log frame is durable; see the outbox's index module).
+pub const OUTBOX_UNINDEXED_IDS: &str = "credyt_proxy_outbox_unindexed_ids";
 /// Gauge: heap bytes of the outbox's dedupe filter (bounded; see the outbox's dedupe module).
 pub const OUTBOX_DEDUPE_FILTER_BYTES: &str = "credyt_proxy_outbox_dedupe_filter_bytes";
