@@ -11,10 +11,12 @@
 //! them), a seq removed (`2`: delivered), a dedupe key the group claimed (`3`, key, acceptance
 //! time in ms). A frame is whole or absent: on
 //! open, the frames of each segment are read in order, and the first one whose length or
-//! checksum does not hold ends the log. That is only legitimate in the newest segment (a write
-//! torn by a crash; the file is truncated there so later frames do not follow garbage); in an
-//! older one, which was synced when it was sealed, it is corruption, and the outbox refuses to
-//! open rather than silently drop what follows.
+//! checksum does not hold ends the log. That is only legitimate in the last segment holding a
+//! frame (a write torn by a crash; the file is truncated there so later frames do not follow
+//! garbage), and newer segments may then only be empty or have a torn header (begun at
+//! rotation; deleted): a frame is acknowledged only after a sync that covered every older
+//! segment. Damage anywhere before is corruption, and the outbox refuses to open rather than
+//! silently drop what follows.
 //!
 //! Segments are sealed at [`SEGMENT_BYTES`]; the writer does not wait for the sealed file's
 //! sync, the sync thread does it (with the new segment and the folder) before it answers for
@@ -275,18 +277,14 @@ fn header(first_seq: u64) -> [u8; HEADER] {
     h
 }
 
-/// Reads one segment's frames; `Ok(None)` if its header is torn (a segment created just
-/// before a crash).
-fn read_segment(id: u64, bytes: &[u8], newest: bool) -> Result<Option<Segment>, OutboxError> {
+/// Reads one segment's valid frames: `None` if its header is torn (a segment created just
+/// before a crash), else the segment and whether bytes follow its last valid frame.
+fn read_segment(id: u64, bytes: &[u8]) -> Option<(Segment, bool)> {
     let valid_header = bytes.len() >= HEADER
         && &bytes[..8] == MAGIC
         && bytes[16..HEADER] == xxh3_64(&bytes[..16]).to_le_bytes();
     if !valid_header {
-        return if newest {
-            Ok(None)
-        } else {
-            Err(corrupt("segment header"))
-        };
+        return None;
     }
     let mut first = [0u8; 8];
     first.copy_from_slice(&bytes[8..16]);
@@ -309,18 +307,14 @@ fn read_segment(id: u64, bytes: &[u8], newest: bool) -> Result<Option<Segment>, 
             (xxh3_64(body) == sum).then_some(())?;
             Some((decode_body(body)?, FRAME_HEAD + len))
         })();
-        match frame {
-            Some((frame, size)) => {
-                seg.frames.push(frame);
-                at += size;
-            }
-            // A torn tail: the newest segment ends here.
-            None if newest => break,
-            None => return Err(corrupt("frame in a sealed segment")),
-        }
+        let Some((frame, size)) = frame else {
+            break;
+        };
+        seg.frames.push(frame);
+        at += size;
     }
     seg.end = at as u64;
-    Ok(Some(seg))
+    Some((seg, at < bytes.len()))
 }
 
 /// The writer's end of the log. Owned by the commit (used under its lock).
@@ -364,38 +358,53 @@ impl Log {
             }
         }
         ids.sort_unstable();
-        let mut segments = Vec::with_capacity(ids.len());
-        let mut log_next_seq = 0u64;
-        for (i, &id) in ids.iter().enumerate() {
+        let mut read = Vec::with_capacity(ids.len());
+        for &id in &ids {
             let path = segment_path(dir, id);
             let bytes = std::fs::read(&path).map_err(OutboxError::Io)?;
-            let newest = i + 1 == ids.len();
-            match read_segment(id, &bytes, newest)? {
-                Some(seg) => {
-                    log_next_seq = log_next_seq.max(seg.first_seq);
-                    for f in &seg.frames {
-                        for (seq, _) in &f.adds {
-                            log_next_seq = log_next_seq.max(seq + 1);
-                        }
-                    }
-                    if newest {
-                        // It is sealed from now on: cut a torn tail off, and sync it (a run
-                        // ended by a kill left its last writes unsynced).
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(OutboxError::Io)?;
-                        if seg.end < bytes.len() as u64 {
-                            f.set_len(seg.end).map_err(OutboxError::Io)?;
-                        }
-                        f.sync_all().map_err(OutboxError::Io)?;
-                    }
-                    segments.push(seg);
+            read.push((path, read_segment(id, &bytes)));
+        }
+        // The log ends in the last segment holding a frame. A crash can tear its tail, or
+        // leave a newer segment (begun at rotation) with a torn header or nothing in it; an
+        // acknowledged frame in a newer segment implies a completed sync of the older ones.
+        // Damage before that point is corruption.
+        let last_full = read
+            .iter()
+            .rposition(|(_, r)| matches!(r, Some((seg, _)) if !seg.frames.is_empty()));
+        let newest = read.len().checked_sub(1);
+        let mut segments = Vec::with_capacity(read.len());
+        let mut log_next_seq = 0u64;
+        for (i, (path, seg)) in read.into_iter().enumerate() {
+            let at_end = last_full.is_none_or(|l| i >= l);
+            let Some((seg, torn)) = seg else {
+                if !at_end {
+                    return Err(corrupt("segment header"));
                 }
-                None => {
-                    std::fs::remove_file(&path).map_err(OutboxError::Io)?;
+                std::fs::remove_file(&path).map_err(OutboxError::Io)?;
+                continue;
+            };
+            if torn && !at_end {
+                return Err(corrupt("frame in a sealed segment"));
+            }
+            log_next_seq = log_next_seq.max(seg.first_seq);
+            for f in &seg.frames {
+                for (seq, _) in &f.adds {
+                    log_next_seq = log_next_seq.max(seq + 1);
                 }
             }
+            if torn || Some(i) == newest {
+                // Sealed from now on: cut a torn tail off, and sync it (a run ended by a kill
+                // left its last writes unsynced).
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(OutboxError::Io)?;
+                if torn {
+                    f.set_len(seg.end).map_err(OutboxError::Io)?;
+                }
+                f.sync_all().map_err(OutboxError::Io)?;
+            }
+            segments.push(seg);
         }
         let next_seq = next_seq(log_next_seq);
         let id = segments.last().map_or(1, |s| s.id + 1);
@@ -603,8 +612,11 @@ mod tests {
         log.write(2).unwrap();
         let path = segment_path(dir.path(), log.segment());
         drop(log);
-        // Reopening starts a newer segment, so this one is sealed now.
-        drop(open(dir.path()));
+        // Reopening starts a newer segment, so this one is sealed now; a frame goes there.
+        let (mut log, _, _) = open(dir.path());
+        log.frame().add(2, b"second");
+        log.write(3).unwrap();
+        drop(log);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
@@ -616,6 +628,36 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A crash right after a rotation: the sealed segment's tail is torn and the new segment
+    /// holds nothing valid (here: a torn header). The log ends at the last whole frame.
+    #[test]
+    fn a_torn_tail_before_a_rotation_ends_the_log_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = open(dir.path());
+        log.frame().add(1, b"kept");
+        log.write(2).unwrap();
+        log.frame().add(2, b"torn");
+        log.write(3).unwrap();
+        let sealed = segment_path(dir.path(), log.segment());
+        drop(log);
+        let len = std::fs::metadata(&sealed).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&sealed).unwrap();
+        f.set_len(len - 2).unwrap();
+        drop(f);
+        // What rotation had begun: a newer segment whose header did not reach the disk.
+        let newer = segment_path(dir.path(), 99);
+        std::fs::write(&newer, b"CPOL").unwrap();
+        let (_, segs, next) = open(dir.path());
+        let adds: Vec<u64> = segs
+            .iter()
+            .flat_map(|s| &s.frames)
+            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
+            .collect();
+        assert_eq!(adds, vec![1]);
+        assert_eq!(next, 2);
+        assert!(!newer.exists(), "the torn newer segment is removed");
     }
 
     #[test]
