@@ -236,14 +236,7 @@ impl Commit {
                     if state.syncer.send(ToSyncer::Crash(done)).is_ok() {
                         let _ = wait.recv();
                     }
-                    let (done, wait) = mpsc::channel();
-                    if state
-                        .index
-                        .send(ToIndex::Close { done, crash: true })
-                        .is_ok()
-                    {
-                        let _ = wait.recv();
-                    }
+                    state.stop_index(true);
                     self.lead(Some(state));
                     drop(self);
                     let _ = reply.send(Ok(()));
@@ -384,18 +377,20 @@ impl Committer {
             .map_err(|_| OutboxError::Closed)?;
         let result = wait.recv().map_err(|_| OutboxError::Closed)?;
         // What the final sync made durable goes to the index before the store closes.
-        let (done, wait) = mpsc::channel();
-        if self
-            .index
-            .send(ToIndex::Close { done, crash: false })
-            .is_ok()
-        {
-            let _ = wait.recv();
-        }
+        self.stop_index(false);
         if result.is_ok() {
             tracing::info!("outbox closed");
         }
         result
+    }
+
+    /// Stops the index thread (indexing what is due first, unless `crash`) and waits until it
+    /// let go of the store.
+    fn stop_index(&self, crash: bool) {
+        let (done, wait) = mpsc::channel();
+        if self.index.send(ToIndex::Close { done, crash }).is_ok() {
+            let _ = wait.recv();
+        }
     }
 
     fn poisoned(&self) -> bool {

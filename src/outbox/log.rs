@@ -518,6 +518,14 @@ mod tests {
         [b; 16]
     }
 
+    /// The seqs of every record added, in log order.
+    fn added_seqs(segs: &[Segment]) -> Vec<u64> {
+        segs.iter()
+            .flat_map(|s| &s.frames)
+            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
+            .collect()
+    }
+
     #[test]
     fn frames_come_back_in_order_across_reopens() {
         let dir = tempfile::tempdir().unwrap();
@@ -572,11 +580,7 @@ mod tests {
         log.write(10).unwrap();
         drop(log);
         let (_, segs, _) = open(dir.path());
-        let adds: Vec<_> = segs
-            .iter()
-            .flat_map(|s| &s.frames)
-            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
-            .collect();
+        let adds = added_seqs(&segs);
         assert_eq!(adds, vec![5, 9]);
     }
 
@@ -596,11 +600,7 @@ mod tests {
         bytes[i] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let (_, segs, _) = open(dir.path());
-        let adds: Vec<u64> = segs
-            .iter()
-            .flat_map(|s| &s.frames)
-            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
-            .collect();
+        let adds = added_seqs(&segs);
         assert_eq!(adds, vec![1]);
     }
 
@@ -650,11 +650,7 @@ mod tests {
         let newer = segment_path(dir.path(), 99);
         std::fs::write(&newer, b"CPOL").unwrap();
         let (_, segs, next) = open(dir.path());
-        let adds: Vec<u64> = segs
-            .iter()
-            .flat_map(|s| &s.frames)
-            .flat_map(|f| f.adds.iter().map(|(s, _)| *s))
-            .collect();
+        let adds = added_seqs(&segs);
         assert_eq!(adds, vec![1]);
         assert_eq!(next, 2);
         assert!(!newer.exists(), "the torn newer segment is removed");
