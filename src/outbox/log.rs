@@ -518,6 +518,21 @@ mod tests {
         [b; 16]
     }
 
+    /// Writes a frame adding `seq` ("kept") and one adding `seq + 1` ("torn"), then cuts `cut`
+    /// bytes off the second, as a crash during its write would.
+    fn kept_then_torn(dir: &Path, seq: u64, cut: u64) {
+        let (mut log, _, _) = open(dir);
+        log.frame().add(seq, b"kept");
+        log.write(seq + 1).unwrap();
+        log.frame().add(seq + 1, b"torn");
+        log.write(seq + 2).unwrap();
+        let path = segment_path(dir, log.segment());
+        drop(log);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - cut).unwrap();
+    }
+
     /// The seqs of every record added, in log order.
     fn added_seqs(segs: &[Segment]) -> Vec<u64> {
         segs.iter()
@@ -557,18 +572,7 @@ mod tests {
     #[test]
     fn a_torn_tail_ends_the_newest_segment_and_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _, _) = open(dir.path());
-        log.frame().add(5, b"kept");
-        log.write(6).unwrap();
-        log.frame().add(6, b"torn");
-        log.write(7).unwrap();
-        let path = segment_path(dir.path(), log.segment());
-        drop(log);
-        // Cut the second frame short, as a crash during its write would.
-        let len = std::fs::metadata(&path).unwrap().len();
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(len - 3).unwrap();
-        drop(f);
+        kept_then_torn(dir.path(), 5, 3);
         let (mut log, segs, next) = open(dir.path());
         let frames: Vec<_> = segs.iter().flat_map(|s| &s.frames).collect();
         assert_eq!(frames.len(), 1);
@@ -635,17 +639,7 @@ mod tests {
     #[test]
     fn a_torn_tail_before_a_rotation_ends_the_log_there() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _, _) = open(dir.path());
-        log.frame().add(1, b"kept");
-        log.write(2).unwrap();
-        log.frame().add(2, b"torn");
-        log.write(3).unwrap();
-        let sealed = segment_path(dir.path(), log.segment());
-        drop(log);
-        let len = std::fs::metadata(&sealed).unwrap().len();
-        let f = OpenOptions::new().write(true).open(&sealed).unwrap();
-        f.set_len(len - 2).unwrap();
-        drop(f);
+        kept_then_torn(dir.path(), 1, 2);
         // What rotation had begun: a newer segment whose header did not reach the disk.
         let newer = segment_path(dir.path(), 99);
         std::fs::write(&newer, b"CPOL").unwrap();
