@@ -43,13 +43,13 @@ use uuid::Uuid;
 
 use super::index::{Deferred, ToIndex};
 use super::log::Log;
+use super::queue::Encoded;
 use super::store::{encode_dead, seq_key, store_batch_value, Store};
 use super::syncer::ToSyncer;
 use super::{
     dedupe, record, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
     SyncPolicy,
 };
-use crate::domain::Delivery;
 
 /// How often a pass over the dedupe index starts, pruning expired entries.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -68,9 +68,9 @@ const PRUNE_STEP_EVERY: Duration = Duration::from_millis(20);
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
 
-/// Records staged for the in-memory queue once their group is committed, with their log
-/// segment.
-type Added = Vec<(u64, Delivery, u64)>;
+/// Records staged for the in-memory queue once their group is committed (as encoded), with
+/// their log segment.
+type Added = Vec<(u64, Encoded, u64)>;
 
 pub(crate) enum Msg {
     Append {
@@ -481,9 +481,16 @@ impl Committer {
                         let queue = self.shared.queue.lock();
                         queue.get(seq).cloned().zip(queue.segment(seq))
                     };
-                    let Some((delivery, from)) = found else {
+                    let Some((encoded, from)) = found else {
                         let _ = reply.send(Err(OutboxError::UnknownSeq { seq }));
                         continue;
+                    };
+                    let delivery = match record::decode(&encoded) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
                     };
                     let letter = DeadLetter {
                         seq,
@@ -512,9 +519,9 @@ impl Committer {
                     match self.store.stage_replay(&mut batch, seqs.as_deref()) {
                         Ok(moved) => {
                             let mut added = Vec::with_capacity(moved.len());
-                            for (seq, delivery, bytes) in moved {
+                            for (seq, bytes) in moved {
                                 self.log.frame().add(seq, &bytes);
-                                added.push((seq, delivery, seg));
+                                added.push((seq, Encoded::from(bytes), seg));
                             }
                             g.needs_sync |= !added.is_empty();
                             g.replayed |= !added.is_empty();
@@ -698,27 +705,34 @@ impl Committer {
         // Records are encoded straight into the frame; if one fails, the call's part of the
         // frame is undone and nothing of it is claimed.
         let mark = self.log.frame().mark();
+        let mut at = Vec::with_capacity(new_records);
         let mut seq = self.next_seq;
         for (_, ev) in &fresh {
             for d in &ev.deliveries {
-                if let Err(e) = self
+                match self
                     .log
                     .frame()
                     .add_with(seq, |buf| record::encode_into(d, buf))
                 {
-                    self.log.frame().rollback(mark);
-                    return Err(e);
+                    Ok(range) => at.push(range),
+                    Err(e) => {
+                        self.log.frame().rollback(mark);
+                        return Err(e);
+                    }
                 }
                 seq += 1;
             }
         }
+        // The queue keeps the encoded bytes, copied out of the frame (see the `queue` module).
         let seg = self.log.segment();
-        let mut added = Vec::with_capacity(new_records);
-        for (key, ev) in fresh {
-            for delivery in ev.deliveries {
-                added.push((self.next_seq, delivery, seg));
-                self.next_seq += 1;
-            }
+        let frame = self.log.frame();
+        let added: Added = at
+            .into_iter()
+            .zip(self.next_seq..)
+            .map(|(range, seq)| (seq, Encoded::from(frame.record(range)), seg))
+            .collect();
+        self.next_seq = seq;
+        for (key, _) in fresh {
             self.seen.insert(&key);
             claimed.insert(key);
         }
@@ -806,16 +820,8 @@ impl Committer {
             return;
         }
         self.log.frame().clear();
-        for (seq, delivery) in &records {
-            let copied = self
-                .log
-                .frame()
-                .add_with(*seq, |buf| record::encode_into(delivery, buf));
-            if let Err(e) = copied {
-                self.log.frame().clear();
-                tracing::error!(error = %e, seq, "cannot copy an outbox record forward");
-                return;
-            }
+        for (seq, bytes) in &records {
+            self.log.frame().add(*seq, bytes);
         }
         let g = GroupState::default();
         if let Err(e) = self.write(self.store.batch(), &g) {
@@ -891,7 +897,7 @@ pub(crate) fn apply(shared: &Shared, staged: Vec<Staged>, in_flight: usize) {
                 }));
             }
             Staged::DeadLetter { reply, seq } => {
-                if queue.remove(seq).is_some() {
+                if queue.remove(seq) {
                     shared.dead_count.fetch_add(1, Ordering::Relaxed);
                 }
                 replies.push(Box::new(move || {

@@ -149,13 +149,13 @@ impl Default for FrameBuf {
 pub(crate) struct Mark(usize);
 
 impl FrameBuf {
-    /// Adds a record, encoded by `encode` straight into the frame. If it fails, the frame is
-    /// left as it was.
+    /// Adds a record, encoded by `encode` straight into the frame; returns where its bytes
+    /// are in the frame (see [`FrameBuf::record`]). If it fails, the frame is left as it was.
     pub(crate) fn add_with<E>(
         &mut self,
         seq: u64,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
-    ) -> Result<(), E> {
+    ) -> Result<std::ops::Range<usize>, E> {
         let mark = self.mark();
         self.buf.push(ADD);
         self.buf.extend_from_slice(&seq.to_le_bytes());
@@ -168,7 +168,12 @@ impl FrameBuf {
         // Records are small (a charge is ~150 bytes); one over 4 GiB cannot be built.
         let len = u32::try_from(self.buf.len() - len_at - 4).unwrap_or(u32::MAX);
         self.buf[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
-        Ok(())
+        Ok(len_at + 4..self.buf.len())
+    }
+
+    /// The bytes of a record added since the frame was last cleared.
+    pub(crate) fn record(&self, at: std::ops::Range<usize>) -> &[u8] {
+        self.buf.get(at).unwrap_or_default()
     }
 
     /// Adds a record already encoded.

@@ -55,7 +55,7 @@ use uuid::Uuid;
 use crate::domain::{Delivery, EventId, TenantId};
 
 use commit::{Commit, Committer, Control, Msg};
-use queue::Queue;
+use queue::{Leased, Queue};
 use store::Store;
 use syncer::Syncer;
 
@@ -225,6 +225,26 @@ struct Inner {
     store: Arc<Store>,
 }
 
+/// Decodes leased records, outside the queue lock. A record that does not decode (we wrote
+/// it, so only a bug can cause that) is logged and stays leased: never sent, never lost (it
+/// is still in the log, and the next open refuses it as malformed).
+fn decode_leased(leased: Vec<Leased>) -> Vec<Pending> {
+    leased
+        .into_iter()
+        .filter_map(|l| match record::decode(&l.record) {
+            Ok(delivery) => Some(Pending {
+                seq: l.seq,
+                delivery,
+                attempts: l.attempts,
+            }),
+            Err(e) => {
+                tracing::error!(seq = l.seq, error = %e, "pending record does not decode, held");
+                None
+            }
+        })
+        .collect()
+}
+
 /// Writes what is queued in the commit when dropped (see [`Outbox::call`]).
 struct WriteOnDrop<'a>(&'a Commit);
 
@@ -374,7 +394,8 @@ impl Outbox {
 
     /// Leases up to `max` pending deliveries that are not currently leased, oldest first.
     pub fn next_batch(&self, max: usize) -> Vec<Pending> {
-        self.inner.shared.queue.lock().lease(max)
+        let leased = self.inner.shared.queue.lock().lease(max);
+        decode_leased(leased)
     }
 
     /// Resolves when there may be new pending work (spurious wake-ups are possible).
@@ -438,7 +459,8 @@ impl Outbox {
     /// Leases exactly the given records (those pending and not leased; others are skipped):
     /// for re-sending a coalesced batch with its persisted membership after a restart.
     pub fn lease(&self, seqs: &[u64]) -> Vec<Pending> {
-        self.inner.shared.queue.lock().lease_seqs(seqs)
+        let leased = self.inner.shared.queue.lock().lease_seqs(seqs);
+        decode_leased(leased)
     }
 
     /// Durably records (per the sync policy) which records a coalesced send is made of, before

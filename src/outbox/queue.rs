@@ -4,14 +4,28 @@
 //! write that justifies the change is committed, except for leases, which are memory-only by
 //! design: a lease dies with the process and the record is simply leased again. Memory is
 //! bounded by `max_pending` records (plus replayed dead letters).
+//!
+//! A record is kept as the bytes of its encoding in the log (one allocation of ~150 bytes for
+//! a charge, shared with whoever leases it), not as a decoded `Delivery` (a struct several
+//! times that size plus an allocation per string): a backlog of millions of records stays
+//! small, and the request path stops growing the heap by a struct per event. The forwarder
+//! decodes what it leases, outside the lock (see [`Outbox::next_batch`](super::Outbox)).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use super::Pending;
-use crate::domain::Delivery;
+/// A record as encoded in the log (see the `record` module).
+pub(crate) type Encoded = Arc<[u8]>;
+
+/// A leased record before decoding.
+pub(crate) struct Leased {
+    pub(crate) seq: u64,
+    pub(crate) record: Encoded,
+    pub(crate) attempts: u32,
+}
 
 struct Entry {
-    delivery: Delivery,
+    record: Encoded,
     /// The log segment holding the record's newest copy.
     seg: u64,
     attempts: u32,
@@ -29,10 +43,10 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    pub(crate) fn from_records(records: Vec<(u64, Delivery, u64)>) -> Queue {
+    pub(crate) fn from_records(records: Vec<(u64, Encoded, u64)>) -> Queue {
         let mut q = Queue::default();
-        for (seq, delivery, seg) in records {
-            q.insert(seq, delivery, seg);
+        for (seq, record, seg) in records {
+            q.insert(seq, record, seg);
         }
         q
     }
@@ -41,11 +55,11 @@ impl Queue {
         self.entries.len()
     }
 
-    pub(crate) fn insert(&mut self, seq: u64, delivery: Delivery, seg: u64) {
+    pub(crate) fn insert(&mut self, seq: u64, record: Encoded, seg: u64) {
         self.entries.insert(
             seq,
             Entry {
-                delivery,
+                record,
                 seg,
                 attempts: 0,
                 leased: false,
@@ -54,13 +68,14 @@ impl Queue {
         self.ready.insert(seq);
     }
 
-    pub(crate) fn remove(&mut self, seq: u64) -> Option<Delivery> {
+    /// Whether the record was pending.
+    pub(crate) fn remove(&mut self, seq: u64) -> bool {
         self.ready.remove(&seq);
-        self.entries.remove(&seq).map(|e| e.delivery)
+        self.entries.remove(&seq).is_some()
     }
 
-    pub(crate) fn get(&self, seq: u64) -> Option<&Delivery> {
-        self.entries.get(&seq).map(|e| &e.delivery)
+    pub(crate) fn get(&self, seq: u64) -> Option<&Encoded> {
+        self.entries.get(&seq).map(|e| &e.record)
     }
 
     /// The log segment holding the record.
@@ -70,12 +85,12 @@ impl Queue {
 
     /// Up to `max` of the records whose newest copy is in log segment `seg` (a scan: for
     /// copying them forward, which is rare).
-    pub(crate) fn in_segment(&self, seg: u64, max: usize) -> Vec<(u64, Delivery)> {
+    pub(crate) fn in_segment(&self, seg: u64, max: usize) -> Vec<(u64, Encoded)> {
         self.entries
             .iter()
             .filter(|(_, e)| e.seg == seg)
             .take(max)
-            .map(|(s, e)| (*s, e.delivery.clone()))
+            .map(|(s, e)| (*s, Arc::clone(&e.record)))
             .collect()
     }
 
@@ -86,7 +101,7 @@ impl Queue {
         }
     }
 
-    pub(crate) fn lease(&mut self, max: usize) -> Vec<Pending> {
+    pub(crate) fn lease(&mut self, max: usize) -> Vec<Leased> {
         let mut out = Vec::with_capacity(max.min(self.ready.len()));
         while out.len() < max {
             let Some(seq) = self.ready.pop_first() else {
@@ -96,9 +111,9 @@ impl Queue {
                 continue;
             };
             entry.leased = true;
-            out.push(Pending {
+            out.push(Leased {
                 seq,
-                delivery: entry.delivery.clone(),
+                record: Arc::clone(&entry.record),
                 attempts: entry.attempts,
             });
             entry.attempts = entry.attempts.saturating_add(1);
@@ -108,7 +123,7 @@ impl Queue {
 
     /// Leases the given records if they are pending and not leased (for a coalesced batch
     /// that must be re-sent with exactly its persisted membership).
-    pub(crate) fn lease_seqs(&mut self, seqs: &[u64]) -> Vec<Pending> {
+    pub(crate) fn lease_seqs(&mut self, seqs: &[u64]) -> Vec<Leased> {
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
             if !self.ready.remove(seq) {
@@ -118,9 +133,9 @@ impl Queue {
                 continue;
             };
             entry.leased = true;
-            out.push(Pending {
+            out.push(Leased {
                 seq: *seq,
-                delivery: entry.delivery.clone(),
+                record: Arc::clone(&entry.record),
                 attempts: entry.attempts,
             });
             entry.attempts = entry.attempts.saturating_add(1);
@@ -154,10 +169,10 @@ impl Queue {
     }
 
     #[cfg(test)]
-    pub(crate) fn snapshot(&self) -> Vec<(u64, Delivery)> {
+    pub(crate) fn snapshot(&self) -> Vec<(u64, crate::domain::Delivery)> {
         self.entries
             .iter()
-            .map(|(s, e)| (*s, e.delivery.clone()))
+            .map(|(s, e)| (*s, super::record::decode(&e.record).expect("own encoding")))
             .collect()
     }
 }

@@ -38,8 +38,8 @@ use uuid::Uuid;
 
 use super::index::Indexing;
 use super::log::Log;
+use super::queue::Encoded;
 use super::{record, DeadLetter, OutboxError};
-use crate::domain::Delivery;
 
 const NEXT_SEQ: &[u8] = b"next_seq";
 const FORMAT_KEY: &[u8] = b"format";
@@ -50,7 +50,8 @@ pub(crate) const FORMAT: &str = "3";
 const FORMAT_2: &str = "2";
 
 pub(crate) struct Recovered {
-    pub(crate) pending: Vec<(u64, Delivery, u64)>,
+    /// Pending records as encoded in the log, with their segment.
+    pub(crate) pending: Vec<(u64, Encoded, u64)>,
     pub(crate) dead_count: usize,
     pub(crate) next_seq: u64,
     pub(crate) log: Log,
@@ -315,7 +316,9 @@ impl Store {
             // Counted as written too: what a segment held before is gone from the count, so a
             // recovered segment looks fuller than it was (copied forward a little later).
             indexing.add_live(seg, 1);
-            records.push((seq, record::decode(&bytes)?, seg));
+            // Decoded once here, so a record that would not decode refuses the open.
+            record::decode(&bytes)?;
+            records.push((seq, Encoded::from(bytes), seg));
         }
         Ok(Recovered {
             pending: records,
@@ -353,7 +356,7 @@ impl Store {
         &self,
         batch: &mut Batch,
         seqs: Option<&[u64]>,
-    ) -> Result<Vec<(u64, Delivery, Vec<u8>)>, OutboxError> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, OutboxError> {
         let letters = match seqs {
             None => self.dead_letters()?,
             Some(seqs) => {
@@ -372,7 +375,7 @@ impl Store {
         for letter in letters {
             let bytes = record::encode(&letter.delivery)?;
             batch.remove(&self.dead, seq_key(letter.seq).to_vec());
-            moved.push((letter.seq, letter.delivery, bytes));
+            moved.push((letter.seq, bytes));
         }
         Ok(moved)
     }
