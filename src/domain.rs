@@ -207,13 +207,19 @@ pub const TRANSACTION_NAMESPACE: Uuid = Uuid::from_u128(0x5c1e_7d0a_4b9e_4f61_9a
 
 /// The deterministic Credyt `transaction_id` of one fee of one event of one tenant.
 pub fn transaction_id(tenant: &TenantId, event: &EventId, price_id: &str) -> Uuid {
-    // Length-prefix each part so ("a", "bc") and ("ab", "c") cannot collide.
-    let mut name = Vec::with_capacity(tenant.0.len() + event.0.len() + price_id.len() + 24);
+    use sha1::{Digest, Sha1};
+    // UUIDv5 (RFC 9562): SHA-1 of the namespace and the name. The name length-prefixes each
+    // part so ("a", "bc") and ("ab", "c") cannot collide.
+    let mut sha = Sha1::new();
+    sha.update(TRANSACTION_NAMESPACE.as_bytes());
     for part in [tenant.as_str(), event.as_str(), price_id] {
-        name.extend_from_slice(&(part.len() as u64).to_be_bytes());
-        name.extend_from_slice(part.as_bytes());
+        sha.update((part.len() as u64).to_be_bytes());
+        sha.update(part.as_bytes());
     }
-    Uuid::new_v5(&TRANSACTION_NAMESPACE, &name)
+    let digest = sha.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 /// Lowercase Crockford base32 (`0-9a-z` without `i l o u`), the alphabet of Credyt ids.
@@ -250,6 +256,31 @@ mod tests {
             transaction_id(&TenantId::from("ab"), &EventId::from("c"), "p")
         );
         assert_eq!(a.get_version_num(), 5);
+    }
+
+    /// Ids already sent to Credyt must come out the same from every later version: pinned.
+    #[test]
+    fn transaction_ids_never_change() {
+        let id = transaction_id(&TenantId::from("acme"), &EventId::from("e1"), "input");
+        assert_eq!(id.to_string(), "6283e60b-8591-5947-88c3-2cbd220742a1");
+    }
+
+    proptest::proptest! {
+        /// Equal to RFC 9562's UUIDv5 of the length-prefixed parts, as `uuid` computes it.
+        #[test]
+        fn transaction_id_is_the_uuid_v5_of_its_parts(
+            tenant in "\\PC{0,40}", event in "\\PC{0,80}", price in "[a-z_]{0,20}"
+        ) {
+            let mut name = Vec::new();
+            for part in [&tenant, &event, &price] {
+                name.extend_from_slice(&(part.len() as u64).to_be_bytes());
+                name.extend_from_slice(part.as_bytes());
+            }
+            proptest::prop_assert_eq!(
+                transaction_id(&TenantId::from(tenant.as_str()), &EventId::from(event.as_str()), &price),
+                Uuid::new_v5(&TRANSACTION_NAMESPACE, &name)
+            );
+        }
     }
 
     #[test]
