@@ -424,15 +424,28 @@ impl Committer {
         let mut appends = 0u64;
         let now_ms = dedupe::now_ms();
         let seg = self.log.segment();
+        // The dedupe keys of every append of the group, up front, so the filter's blocks for
+        // all of them are loaded at once (see `SeenFilter::warm`).
+        let keys: Vec<Vec<dedupe::Key>> = group
+            .iter()
+            .map(|msg| match msg {
+                Msg::Append { events, .. } => events
+                    .iter()
+                    .map(|ev| dedupe::key(&ev.tenant, &ev.event_id))
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        self.seen.warm(keys.iter().flatten());
 
-        for msg in group {
+        for (msg, keys) in group.into_iter().zip(keys) {
             if self.poisoned() {
                 fail_msg(msg, || OutboxError::Poisoned);
                 continue;
             }
             match msg {
                 Msg::Append { events, reply } => {
-                    match self.stage_append(events, &mut claimed, pending, now_ms) {
+                    match self.stage_append(events, keys, &mut claimed, pending, now_ms) {
                         Ok((outcomes, added)) => {
                             pending += added.len();
                             g.needs_sync |= outcomes.contains(&AppendOutcome::Accepted);
@@ -651,19 +664,17 @@ impl Committer {
 
     /// Decides one append call: outcomes, and the records of its new events staged into the
     /// log's frame. Their dedupe keys go into `claimed`, which the caller writes for the group.
+    /// `keys` are the events' dedupe keys, in order.
     fn stage_append(
         &mut self,
         events: Vec<AcceptedEvent>,
+        keys: Vec<dedupe::Key>,
         claimed: &mut dedupe::KeySet,
         pending: usize,
         now_ms: u64,
     ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
         let window = self.settings.dedupe_window;
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        let keys: Vec<dedupe::Key> = events
-            .iter()
-            .map(|ev| dedupe::key(&ev.tenant, &ev.event_id))
-            .collect();
         // Keys written but not yet in the partition (see the `index` module).
         let recent: Vec<Option<u64>> = {
             let ix = self.shared.index.lock();

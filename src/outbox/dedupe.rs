@@ -181,6 +181,12 @@ impl Bloom {
     fn bytes(&self) -> usize {
         self.blocks.len() * std::mem::size_of::<Block>()
     }
+
+    /// The first word of `key`'s block (a load of its cache line).
+    fn touch(&self, key: &Key) -> u64 {
+        let (block, _) = Self::probes(key, self.mask);
+        self.blocks.get(block).map_or(0, |Block(words)| words[0])
+    }
 }
 
 /// A filter that grows: when its newest bloom is full, keys go to a new one twice its size
@@ -232,6 +238,23 @@ impl SeenFilter {
     /// False only if `key` is certainly not in the partition.
     pub(crate) fn may_contain(&self, key: &Key) -> bool {
         self.current.as_ref().is_none_or(|l| l.may_contain(key))
+    }
+
+    /// Loads the blocks the lookups of `keys` will read. A lookup branches on its load, so
+    /// lookups one after the other mostly wait for one cache miss at a time (the filter is
+    /// megabytes); these loads depend on nothing and overlap, so the lookups that follow
+    /// find their blocks in cache (a 100-event request waited ~5% of its time on them).
+    pub(crate) fn warm<'a>(&self, keys: impl Iterator<Item = &'a Key>) {
+        let Some(Layers(layers)) = &self.current else {
+            return;
+        };
+        let mut seen = 0u64;
+        for key in keys {
+            for bloom in layers {
+                seen ^= bloom.touch(key);
+            }
+        }
+        std::hint::black_box(seen);
     }
 
     /// A key about to be written to the partition.

@@ -11,7 +11,10 @@
 //!   loss took: the event lost, and the client's retry answered "duplicate". Membership of a
 //!   completed coalesced batch is forgotten the same way (after the delivered marks it stands
 //!   for are durable), so a crash can never leave its records pending without it.
-//! * Keys go in sorted and in bulk (every frame synced meanwhile), off the request path.
+//! * Keys go in sorted and in bulk, off the request path: the thread wakes every
+//!   [`INDEX_EVERY`] and takes every frame synced meanwhile. It is not woken by each sync:
+//!   with `always` under load there are hundreds of syncs a second, and a wake-up and a small
+//!   fjall batch for each took a tenth of the core the request path runs on.
 //! * On open every key of every segment still on disk is put into the partition again
 //!   (idempotent), so whatever the partition had not made durable comes back.
 //! * A segment is deleted, oldest first, once it is sealed and synced, none of its records is
@@ -32,8 +35,9 @@ use super::log::{segment_of, LogShared, Lsn};
 use super::store::Store;
 use super::{OutboxError, Shared};
 
-/// Most time keys wait for the thread when no sync wakes it.
-const IDLE_WAKE: Duration = Duration::from_millis(200);
+/// How often the thread moves what was synced meanwhile into fjall. Keys wait in memory
+/// (in [`Indexing::recent`]) that long at most after their sync: at 250k events/s, ~12k.
+const INDEX_EVERY: Duration = Duration::from_millis(50);
 
 /// Work that may reach fjall only once the frame ending at `lsn` is durable.
 pub(crate) struct Deferred {
@@ -85,8 +89,6 @@ impl Indexing {
 }
 
 pub(crate) enum ToIndex {
-    /// A sync completed: deferred work may be due.
-    Synced,
     /// Index what is due (unless `crash`, a test's crash), then stop; answered once this
     /// thread let go of the store.
     Close { done: mpsc::Sender<()>, crash: bool },
@@ -101,19 +103,11 @@ pub(crate) struct Indexer {
 impl Indexer {
     pub(crate) fn run(self, rx: mpsc::Receiver<ToIndex>) {
         loop {
-            let mut stop = None;
-            match rx.recv_timeout(IDLE_WAKE) {
-                Ok(ToIndex::Synced) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Ok(ToIndex::Close { done, crash }) => stop = Some((done, crash)),
+            let stop = match rx.recv_timeout(INDEX_EVERY) {
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Ok(ToIndex::Close { done, crash }) => Some((done, crash)),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-            while stop.is_none() {
-                match rx.try_recv() {
-                    Ok(ToIndex::Close { done, crash }) => stop = Some((done, crash)),
-                    Ok(ToIndex::Synced) => {}
-                    Err(_) => break,
-                }
-            }
+            };
             let crash = stop.as_ref().is_some_and(|(_, crash)| *crash);
             if !crash && !self.shared.poisoned.load(Ordering::Acquire) {
                 if let Err(e) = self.step() {

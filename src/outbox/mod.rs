@@ -324,7 +324,6 @@ impl Outbox {
             settings.sync,
             &store::store_dir(&settings.dir),
             log_shared,
-            index_tx.clone(),
         );
         std::thread::Builder::new()
             .name("outbox-sync".into())

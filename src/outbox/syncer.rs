@@ -32,7 +32,6 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use super::commit::{apply, poison, staged_records, Staged};
-use super::index::ToIndex;
 use super::log::LogShared;
 use super::{OutboxError, Shared, SyncPolicy};
 
@@ -93,8 +92,6 @@ pub(crate) struct Syncer {
     policy: SyncPolicy,
     journal: Journal,
     log: Arc<LogShared>,
-    /// The index thread, told after each sync (see the `index` module).
-    index: mpsc::Sender<ToIndex>,
 }
 
 impl Syncer {
@@ -103,7 +100,6 @@ impl Syncer {
         policy: SyncPolicy,
         store_dir: &Path,
         log: Arc<LogShared>,
-        index: mpsc::Sender<ToIndex>,
     ) -> Self {
         Syncer {
             shared,
@@ -113,7 +109,6 @@ impl Syncer {
                 open: None,
             },
             log,
-            index,
         }
     }
 
@@ -196,7 +191,7 @@ impl Syncer {
     }
 
     /// Syncs the log (and fjall's journal, if something there must be durable) if anything
-    /// was written since the last sync; then tells the index thread how far the log is durable.
+    /// was written since the last sync; then publishes how far the log is durable.
     fn sync_if_dirty(&mut self) -> Result<(), OutboxError> {
         if self.poisoned() {
             return Err(OutboxError::Poisoned);
@@ -233,8 +228,8 @@ impl Syncer {
             poison(&self.shared, "sync", &OutboxError::Io(e));
             OutboxError::Poisoned
         })?;
+        // The index thread reads it (see the `index` module).
         self.shared.synced_lsn.fetch_max(upto, Ordering::AcqRel);
-        let _ = self.index.send(ToIndex::Synced);
         Ok(())
     }
 
