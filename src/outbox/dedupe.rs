@@ -116,7 +116,10 @@ struct Bloom {
 impl Bloom {
     const PROBES: u32 = 7;
     const BITS_PER_KEY: u64 = 20;
-    const MIN_KEYS: u64 = 4_096;
+    /// The smallest filter: 1 MiB (~419k keys). Every layer is one more cache miss per
+    /// lookup of a new key; starting at 16 KiB, a proxy that took 3 million events in a minute
+    /// looked up 10 layers, and its 100-event requests ran ~8% slower.
+    const MIN_KEYS: u64 = 1 << 18;
     const BLOCK_BITS: u64 = 512;
 
     /// Room for `keys` (rounded up to a power of two blocks), at most `max_bytes` (but one
