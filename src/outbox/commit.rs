@@ -51,7 +51,8 @@ use super::{
     SyncPolicy,
 };
 
-/// How often a pass over the dedupe index starts, pruning expired entries.
+/// How often the commit checks whether a pass over the dedupe index is due (see
+/// `SeenFilter::pass_due`).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// A log segment this many segments behind the active one has its pending records copied
 /// forward (see [`Committer::copy_forward`]).
@@ -326,29 +327,37 @@ impl Committer {
             return;
         }
         self.copy_forward();
+        let now_ms = dedupe::now_ms();
         let due = match &self.prune {
             Some((_, last_step)) => last_step.elapsed() >= PRUNE_STEP_EVERY,
-            None => self.last_prune.elapsed() >= PRUNE_EVERY,
+            None if self.last_prune.elapsed() >= PRUNE_EVERY => {
+                // Looked at again in PRUNE_EVERY whether a pass is due or not.
+                self.last_prune = Instant::now();
+                self.seen.pass_due(now_ms, self.settings.dedupe_window)
+            }
+            None => false,
         };
         if due {
             let mut cursor = self.prune.take().map(|(c, _)| c).unwrap_or_default();
             // A new pass reads the partition; keys written but not indexed yet are not there
             // (see the `index` module). Taken before the pass begins: a key the index thread
             // moves into the partition meanwhile, behind the pass's cursor, is still counted.
-            let recent: Vec<dedupe::Key> = if cursor.at_start() {
-                self.shared.index.lock().recent.keys().copied().collect()
+            let recent: Vec<(dedupe::Key, u64)> = if cursor.at_start() {
+                let ix = self.shared.index.lock();
+                ix.recent.iter().map(|(k, at)| (*k, *at)).collect()
             } else {
                 Vec::new()
             };
+            cursor.also_holds(recent.iter().map(|(_, at)| *at));
             match self.store.prune_dedupe_step(
                 &mut cursor,
-                dedupe::now_ms(),
+                now_ms,
                 self.settings.dedupe_window,
                 dedupe::PRUNE_CHUNK,
                 &mut self.seen,
             ) {
                 Ok((n, done)) => {
-                    for key in &recent {
+                    for (key, _) in &recent {
                         self.seen.insert(key);
                     }
                     self.shared

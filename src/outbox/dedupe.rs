@@ -33,6 +33,14 @@
 //! window is exact). Pruning (which only bounds the disk) walks the partition with a cursor,
 //! a bounded chunk at a time between commit groups, deleting entries older than the window; a
 //! re-accepted expired id overwrites its entry with the new time.
+//!
+//! A pass reads the whole partition, so it runs only when it has something to do
+//! ([`SeenFilter::pass_due`]): when some entry may have expired (the last pass learned how old
+//! the oldest entry can be), or when the filter has grown to [`SeenFilter::REBUILD_AT_LAYERS`]
+//! layers (each a cache miss per lookup; the index grew ~8x since the filter was sized, so the
+//! passes cost a constant per key inserted). A pass every minute regardless, as before, was a
+//! scan of days of ids without end, and in the load test took 40% off 100-event requests
+//! while it ran.
 
 use std::ops::Bound;
 use std::time::Duration;
@@ -85,6 +93,9 @@ fn accepted_at(value: &[u8]) -> u64 {
 #[derive(Default)]
 pub(crate) struct PruneCursor {
     after: Option<Key>,
+    /// The oldest acceptance time (ms) seen so far in the pass: of the entries it keeps, of
+    /// the keys not indexed yet when it began, and the pass's start.
+    oldest_ms: Option<u64>,
 }
 
 impl PruneCursor {
@@ -92,7 +103,22 @@ impl PruneCursor {
     pub(crate) fn at_start(&self) -> bool {
         self.after.is_none()
     }
+
+    /// Counts keys the partition will hold that the pass may not read (written but not
+    /// indexed when it began), with their acceptance times.
+    pub(crate) fn also_holds(&mut self, accepted_ms: impl Iterator<Item = u64>) {
+        for at in accepted_ms {
+            self.saw(at);
+        }
+    }
+
+    fn saw(&mut self, at_ms: u64) {
+        self.oldest_ms = Some(self.oldest_ms.map_or(at_ms, |o| o.min(at_ms)));
+    }
 }
+
+/// Slack on the oldest acceptance time a pass learned, for a wall clock stepped backwards.
+const CLOCK_SLACK_MS: u64 = 60_000;
 
 /// 512 bits: one cache line, the unit a key's probes stay within.
 #[derive(Clone, Copy)]
@@ -231,9 +257,27 @@ impl Layers {
 pub(crate) struct SeenFilter {
     current: Option<Layers>,
     building: Option<Layers>,
+    /// No entry of the partition was accepted before this (ms), as of the last complete pass
+    /// (entries written since are newer).
+    oldest_ms: Option<u64>,
 }
 
 impl SeenFilter {
+    /// A filter grown to this many layers is rebuilt by a pass (see the module docs).
+    pub(crate) const REBUILD_AT_LAYERS: usize = 4;
+
+    /// Whether a pruning pass has work: no filter yet, a filter of too many layers, or an
+    /// entry that may have expired.
+    pub(crate) fn pass_due(&self, now_ms: u64, window: Duration) -> bool {
+        let Some(Layers(layers)) = &self.current else {
+            return true;
+        };
+        layers.len() >= Self::REBUILD_AT_LAYERS
+            || self
+                .oldest_ms
+                .is_none_or(|oldest| oldest.saturating_add(window_ms(window)) < now_ms)
+    }
+
     /// The most one filter takes (16 MiB: ~6.7 million ids at 20 bits each; more ids only
     /// raise the false-positive rate). Two exist while a pass runs.
     pub(crate) const MAX_BYTES: usize = 16 * 1024 * 1024;
@@ -247,13 +291,16 @@ impl SeenFilter {
     /// lookups one after the other mostly wait for one cache miss at a time (the filter is
     /// megabytes); these loads depend on nothing and overlap, so the lookups that follow
     /// find their blocks in cache (a 100-event request waited ~5% of its time on them).
+    /// During a pass, new keys are also inserted into the filter it builds: its blocks too.
     pub(crate) fn warm<'a>(&self, keys: impl Iterator<Item = &'a Key>) {
-        let Some(Layers(layers)) = &self.current else {
-            return;
-        };
+        let blooms: Vec<&Bloom> = [&self.current, &self.building]
+            .into_iter()
+            .flatten()
+            .flat_map(|Layers(layers)| layers)
+            .collect();
         let mut seen = 0u64;
         for key in keys {
-            for bloom in layers {
+            for bloom in &blooms {
                 seen ^= bloom.touch(key);
             }
         }
@@ -321,6 +368,7 @@ impl Store {
             // (it grows by layers if that is not enough before the next pass).
             let keys = u64::try_from(self.dedupe.approximate_len()).unwrap_or(u64::MAX);
             filter.building = Some(Layers::for_keys(keys.saturating_mul(2)));
+            cursor.saw(now_ms);
         }
         let cutoff = now_ms.saturating_sub(window_ms(window));
         let mut batch = self.batch();
@@ -336,11 +384,15 @@ impl Store {
             let (k, v) = kv?;
             seen += 1;
             let key = Key::try_from(k.as_ref()).ok();
-            if accepted_at(&v) < cutoff {
+            let at = accepted_at(&v);
+            if at < cutoff {
                 batch.remove(&self.dedupe, k.to_vec());
                 forgotten += 1;
-            } else if let (Some(key), Some(building)) = (&key, &mut filter.building) {
-                building.insert(key);
+            } else {
+                cursor.saw(at);
+                if let (Some(key), Some(building)) = (&key, &mut filter.building) {
+                    building.insert(key);
+                }
             }
             last = key;
         }
@@ -353,6 +405,10 @@ impl Store {
             if let Some(next) = filter.building.take() {
                 filter.current = Some(next);
             }
+            filter.oldest_ms = cursor
+                .oldest_ms
+                .take()
+                .map(|o| o.saturating_sub(CLOCK_SLACK_MS));
         }
         Ok((forgotten, done))
     }

@@ -173,6 +173,61 @@ fn pruning_steps_through_the_index_and_forgets_only_expired_ids() {
     assert_eq!(store.prune_dedupe(now, window).unwrap(), 0);
 }
 
+/// A pass reads the whole index: it runs only to build the first filter, to rebuild one
+/// grown to too many layers, or when an entry may have expired.
+#[test]
+fn a_pruning_pass_runs_only_when_it_has_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::open(dir.path()).unwrap();
+    let hour = Duration::from_secs(3_600);
+    let mut filter = dedupe::SeenFilter::default();
+    assert!(filter.pass_due(0, hour), "no filter yet");
+    let accepted = 10_000_000;
+    let mut batch = store.batch();
+    for i in 0..1_000u32 {
+        let key = dedupe::key(&"tenant".into(), &format!("ev-{i}").as_str().into());
+        store.stage_seen(&mut batch, &key, accepted);
+    }
+    batch.commit().unwrap();
+    let mut cursor = dedupe::PruneCursor::default();
+    // Among the keys not indexed yet when it begins, one older than every entry.
+    cursor.also_holds([accepted - 5_000].into_iter());
+    let now = accepted + 1_000;
+    while !store
+        .prune_dedupe_step(&mut cursor, now, hour, 100, &mut filter)
+        .unwrap()
+        .1
+    {}
+    assert!(!filter.pass_due(now, hour));
+    assert!(!filter.pass_due(accepted + 3_000_000, hour));
+    // The oldest key (less a minute of slack for the clock) turns one hour old.
+    let oldest = accepted - 5_000 - 60_000;
+    assert!(!filter.pass_due(oldest + 3_600_000, hour));
+    assert!(
+        filter.pass_due(oldest + 3_600_001, hour),
+        "an entry may have expired"
+    );
+    // Grown by layers to four (the first is sized for ~419k keys, each next one twice that).
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut inserted = 0u64;
+    while !filter.pass_due(now, hour) {
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&next().to_le_bytes());
+        key[8..].copy_from_slice(&next().to_le_bytes());
+        filter.insert(&key);
+        inserted += 1;
+        assert!(inserted < 4_000_000, "never due");
+    }
+    assert!(inserted > 2_900_000, "due after {inserted} keys");
+}
+
 #[test]
 fn the_dedupe_filter_never_misses_a_key_and_rarely_claims_one() {
     // Before any pass there is no filter: everything "may" be there (the tree decides).
@@ -200,7 +255,11 @@ fn the_dedupe_filter_never_misses_a_key_and_rarely_claims_one() {
     // Sized for the smallest filter (~419k keys) and given a million: it grew (by layers)
     // instead of filling up, and still refuses nearly every new key (~0.1% false positives
     // a layer).
-    assert!(filter.bytes() >= 3 * empty_bytes, "{} bytes", filter.bytes());
+    assert!(
+        filter.bytes() >= 3 * empty_bytes,
+        "{} bytes",
+        filter.bytes()
+    );
     let false_positives = (1_000_000..1_100_000)
         .filter(|&i| filter.may_contain(&k(i)))
         .count();
