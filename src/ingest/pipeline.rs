@@ -104,7 +104,6 @@ pub async fn process(
     };
 
     let mut accepted = Vec::new();
-    let mut fees_of = Vec::new();
     for (event, fees) in judged.iter().filter_map(|j| j.as_ref().ok()) {
         let deliveries = match tenant.forward {
             ForwardMode::Events => vec![Delivery::Usage(ForwardedUsage {
@@ -137,7 +136,6 @@ pub async fn process(
             event_id: event.id.clone(),
             deliveries,
         });
-        fees_of.push(fees.clone());
     }
     // From here on the request is being accepted: the hand-off and the counting finish even if
     // the client goes away (see the finish module).
@@ -149,15 +147,16 @@ pub async fn process(
         } else {
             sink.submit(accepted).await?
         };
-        // The sink answers once per submitted event, in order.
-        let mut submitted = submitted.into_iter().zip(fees_of);
+        // The sink answers once per submitted event, in order; an accepted event's fees move
+        // from its judgement into its outcome (no copy).
+        let mut submitted = submitted.into_iter();
         let mut outcomes = Vec::with_capacity(judged.len());
         for j in judged {
             outcomes.push(match j {
                 Err(rejection) => Outcome::Rejected(rejection),
-                Ok(_) => match submitted.next() {
-                    Some((Submitted::Accepted, fees)) => Outcome::Accepted { fees },
-                    Some((Submitted::Duplicate, _)) => Outcome::Duplicate,
+                Ok((_, fees)) => match submitted.next() {
+                    Some(Submitted::Accepted) => Outcome::Accepted { fees },
+                    Some(Submitted::Duplicate) => Outcome::Duplicate,
                     None => return Err(ApiError::Unavailable("the sink lost track of an event")),
                 },
             });
