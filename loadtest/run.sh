@@ -1,6 +1,6 @@
 #!/bin/sh
 # The load-test kit in one command: build the release binaries, then run every phase.
-#   loadtest/run.sh            full run (about 10 minutes)
+#   loadtest/run.sh            full run (about 20 minutes)
 #   loadtest/run.sh --quick    smoke run (about 2 minutes)
 # Options are passed to loadtest/run.py (see --help). Loopback only; needs taskset, python3,
 # and nginx for the nginx-hop reference (apt-get install nginx-light).
