@@ -1223,6 +1223,14 @@ fn a_format_2_directory_has_its_records_moved_into_the_log() {
     });
 }
 
+/// `interval` settings with 2 KiB log segments, so a few hundred events span many segments.
+fn small_segments(dir: &std::path::Path) -> OutboxSettings {
+    OutboxSettings {
+        log_segment_bytes: 2048,
+        ..settings(dir, SyncPolicy::Interval(Duration::from_millis(5)))
+    }
+}
+
 fn segments(dir: &std::path::Path) -> usize {
     std::fs::read_dir(store::log_dir(dir)).unwrap().count()
 }
@@ -1233,10 +1241,7 @@ fn segments(dir: &std::path::Path) -> usize {
 fn old_log_segments_are_deleted_and_a_stuck_record_is_copied_forward() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let s = OutboxSettings {
-            log_segment_bytes: 2048,
-            ..settings(dir.path(), SyncPolicy::Interval(Duration::from_millis(5)))
-        };
+        let s = small_segments(dir.path());
         let ob = Outbox::open(s.clone()).unwrap();
         ob.append(vec![event("t", "stuck", 1)]).await.unwrap();
         let stuck = ob.next_batch(1);
@@ -1318,10 +1323,7 @@ fn a_completed_batch_is_not_resent_after_a_crash() {
 fn a_backlog_is_left_in_its_segments() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let s = OutboxSettings {
-            log_segment_bytes: 2048,
-            ..settings(dir.path(), SyncPolicy::Interval(Duration::from_millis(5)))
-        };
+        let s = small_segments(dir.path());
         let ob = Outbox::open(s).unwrap();
         for i in 0..200 {
             ob.append(vec![event("t", &format!("e{i}"), 1)])
