@@ -97,11 +97,14 @@ pub struct OutboxSettings {
     pub max_group: usize,
     /// Size at which a segment of the record log is sealed and a new one begun (at most 1 GiB).
     pub log_segment_bytes: u64,
+    /// Prepare each log segment in full before it is used, so syncs write data only (see
+    /// the `log` module). Costs one segment of disk for the spare.
+    pub log_preallocate: bool,
 }
 
 impl OutboxSettings {
     /// Defaults: `interval` sync every 500 ms, 100 000 pending records, 7-day dedupe window,
-    /// groups of up to 512 appends, 32 MiB log segments.
+    /// groups of up to 512 appends, 32 MiB log segments, preallocated.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
@@ -110,6 +113,7 @@ impl OutboxSettings {
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             max_group: 512,
             log_segment_bytes: log::SEGMENT_BYTES,
+            log_preallocate: true,
         }
     }
 }
@@ -277,7 +281,7 @@ impl Outbox {
         let store = Arc::new(Store::open(&settings.dir)?);
         // Log positions keep a segment's offsets in 32 bits.
         let segment_bytes = settings.log_segment_bytes.clamp(1, 1 << 30);
-        let recovered = store.recover(&settings.dir, segment_bytes)?;
+        let recovered = store.recover(&settings.dir, segment_bytes, settings.log_preallocate)?;
         let queue = Queue::from_records(recovered.pending);
         let log = recovered.log;
         let log_shared = Arc::clone(log.shared());

@@ -121,7 +121,7 @@ fn open_in_background(config: Config) -> Result<Keyspace, OutboxError> {
 
 /// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
 /// A failure only costs latency, so it is logged, not returned.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     let lowered = rustix::process::getpriority_process(None).and_then(|nice| {
         rustix::process::setpriority_process(None, (nice + BACKGROUND_NICE_OFFSET).min(19))
     });
@@ -230,7 +230,12 @@ impl Store {
     /// moves the records of a directory written by an older version (format 2, records in
     /// fjall) into the log, and drops what the log says is over (records that are dead
     /// letters, memberships of completed coalesced batches).
-    pub(crate) fn recover(&self, dir: &Path, segment_bytes: u64) -> Result<Recovered, OutboxError> {
+    pub(crate) fn recover(
+        &self,
+        dir: &Path,
+        segment_bytes: u64,
+        preallocate: bool,
+    ) -> Result<Recovered, OutboxError> {
         let mut dead = HashSet::new();
         let mut floor = 0u64;
         for kv in self.dead.iter() {
@@ -256,7 +261,7 @@ impl Store {
             floor = floor.max(seq_from_key(&v).unwrap_or(0));
         }
         let (mut log, segments, next_seq) =
-            Log::open(&log_dir(dir), segment_bytes, |n| n.max(floor))?;
+            Log::open(&log_dir(dir), segment_bytes, preallocate, |n| n.max(floor))?;
         let mut indexing = Indexing::default();
         let mut pending: BTreeMap<u64, (Vec<u8>, u64)> = BTreeMap::new();
         for seg in segments {
