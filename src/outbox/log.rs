@@ -80,8 +80,10 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 
 /// The segment being prepared, before rotation gives it a name.
 const SPARE: &str = "spare.tmp";
-/// Zeros written at a time while preparing a spare.
-const ZERO_CHUNK: usize = 1024 * 1024;
+/// Zeros written, and synced, at a time while preparing a spare: the disk's queue then never
+/// holds more than this much of a spare ahead of a sync of the log (one `fsync` of a whole
+/// 32 MiB spare at the end held the log's syncs back ~45 ms at every rotation here).
+const ZERO_CHUNK: usize = 512 * 1024;
 
 fn corrupt(what: &'static str) -> OutboxError {
     OutboxError::Malformed {
@@ -448,8 +450,8 @@ impl Drop for Spare {
     }
 }
 
-/// Writes `size` zero bytes to a new file at `path` and syncs it (data, size and the
-/// allocation of its blocks).
+/// Writes `size` zero bytes to a new file at `path`, a chunk at a time, and syncs it (data,
+/// size and the allocation of its blocks).
 fn prepare_spare(path: &Path, size: u64, cancel: &AtomicBool) -> io::Result<File> {
     let closed = || io::Error::new(io::ErrorKind::Interrupted, "log closed");
     if cancel.load(Ordering::Relaxed) {
@@ -469,6 +471,7 @@ fn prepare_spare(path: &Path, size: u64, cancel: &AtomicBool) -> io::Result<File
         }
         let n = usize::try_from(size - at).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
         file.write_all_at(&zeros[..n], at)?;
+        file.sync_data()?;
         at += n as u64;
     }
     file.sync_all()?;
