@@ -1,4 +1,5 @@
-//! Append throughput: single-event appends from 32 concurrent appenders, both sync policies.
+//! Append throughput: single-event appends from 32 concurrent appenders, both sync policies,
+//! and `always` once more without preallocated log segments (what that saves per sync).
 //!
 //! Run with `cargo bench --bench outbox`. Each iteration is one acknowledged append; the
 //! figure to read is the throughput (elements/s) and the time per append.
@@ -59,7 +60,7 @@ fn event(n: u64) -> AcceptedEvent {
     }
 }
 
-fn bench_policy(c: &mut Criterion, name: &str, sync: SyncPolicy) {
+fn bench_policy(c: &mut Criterion, name: &str, sync: SyncPolicy, preallocate: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,6 +69,7 @@ fn bench_policy(c: &mut Criterion, name: &str, sync: SyncPolicy) {
     let outbox = Outbox::open(OutboxSettings {
         sync,
         max_pending: usize::MAX,
+        log_preallocate: preallocate,
         ..OutboxSettings::new(dir.path())
     })
     .unwrap();
@@ -117,11 +119,13 @@ fn bench_policy(c: &mut Criterion, name: &str, sync: SyncPolicy) {
 }
 
 fn appends(c: &mut Criterion) {
-    bench_policy(c, "always", SyncPolicy::Always);
+    bench_policy(c, "always", SyncPolicy::Always, true);
+    bench_policy(c, "always_not_preallocated", SyncPolicy::Always, false);
     bench_policy(
         c,
         "interval_500ms",
         SyncPolicy::Interval(Duration::from_millis(500)),
+        true,
     );
 }
 

@@ -336,6 +336,24 @@ mod tests {
     }
 
     #[test]
+    fn a_base_url_must_parse_as_an_http_url_without_query() {
+        for bad in [
+            "http://exa mple.com",
+            "https://",
+            "https://api.credyt.ai?x=1",
+            "mailto:a@b.c",
+        ] {
+            let text = format!("[credyt]\nbase_url = \"{bad}\"\napi_key = \"k\"\n");
+            let errs =
+                Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap_err();
+            assert!(
+                errs.0.iter().any(|e| e.key == "credyt.base_url"),
+                "{bad}: {errs}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let text = format!("{MINIMAL}\n[server]\nlisten_addr = \"127.0.0.1:1\"\n");
         let errs = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap_err();

@@ -270,9 +270,14 @@ impl RawSettings {
         }
 
         let base_url = self.credyt.base_url.trim_end_matches('/').to_string();
-        if !(base_url.starts_with("https://") || base_url.starts_with("http://"))
-            || base_url.len() <= "https://".len()
-        {
+        let parsed = reqwest::Url::parse(&base_url).ok();
+        let usable = parsed.as_ref().is_some_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.query().is_none()
+                && u.fragment().is_none()
+        });
+        if !usable {
             p.push(
                 "credyt.base_url",
                 format!("`{base_url}` is not an http(s) URL"),
