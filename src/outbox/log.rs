@@ -82,7 +82,7 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 const SPARE: &str = "spare.tmp";
 /// Zeros written, and synced, at a time while preparing a spare: the disk's queue then never
 /// holds more than this much of a spare ahead of a sync of the log (one `fsync` of a whole
-/// 32 MiB spare at the end held the log's syncs back ~45 ms at every rotation here).
+/// 32 MiB spare at the end held the log's syncs back 40-270 ms at each rotation here).
 const ZERO_CHUNK: usize = 512 * 1024;
 
 fn corrupt(what: &'static str) -> OutboxError {
@@ -646,7 +646,8 @@ impl Log {
         let prepared = self.spare.as_mut().and_then(Spare::take_ready);
         let file = match prepared {
             Some(file) => {
-                // Header first: a crash before the rename leaves only a spare, deleted on open.
+                // Header first: a crash before the rename leaves only a spare, which the next
+                // open uses (overwriting the header) or prepares again.
                 file.write_all_at(&header(next_seq), 0)?;
                 std::fs::rename(self.shared.dir.join(SPARE), &path)?;
                 if let Some(spare) = self.spare.as_mut() {
