@@ -656,7 +656,10 @@ impl Log {
                 file
             }
             None => {
-                tracing::debug!(segment = id, "no spare log segment ready, a plain one begun");
+                tracing::debug!(
+                    segment = id,
+                    "no spare log segment ready, a plain one begun"
+                );
                 create_segment(&self.shared.dir, id, next_seq).map_err(|e| match e {
                     OutboxError::Io(e) => e,
                     other => io::Error::other(other.to_string()),
