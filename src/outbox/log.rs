@@ -700,6 +700,11 @@ mod tests {
         Log::open(dir, 4 * 1024 * 1024, false, |n| n).unwrap()
     }
 
+    /// Opens with preallocated segments of `size` bytes.
+    fn open_prepared(dir: &Path, size: u64) -> (Log, Vec<Segment>, u64) {
+        Log::open(dir, size, true, |n| n).unwrap()
+    }
+
     fn key(b: u8) -> dedupe::Key {
         [b; 16]
     }
@@ -903,7 +908,7 @@ mod tests {
     fn a_preallocated_segment_is_written_in_place_and_its_zeros_cut_off_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let size = 64 * 1024;
-        let (mut log, _, _) = Log::open(dir.path(), size, true, |n| n).unwrap();
+        let (mut log, _, _) = open_prepared(dir.path(), size);
         let id = log.segment();
         assert_eq!(
             file_len(dir.path(), id),
@@ -934,7 +939,7 @@ mod tests {
     fn prepared_segments_seal_full_and_read_back_across_rotations() {
         let dir = tempfile::tempdir().unwrap();
         let size = 16 * 1024;
-        let (mut log, _, _) = Log::open(dir.path(), size, true, |n| n).unwrap();
+        let (mut log, _, _) = open_prepared(dir.path(), size);
         let first = log.segment();
         let record = vec![5u8; 1000];
         let mut seq = 0;
@@ -964,7 +969,7 @@ mod tests {
     #[test]
     fn a_torn_frame_in_a_prepared_segment_ends_the_log_there() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _, _) = Log::open(dir.path(), 64 * 1024, true, |n| n).unwrap();
+        let (mut log, _, _) = open_prepared(dir.path(), 64 * 1024);
         log.frame().add(1, b"kept");
         log.write(2).unwrap();
         let torn_at = log.offset;
@@ -976,7 +981,7 @@ mod tests {
         let from = usize::try_from(torn_at).unwrap() + 100;
         bytes[from..from + 212].fill(0);
         std::fs::write(&path, &bytes).unwrap();
-        let (mut log, segs, _) = Log::open(dir.path(), 64 * 1024, true, |n| n).unwrap();
+        let (mut log, segs, _) = open_prepared(dir.path(), 64 * 1024);
         assert_eq!(added_seqs(&segs), vec![1]);
         log.frame().add(7, b"after");
         log.write(8).unwrap();
@@ -991,18 +996,18 @@ mod tests {
     fn the_spare_a_run_leaves_is_used_if_whole() {
         let dir = tempfile::tempdir().unwrap();
         let size = 64 * 1024;
-        let (log, _, _) = Log::open(dir.path(), size, true, |n| n).unwrap();
+        let (log, _, _) = open_prepared(dir.path(), size);
         wait_for_spare(&log);
         drop(log);
         let spare = dir.path().join(SPARE);
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let left = inode(&spare);
-        let (log, _, _) = Log::open(dir.path(), size, true, |n| n).unwrap();
+        let (log, _, _) = open_prepared(dir.path(), size);
         assert_eq!(inode(&segment_path(dir.path(), log.segment())), left);
         drop(log);
 
         std::fs::write(&spare, b"half a spare").unwrap();
-        let (log, _, _) = Log::open(dir.path(), size, true, |n| n).unwrap();
+        let (log, _, _) = open_prepared(dir.path(), size);
         assert_eq!(file_len(dir.path(), log.segment()), size);
         let bytes = std::fs::read(segment_path(dir.path(), log.segment())).unwrap();
         assert!(bytes[HEADER..].iter().all(|&b| b == 0));
