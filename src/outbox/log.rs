@@ -37,7 +37,10 @@
 //! frames reach the prepared size. The segment a run begins with is the spare the last run
 //! left, if it is whole, or is prepared before the log opens (one segment of writes, ~60 ms
 //! here). A rotation that finds the next spare not ready yet begins a plain segment instead
-//! of waiting.
+//! of waiting. A spare is prepared only while the disk has [`ROOM_IN_SEGMENTS`] segments'
+//! worth of space free, and a preparation that fails removes what it wrote: on a fuller disk
+//! the log grows plain segments as it did before, and the spare never takes the space the
+//! log's own writes need.
 //!
 //! Positions are log sequence numbers, `segment id << 32 | byte offset`: they grow with
 //! every frame, across segments.
@@ -80,6 +83,10 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 
 /// The segment being prepared, before rotation gives it a name.
 const SPARE: &str = "spare.tmp";
+/// A spare is prepared only while the file system has this many segments' worth of space
+/// free: on a fuller disk segments are plain, so a spare never takes the last of the space
+/// the log itself needs (its writes would fail, and a failed write stops the outbox).
+const ROOM_IN_SEGMENTS: u64 = 4;
 /// Zeros written, and synced, at a time while preparing a spare: the disk's queue then never
 /// holds more than this much of a spare ahead of a sync of the log (one `fsync` of a whole
 /// 32 MiB spare at the end held the log's syncs back 40-270 ms at each rotation here).
@@ -381,8 +388,9 @@ impl Spare {
     }
 
     /// At open: the spare the last run left if it has the full size (it only ever holds
-    /// zeros, and perhaps a header about to be overwritten), else one prepared now.
-    fn at_open(dir: &Path, size: u64) -> io::Result<File> {
+    /// zeros, and perhaps a header about to be overwritten), else one prepared now if the
+    /// disk has room for it; `None` if not (the run begins on a plain segment).
+    fn at_open(dir: &Path, size: u64) -> io::Result<Option<File>> {
         let path = dir.join(SPARE);
         let left = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(file) if file.metadata()?.len() == size => Some(file),
@@ -392,14 +400,29 @@ impl Spare {
         };
         match left {
             // Its last run may have died before the sync.
-            Some(file) => file.sync_all().map(|()| file),
-            None => prepare_spare(&path, size, &AtomicBool::new(false)),
+            Some(file) => file.sync_all().map(|()| Some(file)),
+            None if has_room(dir, size) => {
+                prepare_spare(&path, size, &AtomicBool::new(false)).map(Some)
+            }
+            None => {
+                // A partial spare of the last run holds space the log may need.
+                remove_if_present(&path)?;
+                Ok(None)
+            }
         }
     }
 
-    /// Begins preparing the next spare. A thread that cannot be spawned leaves the log on
-    /// plain segments until the next rotation tries again.
+    /// Begins preparing the next spare, if the disk has room for it. Without room, or if the
+    /// thread cannot be spawned, the log stays on plain segments until the next rotation
+    /// tries again.
     fn start(&mut self) {
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        if !has_room(dir, self.size) {
+            tracing::debug!("too little free disk for a spare log segment");
+            return;
+        }
         let (path, size, cancel) = (self.path.clone(), self.size, Arc::clone(&self.cancel));
         let spawned = std::thread::Builder::new()
             .name("outbox-spare".into())
@@ -450,13 +473,35 @@ impl Drop for Spare {
     }
 }
 
-/// Writes `size` zero bytes to a new file at `path`, a chunk at a time, and syncs it (data,
-/// size and the allocation of its blocks).
-fn prepare_spare(path: &Path, size: u64, cancel: &AtomicBool) -> io::Result<File> {
-    let closed = || io::Error::new(io::ErrorKind::Interrupted, "log closed");
-    if cancel.load(Ordering::Relaxed) {
-        return Err(closed());
+/// Whether the file system holding `dir` has room for a spare of `size` bytes and then some
+/// (see [`ROOM_IN_SEGMENTS`]). Unknown counts as no room.
+fn has_room(dir: &Path, size: u64) -> bool {
+    rustix::fs::statvfs(dir).is_ok_and(|st| {
+        st.f_bavail.saturating_mul(st.f_frsize) >= size.saturating_mul(ROOM_IN_SEGMENTS)
+    })
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
+}
+
+/// Writes `size` zero bytes to a new file at `path`, a chunk at a time, and syncs it (data,
+/// size and the allocation of its blocks). On any failure (a full disk, the log closing) the
+/// partial file is removed, so it holds no space the log needs.
+fn prepare_spare(path: &Path, size: u64, cancel: &AtomicBool) -> io::Result<File> {
+    let prepared = write_zeros(path, size, cancel);
+    if prepared.is_err() {
+        // Best effort: the error that matters is the one returned.
+        let _ = remove_if_present(path);
+    }
+    prepared
+}
+
+fn write_zeros(path: &Path, size: u64, cancel: &AtomicBool) -> io::Result<File> {
+    let closed = || io::Error::new(io::ErrorKind::Interrupted, "log closed");
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -561,18 +606,23 @@ impl Log {
         }
         let next_seq = next_seq(log_next_seq);
         let id = segments.last().map_or(1, |s| s.id + 1);
-        let file = if preallocate {
-            let file = Spare::at_open(dir, segment_bytes).map_err(OutboxError::Io)?;
-            file.write_all_at(&header(next_seq), 0)
-                .map_err(OutboxError::Io)?;
-            std::fs::rename(dir.join(SPARE), segment_path(dir, id)).map_err(OutboxError::Io)?;
-            file
+        let prepared = if preallocate {
+            Spare::at_open(dir, segment_bytes).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not prepare a log segment; this run begins on a plain one");
+                None
+            })
         } else {
-            match std::fs::remove_file(dir.join(SPARE)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(OutboxError::Io(e)),
-                _ => {}
+            remove_if_present(&dir.join(SPARE)).map_err(OutboxError::Io)?;
+            None
+        };
+        let file = match prepared {
+            Some(file) => {
+                file.write_all_at(&header(next_seq), 0)
+                    .map_err(OutboxError::Io)?;
+                std::fs::rename(dir.join(SPARE), segment_path(dir, id)).map_err(OutboxError::Io)?;
+                file
             }
-            create_segment(dir, id, next_seq)?
+            None => create_segment(dir, id, next_seq)?,
         };
         // The new segment must exist after a crash before anything is written to it.
         file.sync_all().map_err(OutboxError::Io)?;
@@ -988,6 +1038,20 @@ mod tests {
         drop(log);
         let (_, segs, _) = open(dir.path());
         assert_eq!(added_seqs(&segs), vec![1, 7]);
+    }
+
+    #[test]
+    fn a_spare_whose_preparation_fails_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPARE);
+        let err = prepare_spare(&path, 4 * 1024 * 1024, &AtomicBool::new(true)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert!(!path.exists());
+        assert!(has_room(dir.path(), 1024));
+        assert!(
+            !has_room(dir.path(), u64::MAX / 2),
+            "no disk has room for this"
+        );
     }
 
     /// A run leaves its spare behind; the next run begins on it if it is whole, prepares a
