@@ -136,11 +136,7 @@ impl LogShared {
     /// needed any more) and syncs the folder.
     pub(crate) fn delete_segments(&self, ids: &[u64]) -> io::Result<()> {
         for &id in ids {
-            match std::fs::remove_file(segment_path(&self.dir, id)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+            remove_if_present(&segment_path(&self.dir, id))?;
         }
         if !ids.is_empty() {
             File::open(&self.dir)?.sync_all()?;
