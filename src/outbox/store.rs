@@ -268,6 +268,10 @@ impl Store {
             indexing.segments.insert(seg.id);
             let mut keys = Vec::new();
             for frame in seg.frames {
+                // Every record the segment holds counts as written to it, delivered or not,
+                // as in the run that wrote it: a segment of delivered records and a few
+                // pending ones is then copied forward (see `Committer::copy_forward`).
+                *indexing.written.entry(seg.id).or_default() += frame.adds.len();
                 for (seq, bytes) in frame.adds {
                     pending.insert(seq, (bytes, seg.id));
                 }
@@ -287,10 +291,12 @@ impl Store {
         if !legacy.is_empty() {
             // Into the log first, durably; only then out of fjall (a crash in between
             // leaves them in both, and the next open moves them again: same seqs).
+            let seg = log.segment();
             for (seq, bytes) in &legacy {
                 log.frame().add(*seq, bytes);
-                pending.insert(*seq, (bytes.clone(), log.segment()));
+                pending.insert(*seq, (bytes.clone(), seg));
             }
+            *indexing.written.entry(seg).or_default() += legacy.len();
             log.write(next_seq).map_err(OutboxError::Io)?;
             log.shared().sync().map_err(OutboxError::Io)?;
             let mut batch = self.batch();
@@ -318,9 +324,7 @@ impl Store {
         self.keyspace.persist(PersistMode::SyncAll)?;
         let mut records = Vec::with_capacity(pending.len());
         for (seq, (bytes, seg)) in pending {
-            // Counted as written too: what a segment held before is gone from the count, so a
-            // recovered segment looks fuller than it was (copied forward a little later).
-            indexing.add_live(seg, 1);
+            *indexing.live.entry(seg).or_default() += 1;
             // Decoded once here, so a record that would not decode refuses the open.
             record::decode(&bytes)?;
             records.push((seq, Encoded::from(bytes), seg));

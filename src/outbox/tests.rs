@@ -1301,6 +1301,63 @@ fn old_log_segments_are_deleted_and_a_stuck_record_is_copied_forward() {
     });
 }
 
+/// A record still pending when the proxy restarted is copied forward too: the open counts
+/// every record its segment holds (delivered ones included), not only the pending ones, so a
+/// segment of delivered records and one stuck record keeps no later segment on disk.
+#[test]
+fn a_stuck_record_from_before_a_restart_is_copied_forward() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_segments(dir.path());
+        let ob = Outbox::open(s.clone()).unwrap();
+        ob.append(vec![event("t", "stuck", 1)]).await.unwrap();
+        let stuck = ob.next_batch(1);
+        for i in 0..40 {
+            ob.append(vec![event("t", &format!("a{i}"), 1)])
+                .await
+                .unwrap();
+            let b = ob.next_batch(10);
+            ob.mark_delivered(&seqs_of(&b)).await.unwrap();
+        }
+        assert!(
+            segments(dir.path()) > 2,
+            "the stuck record's segment is sealed"
+        );
+        ob.close().await.unwrap();
+
+        let ob = Outbox::open(s.clone()).unwrap();
+        let again = ob.next_batch(1);
+        assert_eq!(seqs_of(&again), seqs_of(&stuck));
+        for i in 0..300 {
+            ob.append(vec![event("t", &format!("b{i}"), 1)])
+                .await
+                .unwrap();
+            let b = ob.next_batch(10);
+            ob.mark_delivered(&seqs_of(&b)).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while segments(dir.path()) > 6 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} segments left: the stuck record's segment keeps every later one",
+                segments(dir.path())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ob.close().await.unwrap();
+
+        let ob = Outbox::open(s).unwrap();
+        let pending = ob.next_batch(10);
+        assert_eq!(
+            seqs_of(&pending),
+            seqs_of(&stuck),
+            "only the stuck record is pending"
+        );
+        assert_eq!(pending[0].delivery, stuck[0].delivery);
+        ob.close().await.unwrap();
+    });
+}
+
 fn seqs_of(p: &[Pending]) -> Vec<u64> {
     p.iter().map(|p| p.seq).collect()
 }
