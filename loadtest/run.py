@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""credyt-proxy load-test kit: orchestrates the emulator, the proxy, the two references (floor,
-nginx hop) and loadgen on 127.0.0.1, then verifies that nothing was lost.
+"""credyt-proxy load-test kit: orchestrates the emulator, the proxy, the references (floor,
+nginx hop, durable floor) and loadgen on 127.0.0.1, then verifies that nothing was lost.
 
 Run it through `loadtest/run.sh` (which builds the release binaries first). Every phase is
 bounded in time and count; every process started here is stopped here (also on error / ^C).
 Money is compared exactly: the emulator's JSON numbers are parsed as Decimal, never floats.
 
 Phases (see loadtest/README.md):
-  A  capacity: floor, nginx hop, proxy (sync=interval), proxy (sync=always) and 100-event
-     batches, in alternation (A B A B ...) at each concurrency; the proxies run with the
-     outbox forwarder held back (request path only), on a bounded burst.
+  A  capacity: floor, nginx hop, durable floor, proxy (sync=interval), proxy (sync=always) and
+     100-event batches, in alternation (A B A B ...) at each concurrency; the proxies run with
+     the outbox forwarder held back (request path only), on a bounded burst. The durable floor
+     (examples/floor.rs with a folder) answers each request after a group-committed fdatasync
+     and nothing else: what durability alone costs on this disk, the bound for sync=always.
   A' drain: both capacity proxies restart with the forwarder on (same outbox dirs: the records
      written in A survive the restart) and drain to Credyt (the emulator).
   B  sustained end to end: proxy + emulator on the server core, forwarder on; events/s counted
@@ -427,7 +429,7 @@ def svg_plot(slots, depth_series, path):
     W, H, L, R = 1100, 640, 70, 20
     panels = [("events/s accepted (per second)", 40, 200), ("p99 latency ms (per second, log)", 280, 150),
               ("outbox depth (sustained phases)", 470, 130)]
-    colors = {"floor": "#888", "nginx": "#2a9d8f", "proxy-interval": "#e76f51",
+    colors = {"floor": "#888", "nginx": "#2a9d8f", "durable-floor": "#5e548e", "proxy-interval": "#e76f51",
               "proxy-always": "#9b2226", "proxy-interval-b100": "#f4a261", "e2e": "#264653",
               "e2e-half-rate": "#8ab17d", "e2e-hot": "#6a4c93", "e2e-hot-coalesced": "#c77dff",
               "memory-sweep": "#bbb", "warm": "#ddd"}
@@ -540,8 +542,8 @@ def main():
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "layout": {"load_cpu": args.load_cpu, "server_cpu": args.server_cpu,
                          "nproc": os.cpu_count(), "proxy_workers": 1, "emulator_workers": 1,
-                         "nginx_workers": 1, "floor_workers": 1, "tool": "loadgen (loadtest/loadgen.rs)",
-                         "note": "servers under test (proxy, emulator, floor, nginx) pinned to server_cpu; "
+                         "nginx_workers": 1, "floor_workers": 1, "durable_floor_workers": 1, "tool": "loadgen (loadtest/loadgen.rs)",
+                         "note": "servers under test (proxy, emulator, floor, nginx, durable floor) pinned to server_cpu; "
                                  "loadgen to load_cpu; shared machine: other processes may run"},
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     world = World(args, out)
@@ -567,6 +569,11 @@ def main():
             nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
             nginx = Proc("nginx", [nginx_bin, "-c", ndir / "nginx.conf", "-p", ndir], world.srv, out)
             wait_until(tcp_ready(nport), "nginx")
+            dport = free_port()
+            dfloor = Proc("durable-floor", [FLOOR, f"127.0.0.1:{dport}", "1", out / "durable-floor"],
+                          world.srv, out)
+            # it zero-fills its 64 MiB journal and syncs it before the port opens
+            wait_until(tcp_ready(dport), "durable floor")
             # Each concurrency gets fresh proxies, and the 100-event batches a proxy of their
             # own: every slot measures a bounded burst on a store holding only that burst's
             # earlier rounds, not the (much larger) debt of flushes and compactions another
@@ -587,10 +594,11 @@ def main():
                     # identity warm-up: every (tenant, user) once
                     runner.load(p.port, "warm", 32, sweep=True, phase="warm", record=False)
                     procs[kind] = p
-                tl = [("floor", fport, False, 1, {floor}), ("nginx", nport, False, 1, {nginx, floor})]
+                tl = [("floor", fport, False, 1, {floor}), ("nginx", nport, False, 1, {nginx, floor}),
+                      ("durable-floor", dport, False, 1, {dfloor})]
                 tl += [(f"proxy-{kind}", procs[kind].port, True, batch, {procs[kind]})
                        for kind, _, batch in kinds]
-                servers = [floor, nginx] + list(procs.values())
+                servers = [floor, nginx, dfloor] + list(procs.values())
                 for r in range(args.rounds):
                     for label, port, is_proxy, batch, needs in tl:
                         # Only what the slot measures runs: the others are paused, so neither
@@ -606,6 +614,8 @@ def main():
                     report.setdefault("capacity_peak_rss_kib", {})[name] = p.rss_kib("VmHWM")
                     p.stop()
                     drained_later.append((name, sync, p))
+            dfloor.stop()
+            shutil.rmtree(out / "durable-floor", ignore_errors=True)
             nginx.stop()
             floor.stop()
             log("phase A': drain the capacity outboxes (restart with the forwarder on)")
@@ -782,10 +792,11 @@ def verify(world):
 def figures(slots, conns_list, report):
     figs = {}
     for c in conns_list:
-        f = {lab: summarize(slots, lab, c) for lab in ("floor", "nginx", "proxy-interval", "proxy-always")}
+        labels = ("floor", "nginx", "durable-floor", "proxy-interval", "proxy-always")
+        f = {lab: summarize(slots, lab, c) for lab in labels}
         if c == 32:
             f["proxy-interval-b100"] = summarize(slots, "proxy-interval-b100", c, batch=100)
-        for lab in ("floor", "nginx", "proxy-interval", "proxy-always"):
+        for lab in labels:
             rs = [s for s in slots if s["label"] == lab and s["connections"] == c and s["phase"] == "capacity"]
             if rs:
                 f[lab]["p50_ms"] = round(median([s["latency_us"]["p50"] for s in rs]) / 1000, 3)
@@ -793,15 +804,18 @@ def figures(slots, conns_list, report):
                 f[lab]["max_ms"] = round(max(s["latency_us"]["max"] for s in rs) / 1000, 3)
                 f[lab]["errors"] = sum(sum(v for k, v in s["status"].items() if not str(k).startswith("2"))
                                        + sum(s["errors"].values()) for s in rs)
-        fl, ng = f["floor"]["median"], f["nginx"]["median"]
+        fl, ng, dfl = f["floor"]["median"], f["nginx"]["median"], f["durable-floor"]["median"]
         for lab in list(f):
             f[lab]["x_floor"] = ratio(f[lab]["median"], fl)
             f[lab]["x_nginx"] = ratio(f[lab]["median"], ng)
+            f[lab]["x_durable_floor"] = ratio(f[lab]["median"], dfl)
             # paired: each round's slot over the same round's reference slot (they ran seconds
             # apart), median over rounds: less exposed to the machine's drift than x_floor
             runs, fr, nr = f[lab]["runs"], f["floor"]["runs"], f["nginx"]["runs"]
+            dr = f["durable-floor"]["runs"]
             f[lab]["paired_x_floor"] = round(median([a / b for a, b in zip(runs, fr) if b]), 3)
             f[lab]["paired_x_nginx"] = round(median([a / b for a, b in zip(runs, nr) if b]), 3)
+            f[lab]["paired_x_durable_floor"] = round(median([a / b for a, b in zip(runs, dr) if b]), 3)
         figs[f"c{c}"] = f
     s = report.get("sustained", {})
     nginx32 = figs.get("c32", {}).get("nginx", {}).get("median")
@@ -822,15 +836,18 @@ def figures(slots, conns_list, report):
 def print_summary(report, out):
     print("\n==== credyt-proxy load test ====")
     print(f"layout: loadgen on cpu {report['layout']['load_cpu']}, servers on cpu "
-          f"{report['layout']['server_cpu']}; 1 proxy worker, 1 nginx worker, 1 floor worker")
+          f"{report['layout']['server_cpu']}; 1 proxy worker, 1 nginx worker, 1 floor worker, "
+          f"1 durable floor worker")
     for key, f in report["figures"].items():
         if not isinstance(f, dict):
             print(f"{key}: {f}")
             continue
-        print(f"\ncapacity at {key[1:]} connections (events/s, median of rounds; ratios to floor / nginx):")
+        print(f"\ncapacity at {key[1:]} connections (events/s, median of rounds; ratios to "
+              f"floor / nginx / durable floor):")
         for lab, v in f.items():
             print(f"  {lab:22} {v['median']:10.0f}  x_floor {v['x_floor']} (paired {v['paired_x_floor']})"
                   f"  x_nginx {v['x_nginx']} (paired {v['paired_x_nginx']})"
+                  f"  x_durable_floor {v['x_durable_floor']} (paired {v['paired_x_durable_floor']})"
                   f"  p50 {v.get('p50_ms', '-')} p99 {v.get('p99_ms', '-')} max {v.get('max_ms', '-')} ms"
                   f"  errors {v.get('errors', '-')}  runs {v['runs']}")
     for name, s in report.get("sustained", {}).items():
