@@ -96,14 +96,16 @@ impl Journal {
         let (tx, rx) = oneshot::channel();
         {
             let mut next = self.next.lock();
-            next.bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            next.bytes
+                .extend_from_slice(&(body.len() as u32).to_le_bytes());
             next.bytes.extend_from_slice(body);
             next.waiting.push(tx);
             if next.waiting.len() == 1 {
                 self.arrived.notify_one();
             }
         }
-        rx.await.expect("the sync thread runs as long as the process");
+        rx.await
+            .expect("the sync thread runs as long as the process");
     }
 }
 
