@@ -129,9 +129,10 @@ async fn run(
     let state: State = state.into_inner();
     let tenant = pipeline::authenticate(&state, api_key(&req))?;
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
+    drop(req);
     // If the client disconnects, actix drops this future; what must still happen once events
     // are being accepted runs to its end anyway (see `finish`).
-    pipeline::process(&state, &tenant, &body, mode).await
+    pipeline::process(&state, &tenant, body, mode).await
 }
 
 async fn post_events(

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use actix_web::web;
 use chrono::Utc;
 
 use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage, UsageEvent};
@@ -45,15 +46,67 @@ fn pricing_field(index: usize, err: &PricingError) -> String {
     }
 }
 
-/// Runs one request through the pipeline.
+/// What a request keeps while its accepted events are made durable: per event, its fees
+/// (to become its outcome) or its rejection. Everything else (the parsed events, the
+/// identities) is dropped before that wait, while it is still in the cache: with `sync =
+/// "always"` hundreds of requests wait at once, and what each keeps is touched again only
+/// after all of them ran.
+type Plan = Vec<Result<Vec<crate::domain::Fee>, Rejection>>;
+
+/// Runs one request through the pipeline. Takes the body, to let go of it once parsed.
 pub async fn process(
     state: &State,
     tenant: &Tenant,
-    body: &[u8],
+    body: web::BytesMut,
     mode: Mode,
 ) -> Result<Vec<Outcome>, ApiError> {
+    let (accepted, plan) = accept(state, tenant, body, mode).await?;
+    // From here on the request is being accepted: the hand-off and the counting finish even if
+    // the client goes away (see the finish module).
+    let sink = state.sink.clone();
+    let counters = state.counters.clone();
+    Finish::new(async move {
+        let submitted = if accepted.is_empty() {
+            Vec::new()
+        } else {
+            sink.submit(accepted).await?
+        };
+        // The sink answers once per submitted event, in order; an accepted event's fees move
+        // from the plan into its outcome (no copy).
+        let mut submitted = submitted.into_iter();
+        let mut outcomes = Vec::with_capacity(plan.len());
+        for p in plan {
+            outcomes.push(match p {
+                Err(rejection) => Outcome::Rejected(rejection),
+                Ok(fees) => match submitted.next() {
+                    Some(Submitted::Accepted) => Outcome::Accepted { fees },
+                    Some(Submitted::Duplicate) => Outcome::Duplicate,
+                    None => return Err(ApiError::Unavailable("the sink lost track of an event")),
+                },
+            });
+        }
+        for o in &outcomes {
+            counters.record(o);
+        }
+        Ok(outcomes)
+    })
+    .await
+    .unwrap_or(Err(ApiError::Unavailable(
+        "the request's outcome was already taken",
+    )))
+}
+
+/// Parses, rate-limits, judges and prices the events, maps the identities, and builds the
+/// accepted events' deliveries: everything before the hand-off to the sink.
+async fn accept(
+    state: &State,
+    tenant: &Tenant,
+    body: web::BytesMut,
+    mode: Mode,
+) -> Result<(Vec<AcceptedEvent>, Plan), ApiError> {
     let now = Utc::now();
-    let parsed = parse_request(body, &state.settings.ingest, now)?;
+    let parsed = parse_request(&body, &state.settings.ingest, now)?;
+    drop(body);
     tenant
         .limiter
         .check(parsed.events.len() as u32)
@@ -76,6 +129,7 @@ pub async fn process(
             },
         }));
     }
+    drop(pricing);
     if mode == Mode::Atomic {
         let rejections: Vec<Rejection> = judged
             .iter()
@@ -88,7 +142,7 @@ pub async fn process(
     }
 
     let account = state.identity.account(tenant).await?;
-    let customer: CustomerId = match &parsed.customer {
+    let customer: CustomerId = match parsed.customer {
         CustomerRef::Id(id) => {
             state
                 .identity
@@ -98,19 +152,28 @@ pub async fn process(
         CustomerRef::ExternalId(ext) => {
             state
                 .identity
-                .customer_by_external_id(&account, ext, tenant.create_customers)
+                .customer_by_external_id(&account, &ext, tenant.create_customers)
                 .await?
         }
     };
 
     let mut accepted = Vec::new();
-    for (event, fees) in judged.iter().filter_map(|j| j.as_ref().ok()) {
+    let mut plan = Vec::with_capacity(judged.len());
+    for j in judged {
+        let (event, fees) = match j {
+            Ok(ok) => ok,
+            Err(rejection) => {
+                plan.push(Err(rejection));
+                continue;
+            }
+        };
+        let event_id = event.id.clone();
         let deliveries = match tenant.forward {
             ForwardMode::Events => vec![Delivery::Usage(ForwardedUsage {
                 tenant: tenant.id.clone(),
                 account: account.clone(),
                 customer: customer.clone(),
-                event: event.clone(),
+                event,
                 accepted_at: now,
             })],
             ForwardMode::Charges => fees
@@ -133,41 +196,10 @@ pub async fn process(
         };
         accepted.push(AcceptedEvent {
             tenant: tenant.id.clone(),
-            event_id: event.id.clone(),
+            event_id,
             deliveries,
         });
+        plan.push(Ok(fees));
     }
-    // From here on the request is being accepted: the hand-off and the counting finish even if
-    // the client goes away (see the finish module).
-    let sink = state.sink.clone();
-    let counters = state.counters.clone();
-    Finish::new(async move {
-        let submitted = if accepted.is_empty() {
-            Vec::new()
-        } else {
-            sink.submit(accepted).await?
-        };
-        // The sink answers once per submitted event, in order; an accepted event's fees move
-        // from its judgement into its outcome (no copy).
-        let mut submitted = submitted.into_iter();
-        let mut outcomes = Vec::with_capacity(judged.len());
-        for j in judged {
-            outcomes.push(match j {
-                Err(rejection) => Outcome::Rejected(rejection),
-                Ok((_, fees)) => match submitted.next() {
-                    Some(Submitted::Accepted) => Outcome::Accepted { fees },
-                    Some(Submitted::Duplicate) => Outcome::Duplicate,
-                    None => return Err(ApiError::Unavailable("the sink lost track of an event")),
-                },
-            });
-        }
-        for o in &outcomes {
-            counters.record(o);
-        }
-        Ok(outcomes)
-    })
-    .await
-    .unwrap_or(Err(ApiError::Unavailable(
-        "the request's outcome was already taken",
-    )))
+    Ok((accepted, plan))
 }
