@@ -98,7 +98,8 @@ pub struct OutboxSettings {
     /// Size at which a segment of the record log is sealed and a new one begun (at most 1 GiB).
     pub log_segment_bytes: u64,
     /// Prepare each log segment in full before it is used, so syncs write data only (see
-    /// the `log` module). Costs one segment of disk for the spare.
+    /// the `log` module). Costs one segment of disk for the spare, and writing every byte
+    /// twice: the proxy turns it on with `sync = "always"` only, where answers wait for syncs.
     pub log_preallocate: bool,
 }
 

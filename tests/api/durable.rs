@@ -231,6 +231,61 @@ async fn duplicate_across_a_restart_is_charged_once() {
     w.stop().await;
 }
 
+/// The record log's segment files: (name, length).
+fn log_files(w: &World) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(w.outbox_dir().join("log"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Log segments are zero-filled in advance with `sync = "always"` only, where an answer waits
+/// for a sync (which then writes data only); with `interval` nothing waits for one, and the
+/// zeros would only write every byte twice. The same data directory switches both ways.
+#[actix_web::test]
+async fn log_segments_are_preallocated_with_sync_always_only() {
+    const SEGMENT: u64 = 32 << 20;
+    let w = World::start_with(durable("sync = \"always\"\nforwarder = false\n")).await;
+    let customer = emu_customer(&w.http, &w.emulator, &w.a.account, "prealloc-user").await;
+    assert_eq!(
+        v1_statuses(&w, &events("prealloc-user", &ids("pa", 2))).await,
+        ["accepted"; 2]
+    );
+    let files = log_files(&w);
+    assert!(
+        files
+            .iter()
+            .any(|(n, len)| n.ends_with(".seg") && *len == SEGMENT),
+        "the active segment is written in place at its full size: {files:?}"
+    );
+
+    let w = w.restart("sync = \"interval\"\nforwarder = false\n").await;
+    assert_eq!(
+        v1_statuses(&w, &events("prealloc-user", &ids("pb", 2))).await,
+        ["accepted"; 2]
+    );
+    let files = log_files(&w);
+    assert!(
+        files
+            .iter()
+            .all(|(n, len)| n.ends_with(".seg") && *len < SEGMENT),
+        "no spare and no zeros (the zeros the last run left are cut off on open): {files:?}"
+    );
+    // Nothing of either run is lost on the way.
+    let w = w.restart("").await;
+    drained(&w, Duration::from_secs(10)).await;
+    assert_charged_exactly(&w, &BTreeMap::from([(customer, 4)])).await;
+    w.stop().await;
+}
+
 fn dlq(args: &[&str], dir: &std::path::Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_credyt-proxy"))
         .arg("dlq")
