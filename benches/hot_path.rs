@@ -125,6 +125,8 @@ async fn fixture() -> Fixture {
     let outbox = Outbox::open(OutboxSettings {
         sync: SyncPolicy::Interval(Duration::from_millis(500)),
         max_pending: usize::MAX,
+        // as the proxy runs `interval` (segments are preallocated with `always` only)
+        log_preallocate: false,
         ..OutboxSettings::new(dir.path().join("outbox"))
     })
     .unwrap();
