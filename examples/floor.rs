@@ -162,3 +162,41 @@ fn main() -> std::io::Result<()> {
         server.run().await
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every answered body is in the journal, whole, once; concurrent appends share syncs.
+    #[test]
+    fn every_answered_body_is_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path());
+        let bodies: Vec<Vec<u8>> = (0..200)
+            .map(|i| format!(r#"{{"id":"e{i}","pad":"{}"}}"#, "x".repeat(i)).into_bytes())
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let appends = bodies.iter().map(|b| journal.append(b));
+            futures_util::future::join_all(appends).await;
+        });
+        let bytes = std::fs::read(dir.path().join("floor.journal")).unwrap();
+        assert_eq!(bytes.len() as u64, JOURNAL_BYTES, "written in place");
+        let mut found = Vec::new();
+        let mut at = 0;
+        loop {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            found.push(bytes[at + 4..at + 4 + len].to_vec());
+            at += 4 + len;
+        }
+        found.sort();
+        let mut expected = bodies.clone();
+        expected.sort();
+        assert_eq!(found, expected);
+    }
+}
