@@ -20,6 +20,8 @@ pub fn dlq_list(dir: impl AsRef<Path>) -> Result<Vec<DeadLetter>, OutboxError> {
 pub fn dlq_replay(dir: impl AsRef<Path>, seqs: Option<&[u64]>) -> Result<usize, OutboxError> {
     let settings = OutboxSettings {
         sync: SyncPolicy::Always,
+        // a few records, written once: no spare segment of zeros for them
+        log_preallocate: false,
         ..OutboxSettings::new(dir.as_ref())
     };
     // A runtime of its own, on a thread of its own: callable from anywhere, inside another
