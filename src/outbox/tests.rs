@@ -1259,13 +1259,7 @@ fn old_log_segments_are_deleted_and_a_stuck_record_is_copied_forward() {
         let ob = Outbox::open(s.clone()).unwrap();
         ob.append(vec![event("t", "stuck", 1)]).await.unwrap();
         let stuck = ob.next_batch(1);
-        for i in 0..300 {
-            ob.append(vec![event("t", &format!("e{i}"), 1)])
-                .await
-                .unwrap();
-            let b = ob.next_batch(10);
-            ob.mark_delivered(&seqs_of(&b)).await.unwrap();
-        }
+        append_delivered(&ob, "e", 300).await;
         let before = segments(dir.path());
         assert!(before > 20, "{before} segments");
         // The index thread deletes the files, syncs the folder, and only then forgets them:
@@ -1312,13 +1306,7 @@ fn a_stuck_record_from_before_a_restart_is_copied_forward() {
         let ob = Outbox::open(s.clone()).unwrap();
         ob.append(vec![event("t", "stuck", 1)]).await.unwrap();
         let stuck = ob.next_batch(1);
-        for i in 0..40 {
-            ob.append(vec![event("t", &format!("a{i}"), 1)])
-                .await
-                .unwrap();
-            let b = ob.next_batch(10);
-            ob.mark_delivered(&seqs_of(&b)).await.unwrap();
-        }
+        append_delivered(&ob, "a", 40).await;
         assert!(
             segments(dir.path()) > 2,
             "the stuck record's segment is sealed"
@@ -1328,13 +1316,7 @@ fn a_stuck_record_from_before_a_restart_is_copied_forward() {
         let ob = Outbox::open(s.clone()).unwrap();
         let again = ob.next_batch(1);
         assert_eq!(seqs_of(&again), seqs_of(&stuck));
-        for i in 0..300 {
-            ob.append(vec![event("t", &format!("b{i}"), 1)])
-                .await
-                .unwrap();
-            let b = ob.next_batch(10);
-            ob.mark_delivered(&seqs_of(&b)).await.unwrap();
-        }
+        append_delivered(&ob, "b", 300).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while segments(dir.path()) > 6 {
             assert!(
@@ -1356,6 +1338,17 @@ fn a_stuck_record_from_before_a_restart_is_copied_forward() {
         assert_eq!(pending[0].delivery, stuck[0].delivery);
         ob.close().await.unwrap();
     });
+}
+
+/// Appends `n` events (ids `{prefix}0..`), each delivered right after its append.
+async fn append_delivered(ob: &Outbox, prefix: &str, n: usize) {
+    for i in 0..n {
+        ob.append(vec![event("t", &format!("{prefix}{i}"), 1)])
+            .await
+            .unwrap();
+        let b = ob.next_batch(10);
+        ob.mark_delivered(&seqs_of(&b)).await.unwrap();
+    }
 }
 
 fn seqs_of(p: &[Pending]) -> Vec<u64> {
