@@ -13,6 +13,8 @@ use actix_web::{web, HttpResponse};
 
 use crate::ingest::AppState;
 use crate::telemetry::names;
+use crate::upstream::credentials::Credentials;
+use crate::upstream::forwarder::ForwarderStats;
 
 /// The readiness latch.
 #[derive(Default)]
@@ -33,6 +35,10 @@ impl Readiness {
 pub struct AdminState {
     pub app: Arc<AppState>,
     pub readiness: Arc<Readiness>,
+    /// Whether Credyt accepts the platform key.
+    pub credentials: Arc<Credentials>,
+    /// The forwarder's figures, when it runs.
+    pub forwarder: Option<Arc<ForwarderStats>>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -53,6 +59,9 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     if poisoned {
         // Writes are refused until a restart: take this replica out of rotation.
         HttpResponse::ServiceUnavailable().body("outbox stopped after a failed write")
+    } else if state.credentials.is_refused() {
+        // Nothing could reach Credyt: take this replica out until the key works.
+        HttpResponse::ServiceUnavailable().body("credyt refused the platform key")
     } else if state.readiness.is_ready() {
         HttpResponse::Ok().body("ready")
     } else {
@@ -90,7 +99,82 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         n = names::IDENTITY_CACHED,
         v = state.app.identity.cached_customers().await
     );
+    let _ = writeln!(
+        out,
+        "# HELP {n} 1 while credyt refuses the platform key (delivery paused, not ready)\n# TYPE {n} gauge\n{n} {v}",
+        n = names::UPSTREAM_KEY_REFUSED,
+        v = u64::from(state.credentials.is_refused())
+    );
+    if let Some(f) = &state.forwarder {
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        for (name, help, kind, value) in [
+            (
+                names::FORWARDER_CONCURRENCY_LIMIT,
+                "calls to credyt the forwarder may have in flight now (adaptive)",
+                "gauge",
+                load(&f.limit),
+            ),
+            (
+                names::FORWARDER_IN_FLIGHT,
+                "calls to credyt in flight",
+                "gauge",
+                load(&f.in_flight),
+            ),
+            (
+                names::FORWARDER_WAITING,
+                "records waiting for their retry timer",
+                "gauge",
+                load(&f.waiting),
+            ),
+            (
+                names::FORWARDER_BREAKER,
+                "circuit breaker state: 0 closed, 1 open, 2 half-open",
+                "gauge",
+                load(&f.breaker),
+            ),
+            (
+                names::FORWARDER_DELIVERED_TOTAL,
+                "calls that delivered to credyt (a coalesced charge is one)",
+                "counter",
+                f.delivered.load(Ordering::Relaxed),
+            ),
+            (
+                names::FORWARDER_RETRIES_TOTAL,
+                "transient delivery failures, each retried",
+                "counter",
+                f.retries.load(Ordering::Relaxed),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let n = names::FORWARDER_DEAD_LETTERED_TOTAL;
+        let _ = writeln!(
+            out,
+            "# HELP {n} records dead-lettered, by reason\n# TYPE {n} counter"
+        );
+        for (code, value) in ["refused", "conflict", "retries_exhausted"]
+            .iter()
+            .zip(&f.dead)
+        {
+            let _ = writeln!(
+                out,
+                "{n}{{reason=\"{code}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
     if let Some(outbox) = &state.app.outbox {
+        let oldest = outbox.oldest_accepted_at().map_or(0.0, |at| {
+            (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+        });
+        let _ = writeln!(
+            out,
+            "# HELP {n} age of the oldest undelivered record (how far behind credyt the proxy is), 0 when none\n# TYPE {n} gauge\n{n} {oldest:.3}",
+            n = names::OUTBOX_OLDEST_AGE_SECONDS,
+        );
         let stats = outbox.stats();
         for (name, help, kind, value) in [
             (

@@ -21,6 +21,7 @@ use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
 use crate::outcome::OutcomeCounters;
 use crate::pricing::Pricing;
 use crate::ratelimit::TenantQuota;
+use crate::upstream::credentials::{Credentials, KeyStatus};
 use crate::upstream::forward::Forwarder;
 use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::upstream::CredytClient;
@@ -79,7 +80,26 @@ impl Application {
             Pricing::load(&settings.pricing.dir)
                 .map_err(|e| anyhow::anyhow!("pricing rejected:\n{e}"))?,
         );
-        let client = CredytClient::new(&settings.credyt).context("building the credyt client")?;
+        // The idle pool keeps a connection for every slot the forwarder may use: reopening
+        // connections at high concurrency cost a third of the forwarder's CPU.
+        let mut credyt = settings.credyt.clone();
+        if settings.ingest.ack == AckMode::Durable && settings.outbox.forwarder {
+            credyt.max_idle_per_host = credyt
+                .max_idle_per_host
+                .max(settings.outbox.forwarder_concurrency.1);
+        }
+        let client = CredytClient::new(&credyt).context("building the credyt client")?;
+        // Is the platform key accepted? Refused: stay alive but not ready (the monitor checks
+        // again); unreachable: ready, with a warning (durable mode accepts while Credyt is down).
+        let credentials = Arc::new(Credentials::default());
+        if credentials.check(&client).await == KeyStatus::Unknown {
+            tracing::warn!(
+                "credyt could not be reached to check the platform key; starting anyway"
+            );
+        }
+        let mut tasks = vec![tokio::spawn(
+            Arc::clone(&credentials).monitor(client.clone()),
+        )];
         let identity = Arc::new(Identity::new(client.clone(), &settings.identity));
         let (sink, outbox, forwarder) = match settings.ingest.ack {
             AckMode::Upstream => (
@@ -90,14 +110,18 @@ impl Application {
             AckMode::Durable => {
                 let outbox = open_outbox(&settings).await?;
                 let forwarder = settings.outbox.forwarder.then(|| {
+                    let (min, max) = settings.outbox.forwarder_concurrency;
                     ForwarderHandle::spawn(
                         outbox.clone(),
                         client,
                         ForwarderSettings {
-                            concurrency: settings.outbox.forwarder_concurrency,
+                            concurrency_min: min,
+                            concurrency_max: max,
+                            max_age: settings.outbox.retry_max_age,
                             coalesce_window: settings.outbox.coalesce_window,
                             ..ForwarderSettings::default()
                         },
+                        Arc::clone(&credentials),
                     )
                 });
                 if forwarder.is_none() {
@@ -117,10 +141,8 @@ impl Application {
             outbox: outbox.clone(),
             counters: Arc::new(OutcomeCounters::default()),
         });
-        let tasks = vec![
-            tenants.spawn_watcher(settings.tenants.reload_interval),
-            pricing.spawn_watcher(settings.pricing.reload_interval),
-        ];
+        tasks.push(tenants.spawn_watcher(settings.tenants.reload_interval));
+        tasks.push(pricing.spawn_watcher(settings.pricing.reload_interval));
 
         let tenant_listener = TcpListener::bind(settings.server.listen)
             .with_context(|| format!("binding {}", settings.server.listen))?;
@@ -148,6 +170,8 @@ impl Application {
         let admin_data = web::Data::new(AdminState {
             app: state.clone(),
             readiness: readiness.clone(),
+            credentials: Arc::clone(&credentials),
+            forwarder: forwarder.as_ref().map(|f| Arc::clone(f.stats())),
         });
         let admin_server = HttpServer::new(move || {
             App::new()
@@ -162,6 +186,9 @@ impl Application {
         tokio::spawn(admin_server);
 
         readiness.set_ready();
+        if credentials.is_refused() {
+            tracing::error!("not ready until credyt accepts the platform key");
+        }
         tracing::info!(
             tenant_addr = %tenant_addr,
             admin_addr = %admin_addr,

@@ -199,6 +199,13 @@ impl Delivery {
             Delivery::Usage(u) => &u.event.id,
         }
     }
+    /// When the proxy accepted the event this delivery belongs to.
+    pub fn accepted_at(&self) -> DateTime<Utc> {
+        match self {
+            Delivery::Charge(d) => d.accepted_at,
+            Delivery::Usage(u) => u.accepted_at,
+        }
+    }
 }
 
 /// Namespace for charge transaction ids (UUIDv5). Never change it: every retry, from any

@@ -107,6 +107,8 @@ pub struct CredytSettings {
     /// Base URL of the Credyt API, without a trailing slash.
     pub base_url: String,
     pub api_key: Secret,
+    /// Where the key is read from (and re-read) instead of `api_key`, when set.
+    pub api_key_file: Option<PathBuf>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub max_idle_per_host: usize,
@@ -154,7 +156,10 @@ pub struct OutboxSettings {
     pub max_pending: usize,
     pub max_group: usize,
     pub forwarder: bool,
-    pub forwarder_concurrency: usize,
+    /// Bounds (min, max) of the deliveries in flight; equal bounds fix it.
+    pub forwarder_concurrency: (usize, usize),
+    /// How long a record may keep failing transiently before it becomes a dead letter.
+    pub retry_max_age: Duration,
     pub coalesce_window: Option<Duration>,
 }
 

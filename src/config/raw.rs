@@ -75,6 +75,9 @@ impl Default for RawLog {
 pub struct RawCredyt {
     pub base_url: String,
     pub api_key: String,
+    /// A file holding the platform key (a mounted Secret): read at start and again before
+    /// every key check, so a rotated key is picked up without a restart. Wins over `api_key`.
+    pub api_key_file: String,
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub max_idle_per_host: u64,
@@ -85,6 +88,7 @@ impl Default for RawCredyt {
         Self {
             base_url: "https://api.credyt.ai".into(),
             api_key: String::new(),
+            api_key_file: String::new(),
             timeout_ms: 10_000,
             connect_timeout_ms: 2_000,
             max_idle_per_host: 64,
@@ -184,8 +188,14 @@ pub struct RawOutbox {
     /// Run the forwarder that drains the outbox to Credyt (off only for request-path
     /// benchmarks: records then stay on disk until a run with it on).
     pub forwarder: bool,
-    /// Deliveries in flight at once.
-    pub forwarder_concurrency: u64,
+    /// A fixed number of deliveries in flight at once (sets both bounds below).
+    pub forwarder_concurrency: Option<u64>,
+    /// Bounds of the adaptive number of deliveries in flight (see `upstream::concurrency`).
+    pub forwarder_concurrency_min: u64,
+    pub forwarder_concurrency_max: u64,
+    /// A record that keeps failing transiently for this long after it was accepted (and was
+    /// tried at least 3 times by this process) becomes a dead letter `retries_exhausted`.
+    pub retry_max_age_ms: u64,
     /// 0 = off. Fees for the same (account, customer, asset) within this window go out as one
     /// charge.
     pub coalesce_window_ms: u64,
@@ -200,7 +210,10 @@ impl Default for RawOutbox {
             max_pending: 100_000,
             max_group: 512,
             forwarder: true,
-            forwarder_concurrency: 64,
+            forwarder_concurrency: None,
+            forwarder_concurrency_min: 16,
+            forwarder_concurrency_max: 1024,
+            retry_max_age_ms: 72 * 3600 * 1000,
             coalesce_window_ms: 0,
         }
     }
@@ -283,15 +296,18 @@ impl RawSettings {
                 format!("`{base_url}` is not an http(s) URL"),
             );
         }
-        if self.credyt.api_key.trim().is_empty() {
+        let api_key_file = (!self.credyt.api_key_file.trim().is_empty())
+            .then(|| resolve(&self.credyt.api_key_file));
+        if self.credyt.api_key.trim().is_empty() && api_key_file.is_none() {
             p.push(
                 "credyt.api_key",
-                "the platform API key is required (set CREDYT_PROXY__CREDYT__API_KEY)",
+                "the platform API key is required (set CREDYT_PROXY__CREDYT__API_KEY or credyt.api_key_file)",
             );
         }
         let credyt = CredytSettings {
             base_url,
             api_key: Secret::new(self.credyt.api_key),
+            api_key_file,
             timeout: p.positive_ms("credyt.timeout_ms", self.credyt.timeout_ms),
             connect_timeout: p
                 .positive_ms("credyt.connect_timeout_ms", self.credyt.connect_timeout_ms),
@@ -381,16 +397,42 @@ impl RawSettings {
             max_pending: p.nonzero("outbox.max_pending", self.outbox.max_pending) as usize,
             max_group: p.nonzero("outbox.max_group", self.outbox.max_group) as usize,
             forwarder: self.outbox.forwarder,
-            forwarder_concurrency: p.nonzero(
-                "outbox.forwarder_concurrency",
-                self.outbox.forwarder_concurrency,
-            ) as usize,
+            forwarder_concurrency: match self.outbox.forwarder_concurrency {
+                Some(fixed) => {
+                    let fixed = p.nonzero("outbox.forwarder_concurrency", fixed) as usize;
+                    (fixed, fixed)
+                }
+                None => (
+                    p.nonzero(
+                        "outbox.forwarder_concurrency_min",
+                        self.outbox.forwarder_concurrency_min,
+                    ) as usize,
+                    p.nonzero(
+                        "outbox.forwarder_concurrency_max",
+                        self.outbox.forwarder_concurrency_max,
+                    ) as usize,
+                ),
+            },
+            retry_max_age: p.positive_ms("outbox.retry_max_age_ms", self.outbox.retry_max_age_ms),
             coalesce_window: (self.outbox.coalesce_window_ms > 0)
                 .then(|| Duration::from_millis(self.outbox.coalesce_window_ms)),
         };
 
         if self.outbox.coalesce_window_ms > 60_000 {
             p.push("outbox.coalesce_window_ms", "must be at most 60000");
+        }
+        let (min, max) = outbox.forwarder_concurrency;
+        if min > max {
+            p.push(
+                "outbox.forwarder_concurrency_min",
+                format!("{min} is above outbox.forwarder_concurrency_max ({max})"),
+            );
+        }
+        if max > 16_384 {
+            p.push(
+                "outbox.forwarder_concurrency_max",
+                "must be at most 16384 (each slot is a connection to credyt)",
+            );
         }
 
         let rate_limit = RateLimitDefaults {

@@ -84,6 +84,7 @@ pub(crate) enum Msg {
     },
     DeadLetter {
         seq: u64,
+        code: super::DeadCode,
         reason: String,
         upstream_status: Option<u16>,
         upstream_body: Option<String>,
@@ -494,6 +495,7 @@ impl Committer {
                 }
                 Msg::DeadLetter {
                     seq,
+                    code,
                     reason,
                     upstream_status,
                     upstream_body,
@@ -517,6 +519,7 @@ impl Committer {
                     let letter = DeadLetter {
                         seq,
                         delivery,
+                        code,
                         reason,
                         upstream_status,
                         upstream_body,

@@ -147,11 +147,37 @@ pub struct Pending {
     pub attempts: u32,
 }
 
+/// Why a delivery became a dead letter: a stable code for metrics, alerts and operators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadCode {
+    /// Credyt refused it for good (400, 404, 422: retrying the same request cannot succeed).
+    #[default]
+    Refused,
+    /// Credyt answered 409: the `transaction_id` was used before with a different body.
+    Conflict,
+    /// It kept failing transiently past the forwarder's maximum age.
+    RetriesExhausted,
+}
+
+impl DeadCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadCode::Refused => "refused",
+            DeadCode::Conflict => "conflict",
+            DeadCode::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
 /// A delivery the forwarder gave up on, with why, kept until an operator replays it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub seq: u64,
     pub delivery: Delivery,
+    /// Dead letters written before codes existed read as `refused` (the only kind there was).
+    #[serde(default)]
+    pub code: DeadCode,
     pub reason: String,
     pub upstream_status: Option<u16>,
     pub upstream_body: Option<String>,
@@ -431,6 +457,7 @@ impl Outbox {
     pub async fn dead_letter(
         &self,
         seq: u64,
+        code: DeadCode,
         reason: String,
         upstream_status: Option<u16>,
         upstream_body: Option<String>,
@@ -439,6 +466,7 @@ impl Outbox {
         self.inner.shared.queue.lock().hold(&[seq]);
         self.call(|reply| Msg::DeadLetter {
             seq,
+            code,
             reason,
             upstream_status,
             upstream_body,
@@ -509,6 +537,13 @@ impl Outbox {
             reply,
         })
         .await
+    }
+
+    /// When the oldest undelivered record was accepted (`None` when there is none): how far
+    /// behind Credyt the proxy is.
+    pub fn oldest_accepted_at(&self) -> Option<DateTime<Utc>> {
+        let oldest = self.inner.shared.queue.lock().oldest();
+        oldest.and_then(|encoded| record::decode(&encoded).ok().map(|d| d.accepted_at()))
     }
 
     /// Undelivered (pending or leased) records; dead letters are not counted.

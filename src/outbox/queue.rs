@@ -74,6 +74,12 @@ impl Queue {
         self.entries.remove(&seq).is_some()
     }
 
+    /// The record with the lowest sequence number (the oldest accepted, but for replayed dead
+    /// letters, which keep their sequence numbers).
+    pub(crate) fn oldest(&self) -> Option<Encoded> {
+        self.entries.values().next().map(|e| Arc::clone(&e.record))
+    }
+
     pub(crate) fn get(&self, seq: u64) -> Option<&Encoded> {
         self.entries.get(&seq).map(|e| &e.record)
     }

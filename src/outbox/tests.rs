@@ -558,11 +558,17 @@ fn dead_letter_and_replay_move_the_full_record() {
             .unwrap();
         let batch = ob.next_batch(10);
         let seq = batch[0].seq;
-        ob.dead_letter(seq, "rejected".into(), Some(422), Some("{\"x\":1}".into()))
-            .await
-            .unwrap();
+        ob.dead_letter(
+            seq,
+            DeadCode::Refused,
+            "rejected".into(),
+            Some(422),
+            Some("{\"x\":1}".into()),
+        )
+        .await
+        .unwrap();
         assert_eq!(
-            ob.dead_letter(seq, "again".into(), None, None)
+            ob.dead_letter(seq, DeadCode::Refused, "again".into(), None, None)
                 .await
                 .unwrap_err()
                 .code(),
@@ -574,6 +580,7 @@ fn dead_letter_and_replay_move_the_full_record() {
         assert_eq!(dead[0].seq, seq);
         assert_eq!(dead[0].delivery, batch[0].delivery);
         assert_eq!(dead[0].upstream_status, Some(422));
+        assert_eq!(dead[0].code, DeadCode::Refused);
         assert_eq!(ob.stats().dead_letters, 1);
         ob.close().await.unwrap();
 
@@ -586,12 +593,43 @@ fn dead_letter_and_replay_move_the_full_record() {
         let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
         assert_eq!(ob.depth(), 2);
         let b = ob.next_batch(10);
-        ob.dead_letter(b[0].seq, "x".into(), None, None)
+        ob.dead_letter(b[0].seq, DeadCode::Conflict, "x".into(), None, None)
             .await
             .unwrap();
         assert_eq!(ob.replay(Some(&[b[0].seq])).await.unwrap(), 1);
         assert_eq!(ob.depth(), 2);
         assert_eq!(ob.stats().dead_letters, 0);
+        ob.close().await.unwrap();
+    });
+}
+
+/// A dead letter written before codes existed (no `code` field) reads as `refused`; the
+/// oldest undelivered record's acceptance time is that of the lowest pending sequence.
+#[test]
+fn old_dead_letters_read_as_refused_and_the_oldest_record_is_known() {
+    let letter = DeadLetter {
+        seq: 7,
+        delivery: event("t", "e1", 1).deliveries[0].clone(),
+        code: DeadCode::RetriesExhausted,
+        reason: "r".into(),
+        upstream_status: None,
+        upstream_body: None,
+        at: chrono::Utc::now(),
+    };
+    let mut json: serde_json::Value = serde_json::to_value(&letter).unwrap();
+    assert_eq!(json["code"], "retries_exhausted");
+    json.as_object_mut().unwrap().remove("code");
+    let old: DeadLetter = serde_json::from_value(json).unwrap();
+    assert_eq!(old.code, DeadCode::Refused);
+
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+        assert_eq!(ob.oldest_accepted_at(), None);
+        let (first, second) = (event("t", "e1", 1), event("t", "e2", 1));
+        let want = first.deliveries[0].accepted_at();
+        ob.append(vec![first, second]).await.unwrap();
+        assert_eq!(ob.oldest_accepted_at(), Some(want));
         ob.close().await.unwrap();
     });
 }
@@ -1074,7 +1112,7 @@ async fn run_model(ops: Vec<Op>, sync: SyncPolicy) {
             }
             Op::DeadLetter(n) => {
                 if let Some(seq) = pick(&model.leased, n) {
-                    ob.dead_letter(seq, "rejected".into(), Some(400), None)
+                    ob.dead_letter(seq, DeadCode::Refused, "rejected".into(), Some(400), None)
                         .await
                         .unwrap();
                     let tx = model.leased.remove(&seq).unwrap();

@@ -26,3 +26,21 @@ pub const OUTBOX_LOG_SEGMENTS: &str = "credyt_proxy_outbox_log_segments";
 pub const OUTBOX_UNINDEXED_IDS: &str = "credyt_proxy_outbox_unindexed_ids";
 /// Gauge: heap bytes of the outbox's dedupe filter (bounded; see the outbox's dedupe module).
 pub const OUTBOX_DEDUPE_FILTER_BYTES: &str = "credyt_proxy_outbox_dedupe_filter_bytes";
+/// Gauge: age in seconds of the oldest undelivered record (0 when none).
+pub const OUTBOX_OLDEST_AGE_SECONDS: &str = "credyt_proxy_outbox_oldest_age_seconds";
+/// Gauge: 1 while Credyt refuses the platform key.
+pub const UPSTREAM_KEY_REFUSED: &str = "credyt_proxy_upstream_key_refused";
+/// Gauge: the forwarder's concurrency limit in force (adaptive within its bounds).
+pub const FORWARDER_CONCURRENCY_LIMIT: &str = "credyt_proxy_forwarder_concurrency_limit";
+/// Gauge: calls to Credyt in flight.
+pub const FORWARDER_IN_FLIGHT: &str = "credyt_proxy_forwarder_in_flight";
+/// Gauge: records waiting for their own retry timer.
+pub const FORWARDER_WAITING: &str = "credyt_proxy_forwarder_waiting_retries";
+/// Gauge: the circuit breaker (0 closed, 1 open, 2 half-open).
+pub const FORWARDER_BREAKER: &str = "credyt_proxy_forwarder_breaker_state";
+/// Calls that delivered.
+pub const FORWARDER_DELIVERED_TOTAL: &str = "credyt_proxy_forwarder_delivered_total";
+/// Transient failures (each retried).
+pub const FORWARDER_RETRIES_TOTAL: &str = "credyt_proxy_forwarder_retries_total";
+/// Records dead-lettered by `reason` (refused, conflict, retries_exhausted).
+pub const FORWARDER_DEAD_LETTERED_TOTAL: &str = "credyt_proxy_forwarder_dead_lettered_total";

@@ -1,6 +1,6 @@
 //! A circuit breaker, so a down Credyt gets probes instead of a flood.
 //!
-//! Contract: closed, it lets every call through and counts consecutive failures; after
+//! Contract: closed, it lets every call through and counts consecutive failed calls; after
 //! `threshold` of them it opens for `cooldown`, during which [`Breaker::permit`] refuses
 //! calls. When the cooldown ends it is half-open: exactly one probe is allowed; a success closes
 //! it, a failure opens it again with the cooldown doubled (up to `max_cooldown`). Time is passed
@@ -56,6 +56,11 @@ impl Breaker {
             Some(t) if now < t => BreakerState::Open,
             Some(_) => BreakerState::HalfOpen,
         }
+    }
+
+    /// Until when it stays open (meaningful while [`BreakerState::Open`]).
+    pub fn open_until(&self) -> Option<Instant> {
+        self.open_until
     }
 
     pub fn permit(&mut self, now: Instant) -> Permit {

@@ -1,45 +1,82 @@
-//! The outbox forwarder: drains durable records to Credyt, exactly once.
+//! The outbox forwarder: drains durable records to Credyt, exactly once, as a continuous
+//! pipeline.
 //!
-//! Contract: it takes leased batches from the outbox, sends each record with bounded
-//! concurrency, and marks a record delivered only after Credyt confirmed it (a 2xx; a replayed
-//! `transaction_id` answers the original 201, which is success). Retryable failures (network,
-//! 408, 409, 429, 5xx) give the record back and back off with jitter, honouring `Retry-After`;
-//! while Credyt keeps failing the circuit breaker opens and only one probe goes out per
-//! cooldown, so an outage costs a bounded trickle of requests, not a flood. Permanent failures
-//! (other 4xx) go to the dead-letter store with the upstream answer. On start it resumes: every
-//! undelivered record is still in the outbox.
+//! Contract:
+//! - **A window that refills as calls complete.** Up to `limit` calls are in flight; each one
+//!   that completes frees its slot for the next record at once, so a slow call costs one slot,
+//!   never the pipeline, and encoding and bookkeeping overlap with waiting. The limit adapts
+//!   (AIMD, see [`super::concurrency`]) within `[concurrency_min, concurrency_max]`.
+//! - A record is marked delivered only after Credyt confirmed it (a 2xx; a replayed
+//!   `transaction_id` answers the original 201, which is success). Delivered marks are written
+//!   by a task of their own, batched, so they never hold the window up.
+//! - **Retries per record.** A transient failure (network, timeout, 408, 429, 5xx) gives the
+//!   record its own timer: jittered exponential backoff that honours its `Retry-After` (seconds
+//!   or HTTP-date), while the other records keep flowing. A 429 lowers the concurrency; it does
+//!   not stop the world. While Credyt keeps failing (transport errors and 5xx in a row) the
+//!   circuit breaker opens and only one probe goes out per cooldown, so an outage costs a
+//!   bounded trickle of requests. A record that keeps failing transiently for `max_age` after
+//!   it was accepted (and was tried at least [`MIN_ATTEMPTS`] times by this process) becomes a
+//!   dead letter `retries_exhausted`.
+//! - **Permanent answers** (400, 404, 409, 422) dead-letter the record at once with the upstream
+//!   answer (`refused`, or `conflict` for a 409: the `transaction_id` was used with another
+//!   body, which retrying cannot fix).
+//! - **A refused platform key** (401/403) is never a reason to give a record up: the record
+//!   waits, delivery pauses while the key is checked (see [`super::credentials`]) and stays
+//!   paused while Credyt refuses it; every record stays pending. A 403 while the key was just
+//!   found valid is about the account, and retries like a transient failure.
+//! - On start it resumes: every undelivered record is still in the outbox. On stop it sends
+//!   nothing new and returns once the calls in flight have settled.
 //!
-//! Coalescing (`coalesce_window`): the forwarder lets records accumulate for the window, then
-//! sends the charges of one (account, customer, asset) as one charge whose metadata lists the
-//! events. A batch's membership is made durable before its first send and the batch is only
-//! ever re-sent with exactly that membership under the same id (UUIDv5 of its members'
-//! transaction ids), also after a crash; a record in an open batch is never sent any other way.
-//! A batch Credyt refuses for good is dissolved and its records go out one by one.
+//! Coalescing (`coalesce_window`): the forwarder takes new records from the outbox at most once
+//! per window, and sends the charges of one (account, customer, asset) as one charge whose
+//! metadata lists the events. A batch's membership is made durable before its first send and
+//! the batch is only ever re-sent with exactly that membership under the same id (UUIDv5 of its
+//! members' transaction ids), also after a crash; a record in an open batch is never sent any
+//! other way. A batch Credyt refuses for good is dissolved and its records go out one by one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::domain::{AccountId, CustomerId, Debit, Delivery, TRANSACTION_NAMESPACE};
-use crate::outbox::{Outbox, Pending};
+use crate::outbox::{DeadCode, Outbox, Pending};
 
-use super::breaker::{Breaker, Permit};
+use super::breaker::{Breaker, BreakerState, Permit};
+use super::concurrency::{Concurrency, Signal};
+use super::credentials::{Credentials, KeyState, KeyStatus};
 use super::forward::Backoff;
 use super::{CredytClient, UpstreamError};
+
+/// Attempts this process makes of a record before `max_age` can turn it into a dead letter
+/// (a replayed dead letter, or a record found at start, gets a few tries of its own).
+pub const MIN_ATTEMPTS: u32 = 3;
+
+/// A 401/403 this soon after Credyt accepted the key is about the account, not the key.
+const KEY_RECENTLY_VALID: Duration = Duration::from_secs(10);
 
 /// Tuning of the forwarder.
 #[derive(Debug, Clone)]
 pub struct ForwarderSettings {
-    /// Sends in flight at once (a coalesced batch counts as one).
-    pub concurrency: usize,
-    /// Consecutive failed rounds that open the breaker.
+    /// Bounds of the calls in flight at once (a coalesced batch counts as one); equal bounds
+    /// fix the concurrency.
+    pub concurrency_min: usize,
+    pub concurrency_max: usize,
+    /// Consecutive failed calls (transport errors, 5xx) that open the breaker.
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
     pub breaker_max_cooldown: Duration,
     pub backoff: Backoff,
+    /// How long after its acceptance a record may keep failing transiently.
+    pub max_age: Duration,
     /// `Some(window)`: coalesce charges per (account, customer, asset) over the window.
     pub coalesce_window: Option<Duration>,
     /// Most records in one coalesced charge.
@@ -49,7 +86,8 @@ pub struct ForwarderSettings {
 impl Default for ForwarderSettings {
     fn default() -> Self {
         ForwarderSettings {
-            concurrency: 64,
+            concurrency_min: 16,
+            concurrency_max: 1024,
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),
             breaker_max_cooldown: Duration::from_secs(30),
@@ -57,9 +95,50 @@ impl Default for ForwarderSettings {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(10),
             },
+            max_age: Duration::from_secs(72 * 3600),
             coalesce_window: None,
             max_batch_members: 100,
         }
+    }
+}
+
+impl ForwarderSettings {
+    /// A fixed concurrency.
+    pub fn fixed(concurrency: usize) -> Self {
+        ForwarderSettings {
+            concurrency_min: concurrency,
+            concurrency_max: concurrency,
+            ..ForwarderSettings::default()
+        }
+    }
+}
+
+/// What the forwarder is doing, for metrics (written by the forwarder, read by scrapes).
+#[derive(Debug, Default)]
+pub struct ForwarderStats {
+    /// The concurrency limit in force.
+    pub limit: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    /// Records waiting for their retry timer.
+    pub waiting: AtomicUsize,
+    /// Calls that delivered (a coalesced batch is one).
+    pub delivered: AtomicU64,
+    /// Transient failures, each followed by a retry of its record.
+    pub retries: AtomicU64,
+    /// Records dead-lettered, by [`DeadCode`]: refused, conflict, retries_exhausted.
+    pub dead: [AtomicU64; 3],
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker: AtomicUsize,
+}
+
+impl ForwarderStats {
+    fn count_dead(&self, code: DeadCode) {
+        let i = match code {
+            DeadCode::Refused => 0,
+            DeadCode::Conflict => 1,
+            DeadCode::RetriesExhausted => 2,
+        };
+        self.dead[i].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -69,14 +148,26 @@ enum Unit {
     Batch { id: Uuid, members: Vec<Pending> },
 }
 
-enum Sent {
-    Delivered(Unit),
-    Retry(Unit, UpstreamError),
-    Dead(Unit, UpstreamError),
+impl Unit {
+    /// When the oldest record in it was accepted.
+    fn accepted_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Unit::Single(p) => Some(p.delivery.accepted_at()),
+            Unit::Batch { members, .. } => members.iter().map(|p| p.delivery.accepted_at()).min(),
+        }
+    }
+
+    fn seqs(&self) -> Vec<u64> {
+        match self {
+            Unit::Single(p) => vec![p.seq],
+            Unit::Batch { members, .. } => seqs(members),
+        }
+    }
 }
 
-async fn send(client: &CredytClient, unit: Unit) -> Sent {
-    let result = match &unit {
+/// One call to Credyt for `unit`.
+async fn call(client: &CredytClient, unit: &Unit) -> Result<(), UpstreamError> {
+    match unit {
         Unit::Single(p) => match &p.delivery {
             Delivery::Charge(debit) => client.charge(debit).await,
             Delivery::Usage(usage) => client.send_usage(&[usage]).await,
@@ -97,12 +188,31 @@ async fn send(client: &CredytClient, unit: Unit) -> Sent {
                 .collect();
             client.charge_coalesced(*id, &debits).await
         }
-    };
-    match result {
-        Ok(()) => Sent::Delivered(unit),
-        Err(e) if e.is_retryable() => Sent::Retry(unit, e),
-        Err(e) => Sent::Dead(unit, e),
     }
+}
+
+/// A settled call.
+struct Done {
+    unit: Unit,
+    /// Attempts of this unit before this call.
+    attempts: u32,
+    latency: Duration,
+    result: Result<(), UpstreamError>,
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+fn send(client: CredytClient, unit: Unit, attempts: u32) -> InFlight {
+    Box::pin(async move {
+        let started = Instant::now();
+        let result = call(&client, &unit).await;
+        Done {
+            unit,
+            attempts,
+            latency: started.elapsed(),
+            result,
+        }
+    })
 }
 
 /// The id of a coalesced charge: a function of its members only.
@@ -302,7 +412,9 @@ impl Forwarder {
         }
     }
 
-    async fn dead(&mut self, unit: Unit, e: UpstreamError, retry: &mut Vec<u64>) {
+    /// Dead-letters the record of `unit` with `code`; a coalesced batch is dissolved instead
+    /// and its records (pushed to `retry`) go out one by one.
+    async fn dead(&mut self, unit: Unit, code: DeadCode, e: UpstreamError, retry: &mut Vec<u64>) {
         let p = match unit {
             Unit::Batch { id, members } if members.len() > 1 => {
                 tracing::warn!(class = e.class(), status = ?e.status(), members = members.len(), "credyt refused a coalesced charge; sending its records one by one");
@@ -322,7 +434,7 @@ impl Forwarder {
             }
             Unit::Single(p) => p,
         };
-        tracing::error!(seq = p.seq, class = e.class(), status = ?e.status(), "credyt refused a record permanently, dead-lettering it");
+        tracing::error!(seq = p.seq, code = code.as_str(), class = e.class(), status = ?e.status(), "dead-lettering a record");
         let (status, body) = match &e {
             UpstreamError::Status { status, body, .. } => {
                 (Some(status.as_u16()), Some(body.clone()))
@@ -331,7 +443,7 @@ impl Forwarder {
         };
         if let Err(err) = self
             .outbox
-            .dead_letter(p.seq, e.to_string(), status, body)
+            .dead_letter(p.seq, code, e.to_string(), status, body)
             .await
         {
             tracing::error!(seq = p.seq, error = %err, "cannot dead-letter a record; it stays pending");
@@ -353,139 +465,410 @@ fn chunk_owned(mut items: Vec<Pending>, size: usize) -> Vec<Vec<Pending>> {
     out
 }
 
-async fn pause(stop: &mut watch::Receiver<bool>, wait: Duration) {
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => {}
-        _ = stop.changed() => {}
+/// Records waiting for their retry timer, kept leased (no one else sends them meanwhile).
+#[derive(Default)]
+struct Retries {
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    units: HashMap<u64, (Unit, u32)>,
+    next_id: u64,
+}
+
+impl Retries {
+    fn push(&mut self, at: Instant, unit: Unit, attempts: u32) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.due.push(Reverse((at, id)));
+        self.units.insert(id, (unit, attempts));
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<(Unit, u32)> {
+        let Reverse((at, id)) = *self.due.peek()?;
+        if at > now {
+            return None;
+        }
+        self.due.pop();
+        self.units.remove(&id)
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Unit> + '_ {
+        self.due.clear();
+        self.units.drain().map(|(_, (unit, _))| unit)
     }
 }
 
-/// Runs until `stop` turns true, then returns after in-flight sends settled.
+/// Writes delivered marks in batches, off the pipeline; a failed write gives the records back
+/// (a resend is a no-op at Credyt: the ids are deterministic).
+async fn mark_delivered(outbox: Outbox, mut rx: mpsc::UnboundedReceiver<u64>) {
+    let mut seqs = Vec::new();
+    while let Some(first) = rx.recv().await {
+        seqs.push(first);
+        while seqs.len() < 8192 {
+            match rx.try_recv() {
+                Ok(seq) => seqs.push(seq),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = outbox.mark_delivered(&seqs).await {
+            tracing::warn!(error = %e, "cannot record deliveries; they may be sent again");
+            outbox.release(&seqs);
+        }
+        seqs.clear();
+    }
+}
+
+/// The pipeline's state.
+struct Pipeline {
+    f: Forwarder,
+    client: CredytClient,
+    credentials: Arc<Credentials>,
+    key: watch::Receiver<KeyState>,
+    /// Sends paused until the key check with this number has completed.
+    paused_until_check: Option<u64>,
+    stats: Arc<ForwarderStats>,
+    concurrency: Concurrency,
+    breaker: Breaker,
+    in_flight: FuturesUnordered<InFlight>,
+    retries: Retries,
+    /// Units taken from the outbox, not sent yet.
+    ready: VecDeque<(Unit, u32)>,
+    /// With coalescing: not before this instant is the outbox read again.
+    next_refill: Instant,
+    delivered: mpsc::UnboundedSender<u64>,
+}
+
+impl Pipeline {
+    /// Whether the key lets us send now.
+    fn key_allows(&mut self) -> bool {
+        let state = *self.key.borrow();
+        if state.status == KeyStatus::Refused {
+            return false;
+        }
+        match self.paused_until_check {
+            Some(check) if state.checks < check => false,
+            _ => {
+                self.paused_until_check = None;
+                true
+            }
+        }
+    }
+
+    /// The next unit to send: a due retry, then what was taken from the outbox, then more
+    /// from the outbox.
+    async fn next_unit(&mut self, now: Instant) -> Option<(Unit, u32)> {
+        if let Some(due) = self.retries.pop_due(now) {
+            return Some(due);
+        }
+        if let Some(ready) = self.ready.pop_front() {
+            return Some(ready);
+        }
+        if self.f.settings.coalesce_window.is_some() && now < self.next_refill {
+            return None;
+        }
+        let want = self
+            .concurrency
+            .limit()
+            .saturating_sub(self.in_flight.len())
+            .clamp(1, 256);
+        let units = self.f.next_units(want).await;
+        if let Some(window) = self.f.settings.coalesce_window {
+            self.next_refill = now + window;
+        }
+        self.ready.extend(units.into_iter().map(|u| {
+            let attempts = match &u {
+                Unit::Single(p) => p.attempts,
+                Unit::Batch { .. } => 0,
+            };
+            (u, attempts)
+        }));
+        self.ready.pop_front()
+    }
+
+    /// Fills the window.
+    async fn dispatch(&mut self) {
+        if !self.key_allows() {
+            return;
+        }
+        while self.in_flight.len() < self.concurrency.limit() {
+            let now = Instant::now();
+            if matches!(self.breaker.state(now), BreakerState::Open) {
+                return;
+            }
+            let Some((unit, attempts)) = self.next_unit(now).await else {
+                return;
+            };
+            let probe = match self.breaker.permit(now) {
+                Permit::All => false,
+                Permit::Probe => true,
+                Permit::WaitUntil(_) => {
+                    self.ready.push_front((unit, attempts));
+                    return;
+                }
+            };
+            self.in_flight
+                .push(send(self.client.clone(), unit, attempts));
+            self.concurrency.on_dispatch(self.in_flight.len());
+            if probe {
+                return;
+            }
+        }
+    }
+
+    /// When the loop must look again even if nothing else happens.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + Duration::from_secs(1);
+        if let Some(at) = self.retries.next_due() {
+            wake = wake.min(at);
+        }
+        if let (BreakerState::Open, Some(at)) = (self.breaker.state(now), self.breaker.open_until())
+        {
+            wake = wake.min(at);
+        }
+        if self.f.settings.coalesce_window.is_some() {
+            wake = wake.min(self.next_refill);
+        }
+        wake.max(now + Duration::from_millis(1))
+    }
+
+    /// Whether new records in the outbox would be taken now.
+    fn wants_new_work(&self) -> bool {
+        self.ready.is_empty()
+            && self.in_flight.len() < self.concurrency.limit()
+            && self.f.settings.coalesce_window.is_none()
+    }
+
+    async fn settle(&mut self, done: Done) {
+        let now = Instant::now();
+        let Done {
+            unit,
+            attempts,
+            latency,
+            result,
+        } = done;
+        let e = match result {
+            Ok(()) => {
+                self.concurrency.on_response(now, latency, Signal::Answered);
+                self.breaker.on_success();
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                match unit {
+                    Unit::Single(p) => {
+                        // The receiver lives as long as the pipeline.
+                        let _ = self.delivered.send(p.seq);
+                    }
+                    batch => self.f.delivered(batch, &mut Vec::new()).await,
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let signal = if e.is_backpressure() {
+            Signal::Backpressure
+        } else {
+            Signal::Answered
+        };
+        self.concurrency.on_response(now, latency, signal);
+        if e.is_outage() {
+            self.breaker.on_failure(now, e.retry_after());
+        } else {
+            // Credyt answered: it is up.
+            self.breaker.on_success();
+        }
+        if e.is_auth_refused() {
+            let key = *self.key.borrow();
+            let key_just_valid = key
+                .valid_at
+                .is_some_and(|at| now.saturating_duration_since(at) < KEY_RECENTLY_VALID);
+            if !key_just_valid {
+                // Hold everything until the key is checked; this record goes first after.
+                tracing::warn!(status = ?e.status(), "credyt refused a charge's credentials; checking the platform key");
+                self.retries.push(now, unit, attempts);
+                if self.paused_until_check.is_none() {
+                    self.paused_until_check = Some(key.checks + 1);
+                    self.credentials.suspect();
+                }
+                return;
+            }
+        } else if !e.is_retryable() {
+            let code = if e.status() == Some(reqwest::StatusCode::CONFLICT) {
+                DeadCode::Conflict
+            } else {
+                DeadCode::Refused
+            };
+            self.give_up(unit, code, e).await;
+            return;
+        }
+        self.retry_later(now, unit, attempts, e).await;
+    }
+
+    /// Schedules the unit's next attempt, or dead-letters it once it is too old.
+    async fn retry_later(&mut self, now: Instant, unit: Unit, attempts: u32, e: UpstreamError) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let attempts = attempts.saturating_add(1);
+        let too_old = unit.accepted_at().is_some_and(|at| {
+            Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .is_ok_and(|age| age >= self.f.settings.max_age)
+        });
+        if too_old && attempts >= MIN_ATTEMPTS {
+            self.give_up(unit, DeadCode::RetriesExhausted, e).await;
+            return;
+        }
+        tracing::debug!(class = e.class(), attempts, "delivery failed, will retry");
+        let wait = self
+            .f
+            .settings
+            .backoff
+            .delay(attempts.saturating_sub(1), e.retry_after());
+        self.retries.push(now + wait, unit, attempts);
+    }
+
+    async fn give_up(&mut self, unit: Unit, code: DeadCode, e: UpstreamError) {
+        if let Unit::Single(_) = unit {
+            self.stats.count_dead(code);
+        } else if let Unit::Batch { members, .. } = &unit {
+            if members.len() == 1 {
+                self.stats.count_dead(code);
+            }
+        }
+        let mut retry = Vec::new();
+        self.f.dead(unit, code, e, &mut retry).await;
+        self.f.outbox.release(&retry);
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.limit.store(self.concurrency.limit(), Ordering::Relaxed);
+        s.in_flight.store(self.in_flight.len(), Ordering::Relaxed);
+        s.waiting.store(self.retries.len(), Ordering::Relaxed);
+        let breaker = match self.breaker.state(Instant::now()) {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        s.breaker.store(breaker, Ordering::Relaxed);
+    }
+
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) {
+        let outbox = self.f.outbox.clone();
+        loop {
+            let stopping = *stop.borrow();
+            if stopping && self.in_flight.is_empty() {
+                break;
+            }
+            if !stopping {
+                self.dispatch().await;
+            }
+            self.publish();
+            let wake = self.next_wake(Instant::now());
+            let wants_new_work = !stopping && self.wants_new_work();
+            tokio::select! {
+                done = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if let Some(done) = done {
+                        self.settle(done).await;
+                    }
+                }
+                _ = outbox.wait_pending(), if wants_new_work => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = stop.changed(), if !stopping => {}
+                _ = self.key.changed() => {}
+            }
+        }
+        // Leases die with the process anyway; give them back for a forwarder started again on
+        // this outbox in the same process.
+        let mut left: Vec<u64> = self.retries.drain().flat_map(|u| u.seqs()).collect();
+        left.extend(self.ready.drain(..).flat_map(|(u, _)| u.seqs()));
+        self.f.outbox.release(&left);
+        self.publish();
+    }
+}
+
+/// Runs until `stop` turns true, then returns after in-flight sends settled and their
+/// delivered marks were written.
 pub async fn run(
     outbox: Outbox,
     client: CredytClient,
     settings: ForwarderSettings,
+    credentials: Arc<Credentials>,
+    stats: Arc<ForwarderStats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut breaker = Breaker::new(
+    let now = Instant::now();
+    let breaker = Breaker::new(
         settings.breaker_threshold,
         settings.breaker_cooldown,
         settings.breaker_max_cooldown,
     );
+    let concurrency = Concurrency::new(settings.concurrency_min, settings.concurrency_max, 32, now);
     let mut f = Forwarder {
         outbox: outbox.clone(),
-        settings: settings.clone(),
+        settings,
         open: HashMap::new(),
         in_open: HashSet::new(),
         alone: HashSet::new(),
     };
     f.recover();
-    let mut failures_in_a_row: u32 = 0;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let limit = match breaker.permit(Instant::now()) {
-            Permit::All => settings.concurrency,
-            Permit::Probe => 1,
-            Permit::WaitUntil(t) => {
-                pause(&mut stop, t.saturating_duration_since(Instant::now())).await;
-                continue;
-            }
-        };
-        if outbox.depth() == 0 {
-            tokio::select! {
-                _ = outbox.wait_pending() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        if let Some(window) = settings.coalesce_window {
-            // Let a window's worth of fees accumulate so they go out together.
-            pause(&mut stop, window).await;
-        }
-        let units = f.next_units(limit).await;
-        if units.is_empty() {
-            pause(&mut stop, Duration::from_millis(50)).await;
-            continue;
-        }
-        let client_ref = &client;
-        let mut in_flight: FuturesUnordered<_> =
-            units.into_iter().map(|u| send(client_ref, u)).collect();
-        let mut results = Vec::new();
-        while let Some(sent) = in_flight.next().await {
-            results.push(sent);
-        }
-        drop(in_flight);
-        let (mut done, mut retry) = (Vec::new(), Vec::new());
-        let mut any_delivered = false;
-        let mut longest_retry_after: Option<Duration> = None;
-        for sent in results {
-            match sent {
-                Sent::Delivered(unit) => {
-                    any_delivered = true;
-                    f.delivered(unit, &mut done).await;
-                }
-                Sent::Retry(unit, e) => {
-                    tracing::debug!(class = e.class(), "delivery failed, will retry");
-                    longest_retry_after = longest_retry_after.max(e.retry_after());
-                    match unit {
-                        Unit::Single(p) => retry.push(p.seq),
-                        Unit::Batch { members, .. } => retry.extend(seqs(&members)),
-                    }
-                }
-                Sent::Dead(unit, e) => {
-                    any_delivered = true; // Credyt answered: it is up.
-                    f.dead(unit, e, &mut retry).await;
-                }
-            }
-        }
-        if !done.is_empty() {
-            if let Err(e) = outbox.mark_delivered(&done).await {
-                // Harmless for money: the ids are deterministic, a resend is a no-op at Credyt.
-                tracing::warn!(error = %e, "cannot record deliveries; they may be sent again");
-                outbox.release(&done);
-            }
-        }
-        if retry.is_empty() {
-            breaker.on_success();
-            failures_in_a_row = 0;
-            continue;
-        }
-        outbox.release(&retry);
-        if any_delivered {
-            // Credyt is up; retry the rest after the requested wait, if any.
-            breaker.on_success();
-            failures_in_a_row = 0;
-            if let Some(wait) = longest_retry_after {
-                pause(&mut stop, wait).await;
-            }
-        } else {
-            breaker.on_failure(Instant::now(), longest_retry_after);
-            let wait = settings
-                .backoff
-                .delay(failures_in_a_row, longest_retry_after);
-            failures_in_a_row = failures_in_a_row.saturating_add(1);
-            pause(&mut stop, wait).await;
-        }
-    }
+    let (delivered, rx) = mpsc::unbounded_channel();
+    let marker = tokio::spawn(mark_delivered(outbox, rx));
+    let mut pipeline = Pipeline {
+        f,
+        client,
+        key: credentials.subscribe(),
+        credentials,
+        paused_until_check: None,
+        stats,
+        concurrency,
+        breaker,
+        in_flight: FuturesUnordered::new(),
+        retries: Retries::default(),
+        ready: VecDeque::new(),
+        next_refill: now,
+        delivered,
+    };
+    pipeline.run(&mut stop).await;
+    drop(pipeline);
+    let _ = marker.await;
 }
 
 /// A running forwarder task and the switch that stops it.
 pub struct ForwarderHandle {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    stats: Arc<ForwarderStats>,
 }
 
 impl ForwarderHandle {
-    pub fn spawn(outbox: Outbox, client: CredytClient, settings: ForwarderSettings) -> Self {
+    pub fn spawn(
+        outbox: Outbox,
+        client: CredytClient,
+        settings: ForwarderSettings,
+        credentials: Arc<Credentials>,
+    ) -> Self {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(run(outbox, client, settings, rx));
-        ForwarderHandle { stop, task }
+        let stats = Arc::new(ForwarderStats::default());
+        let task = tokio::spawn(run(
+            outbox,
+            client,
+            settings,
+            credentials,
+            Arc::clone(&stats),
+            rx,
+        ));
+        ForwarderHandle { stop, task, stats }
     }
 
-    /// Stops taking new batches and waits (up to `grace`) for in-flight sends.
+    pub fn stats(&self) -> &Arc<ForwarderStats> {
+        &self.stats
+    }
+
+    /// Stops taking new records and waits (up to `grace`) for in-flight sends.
     pub async fn stop(self, grace: Duration) {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(grace, self.task).await;

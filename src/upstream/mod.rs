@@ -11,11 +11,14 @@
 //! checks what this client sends.
 
 pub mod breaker;
+pub mod concurrency;
+pub mod credentials;
 pub mod forward;
 pub mod forwarder;
 pub mod wire;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
 
@@ -31,6 +34,8 @@ pub enum ClientError {
     BaseUrl(String),
     #[error("the platform API key cannot be sent as a header")]
     ApiKey,
+    #[error("the platform API key file cannot be used: {0}")]
+    KeyFile(String),
 }
 
 /// Why a call to Credyt failed.
@@ -49,7 +54,9 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Network errors, timeouts, 408, 409 (concurrent idempotent write), 429 and 5xx.
+    /// Network errors, timeouts, 408, 429 and 5xx. Not a 409: Credyt answers a replayed
+    /// `transaction_id` with its original result, so a conflict means the id was used with a
+    /// different body, and sending the same body again cannot change that.
     pub fn is_retryable(&self) -> bool {
         match self {
             UpstreamError::Transport(_) => true,
@@ -57,11 +64,41 @@ impl UpstreamError {
                 status.is_server_error()
                     || matches!(
                         *status,
-                        StatusCode::REQUEST_TIMEOUT
-                            | StatusCode::CONFLICT
-                            | StatusCode::TOO_MANY_REQUESTS
+                        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
                     )
             }
+            UpstreamError::Decode(_) => false,
+        }
+    }
+
+    /// 401 or 403: the platform key (or its access to an account) was refused. Never a reason
+    /// to give a record up: the key may be fixed (see the `credentials` module).
+    pub fn is_auth_refused(&self) -> bool {
+        matches!(
+            self.status(),
+            Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+        )
+    }
+
+    /// Whether Credyt is asking us to slow down or not keeping up: 429, 503, a timeout or a
+    /// broken connection (what the forwarder's concurrency backs off on).
+    pub fn is_backpressure(&self) -> bool {
+        match self {
+            UpstreamError::Transport(_) => true,
+            UpstreamError::Status { status, .. } => matches!(
+                *status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            ),
+            UpstreamError::Decode(_) => false,
+        }
+    }
+
+    /// Whether the failure says Credyt is unwell (what opens the circuit breaker): transport
+    /// errors and 5xx. A 429 is an answer from a healthy Credyt about our rate.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpstreamError::Transport(_) => true,
+            UpstreamError::Status { status, .. } => status.is_server_error(),
             UpstreamError::Decode(_) => false,
         }
     }
@@ -87,6 +124,8 @@ impl UpstreamError {
             UpstreamError::Transport(e) if e.is_timeout() => "timeout",
             UpstreamError::Transport(_) => "transport",
             UpstreamError::Status { status, .. } if status.as_u16() == 429 => "429",
+            UpstreamError::Status { status, .. } if status.as_u16() == 409 => "409",
+            UpstreamError::Status { status, .. } if self.is_auth_refused() => "auth",
             UpstreamError::Status { status, .. } if status.is_server_error() => "5xx",
             UpstreamError::Status { .. } => "4xx",
             UpstreamError::Decode(_) => "decode",
@@ -97,19 +136,36 @@ impl UpstreamError {
 const API_KEY: &str = "X-CREDYT-API-KEY";
 const ACCOUNT: &str = "X-CREDYT-ACCOUNT";
 
-/// The Credyt API client.
+/// Parses `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3; a date in the past
+/// is no wait).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The Credyt API client. Cheap to clone (shared state behind `Arc`s).
 #[derive(Clone)]
 pub struct CredytClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
     http: reqwest::Client,
     /// The base URL, parsed once: a request only sets its path (parsing the whole URL, host
     /// and IDNA included, was ~2% of the core in an end-to-end run).
     base: reqwest::Url,
     /// The base URL's path, without a trailing `/`, that every request's path follows.
     base_path: String,
-    key: reqwest::header::HeaderValue,
+    key: credentials::PlatformKey,
 }
 
 impl CredytClient {
+    /// A client whose idle pool keeps `max_idle_per_host` connections (the forwarder sizes it
+    /// to its largest concurrency: connections reopened per call cost a third of its CPU).
     pub fn new(settings: &CredytSettings) -> Result<CredytClient, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
@@ -121,15 +177,24 @@ impl CredytClient {
         let base = reqwest::Url::parse(&settings.base_url)
             .map_err(|e| ClientError::BaseUrl(e.to_string()))?;
         let base_path = base.path().trim_end_matches('/').to_string();
-        let mut key = reqwest::header::HeaderValue::from_str(settings.api_key.expose())
-            .map_err(|_| ClientError::ApiKey)?;
-        key.set_sensitive(true);
+        let source = match &settings.api_key_file {
+            Some(path) => credentials::KeySource::File(path.clone()),
+            None => credentials::KeySource::Fixed(settings.api_key.clone()),
+        };
+        let key = credentials::PlatformKey::new(source)?;
         Ok(CredytClient {
-            http,
-            base,
-            base_path,
-            key,
+            inner: Arc::new(ClientInner {
+                http,
+                base,
+                base_path,
+                key,
+            }),
         })
+    }
+
+    /// The platform key this client sends.
+    pub fn key(&self) -> &credentials::PlatformKey {
+        &self.inner.key
     }
 
     fn request(
@@ -138,12 +203,13 @@ impl CredytClient {
         path: &str,
         account: Option<&AccountId>,
     ) -> reqwest::RequestBuilder {
-        let mut url = self.base.clone();
-        url.set_path(&format!("{}{}", self.base_path, path));
-        let mut req = self
+        let inner = &self.inner;
+        let mut url = inner.base.clone();
+        url.set_path(&format!("{}{}", inner.base_path, path));
+        let mut req = inner
             .http
             .request(method, url)
-            .header(API_KEY, self.key.clone())
+            .header(API_KEY, inner.key.value())
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(account) = account {
             req = req.header(ACCOUNT, account.as_str());
@@ -161,8 +227,7 @@ impl CredytClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let body = resp.text().await.unwrap_or_default();
         Err(UpstreamError::Status {
             status,
@@ -336,6 +401,7 @@ mod tests {
         CredytClient::new(&CredytSettings {
             base_url: base_url.into(),
             api_key: crate::config::Secret::new("key_platform"),
+            api_key_file: None,
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             max_idle_per_host: 1,
@@ -375,6 +441,7 @@ mod tests {
         let err = CredytClient::new(&CredytSettings {
             base_url: "http://exa mple".into(),
             api_key: crate::config::Secret::new("k"),
+            api_key_file: None,
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             max_idle_per_host: 1,
@@ -397,11 +464,38 @@ mod tests {
             retry_after: None,
             body: String::new(),
         };
-        for s in [408, 409, 429, 500, 502, 503, 504] {
+        for s in [408, 429, 500, 502, 503, 504] {
             assert!(e(s).is_retryable(), "{s}");
         }
-        for s in [400, 401, 403, 404, 422] {
+        for s in [400, 401, 403, 404, 409, 422] {
             assert!(!e(s).is_retryable(), "{s}");
         }
+        for s in [401, 403] {
+            assert!(e(s).is_auth_refused(), "{s}");
+        }
+        assert!(e(429).is_backpressure() && e(503).is_backpressure());
+        assert!(!e(500).is_backpressure() && !e(429).is_outage());
+        assert!(e(500).is_outage() && e(503).is_outage());
+    }
+
+    /// `Retry-After` in both of its forms (RFC 9110 §10.2.3), and the obsolete date forms
+    /// recipients must accept.
+    #[test]
+    fn retry_after_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_797_000_000);
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        let in_90s = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&in_90s, now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
     }
 }

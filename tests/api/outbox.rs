@@ -207,7 +207,13 @@ async fn restart_keeps_pending_and_dead_letters() {
         .unwrap();
     let batch = outbox.next_batch(1);
     outbox
-        .dead_letter(batch[0].seq, "invalid_customer".into(), Some(404), None)
+        .dead_letter(
+            batch[0].seq,
+            credyt_proxy::outbox::DeadCode::Refused,
+            "invalid_customer".into(),
+            Some(404),
+            None,
+        )
         .await
         .unwrap();
     outbox.close().await.unwrap();
