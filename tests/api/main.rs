@@ -4,6 +4,7 @@
 mod cli;
 mod coalesce;
 mod crash;
+mod delivery;
 mod durable;
 mod emulator;
 mod ingest;

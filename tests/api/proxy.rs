@@ -30,6 +30,7 @@ pub struct World {
     _dir: tempfile::TempDir,
     ack: &'static str,
     extra_config: String,
+    credyt_config: String,
 }
 
 /// A world whose proxy is stopped (see [`World::park`]): the emulator, the tenants and the
@@ -42,6 +43,7 @@ pub struct Parked {
     dir: tempfile::TempDir,
     ack: &'static str,
     extra_config: String,
+    credyt_config: String,
 }
 
 /// Options of a test world.
@@ -54,6 +56,11 @@ pub struct Options {
     pub outbox_config: String,
     /// Tenant B's `forward` mode.
     pub forward_b: &'static str,
+    /// The lines of the `[credyt]` table after `base_url` (default: the platform key and a
+    /// 5 s timeout).
+    pub credyt_config: String,
+    /// Files written into the world's directory before the proxy starts (name, content).
+    pub files: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -64,6 +71,8 @@ impl Default for Options {
             extra_config: String::new(),
             outbox_config: String::new(),
             forward_b: "charges",
+            credyt_config: format!("api_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000"),
+            files: Vec::new(),
         }
     }
 }
@@ -204,11 +213,15 @@ impl World {
             opts.forward_b,
         );
         std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
+        for (name, content) in &opts.files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let app = build_app(
             &emulator,
             dir.path(),
             opts.ack,
             &opts.outbox_config,
+            &opts.credyt_config,
             &opts.extra_config,
         )
         .await;
@@ -227,12 +240,18 @@ impl World {
             _dir: dir,
             ack: opts.ack,
             extra_config: opts.extra_config,
+            credyt_config: opts.credyt_config,
         }
     }
 
     /// The outbox directory (`outbox.dir` of the proxy's configuration).
     pub fn outbox_dir(&self) -> PathBuf {
         self._dir.path().join("outbox")
+    }
+
+    /// The world's directory (tenants file, outbox, files of [`Options::files`]).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// `http://` + the proxy's admin address.
@@ -251,6 +270,7 @@ impl World {
             dir: self._dir,
             ack: self.ack,
             extra_config: self.extra_config,
+            credyt_config: self.credyt_config,
         }
     }
 
@@ -345,6 +365,7 @@ impl Parked {
             self.dir.path(),
             self.ack,
             outbox_config,
+            &self.credyt_config,
             &self.extra_config,
         )
         .await;
@@ -357,6 +378,7 @@ impl Parked {
             _dir: self.dir,
             ack: self.ack,
             extra_config: self.extra_config,
+            credyt_config: self.credyt_config,
         }
     }
 }
@@ -367,12 +389,13 @@ pub fn proxy_config(
     emulator: &RunningEmulator,
     ack: &str,
     outbox_config: &str,
+    credyt_config: &str,
     extra_config: &str,
 ) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [log]\nfilter = \"warn\"\n\
-         [credyt]\nbase_url = \"{}\"\napi_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000\n\
+         [credyt]\nbase_url = \"{}\"\n{credyt_config}\n\
          [tenants]\nfile = \"tenants.toml\"\n\
          [pricing]\ndir = \"{}\"\n\
          [ingest]\nack = \"{}\"\n\
@@ -390,9 +413,10 @@ async fn build_app(
     dir: &Path,
     ack: &str,
     outbox_config: &str,
+    credyt_config: &str,
     extra_config: &str,
 ) -> Application {
-    let config = proxy_config(emulator, ack, outbox_config, extra_config);
+    let config = proxy_config(emulator, ack, outbox_config, credyt_config, extra_config);
     let settings = Settings::from_toml(&config, dir, Some(Default::default())).unwrap();
     Application::build(settings).await.unwrap()
 }
