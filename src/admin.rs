@@ -117,10 +117,7 @@ pub fn log_dead_letter_endpoints(settings: &Settings) {
         (Some(_), AckMode::Upstream) => tracing::info!(
             "admin dead-letter endpoints answer 404: ack = \"upstream\" keeps no outbox"
         ),
-        (Some(_), AckMode::Durable) => tracing::info!(
-            admin_addr = %settings.server.admin_listen,
-            "admin dead-letter endpoints enabled"
-        ),
+        (Some(_), AckMode::Durable) => tracing::info!("admin dead-letter endpoints enabled"),
     }
 }
 
