@@ -167,12 +167,12 @@ impl Application {
         let admin_listener = TcpListener::bind(settings.server.admin_listen)
             .with_context(|| format!("binding {}", settings.server.admin_listen))?;
         let admin_addr = admin_listener.local_addr()?;
-        let admin_data = web::Data::new(AdminState {
-            app: state.clone(),
-            readiness: readiness.clone(),
-            credentials: Arc::clone(&credentials),
-            forwarder: forwarder.as_ref().map(|f| Arc::clone(f.stats())),
-        });
+        let admin_data = web::Data::new(AdminState::new(
+            state.clone(),
+            readiness.clone(),
+            Arc::clone(&credentials),
+            forwarder.as_ref().map(|f| Arc::clone(f.stats())),
+        ));
         let admin_server = HttpServer::new(move || {
             App::new()
                 .app_data(admin_data.clone())
@@ -197,6 +197,7 @@ impl Application {
             ack = ?settings.ingest.ack,
             "credyt-proxy ready"
         );
+        crate::admin::log_dead_letter_endpoints(&settings);
         Ok(Application {
             tenant_addr,
             admin_addr,

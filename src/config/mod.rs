@@ -89,7 +89,7 @@ pub enum SyncMode {
 pub struct ServerSettings {
     /// The tenant-facing port (`POST /events`, `POST /v1/events`, `POST /v1/quote`).
     pub listen: SocketAddr,
-    /// The operator port (`/livez`, `/readyz`, `/metrics`).
+    /// The operator port (`/livez`, `/readyz`, `/metrics`, `/admin/dead-letters`).
     pub admin_listen: SocketAddr,
     pub workers: usize,
     pub max_body_bytes: usize,
@@ -169,6 +169,14 @@ pub struct RateLimitDefaults {
     pub burst: NonZeroU32,
 }
 
+/// The operator API on the admin port (dead letters).
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// The bearer token of `/admin/...`; `None` disables those endpoints (403). Usually set
+    /// from the environment: `CREDYT_PROXY__ADMIN__TOKEN`.
+    pub token: Option<Secret>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -181,6 +189,7 @@ pub struct Settings {
     pub identity: IdentitySettings,
     pub outbox: OutboxSettings,
     pub rate_limit: RateLimitDefaults,
+    pub admin: AdminSettings,
 }
 
 impl Settings {
@@ -355,6 +364,36 @@ mod tests {
                 errs.0.iter().any(|e| e.key == "credyt.base_url"),
                 "{bad}: {errs}"
             );
+        }
+    }
+
+    #[test]
+    fn admin_token_is_off_by_default_and_comes_from_the_environment() {
+        let s = Settings::from_toml(MINIMAL, Path::new("."), Some(HashMap::new())).unwrap();
+        assert!(s.admin.token.is_none());
+        let env = HashMap::from([(
+            "CREDYT_PROXY__ADMIN__TOKEN".to_string(),
+            "adm_0123456789abcdef".to_string(),
+        )]);
+        let text = format!("{MINIMAL}\n[admin]\ntoken = \"file-token-0123456789\"\n");
+        let s = Settings::from_toml(&text, Path::new("."), Some(env)).unwrap();
+        let token = s.admin.token.as_ref().unwrap();
+        assert_eq!(token.expose(), "adm_0123456789abcdef");
+        assert!(!format!("{s:?}").contains("adm_0123456789abcdef"));
+    }
+
+    #[test]
+    fn admin_token_must_be_long_and_printable_and_is_never_echoed() {
+        for bad in ["", "short", "has a space in the middle"] {
+            let env = HashMap::from([("CREDYT_PROXY__ADMIN__TOKEN".to_string(), bad.to_string())]);
+            let errs = Settings::from_toml(MINIMAL, Path::new("."), Some(env)).unwrap_err();
+            assert!(
+                errs.0.iter().any(|e| e.key == "admin.token"),
+                "{bad:?}: {errs}"
+            );
+            if !bad.is_empty() {
+                assert!(!errs.to_string().contains(bad), "{errs}");
+            }
         }
     }
 

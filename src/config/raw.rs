@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    AckMode, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings, LogFormat,
-    LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
+    AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
+    LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
     ServerSettings, Settings, SyncMode, TenantsSettings,
 };
 
@@ -28,6 +28,7 @@ pub struct RawSettings {
     pub identity: RawIdentity,
     pub outbox: RawOutbox,
     pub rate_limit: RawRateLimit,
+    pub admin: RawAdmin,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +237,37 @@ impl Default for RawRateLimit {
     }
 }
 
+/// `[admin]`: the operator API on the admin port.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// Bearer token of the dead-letter endpoints (`/admin/...`); unset (the default) disables
+    /// them. Set it from the environment (`CREDYT_PROXY__ADMIN__TOKEN`), not in the file.
+    pub token: Option<String>,
+}
+
+/// Shortest admin token accepted: a guessable token would guard the replay of money.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+fn admin_token(p: &mut Problems, token: Option<String>) -> Option<Secret> {
+    let token = token?;
+    // Never echo the value: it is a secret.
+    if token.len() < MIN_ADMIN_TOKEN_LEN {
+        p.push(
+            "admin.token",
+            format!(
+                "must be at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset to disable the dead-letter endpoints)"
+            ),
+        );
+    } else if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        p.push(
+            "admin.token",
+            "must be printable ASCII without spaces (it travels in an Authorization header)",
+        );
+    }
+    Some(Secret::new(token))
+}
+
 fn nonzero_u32(p: &mut Problems, key: &str, v: u32) -> NonZeroU32 {
     NonZeroU32::new(v).unwrap_or_else(|| {
         p.push(key, "must be greater than 0");
@@ -440,6 +472,10 @@ impl RawSettings {
             burst: nonzero_u32(&mut p, "rate_limit.burst", self.rate_limit.burst),
         };
 
+        let admin = AdminSettings {
+            token: admin_token(&mut p, self.admin.token),
+        };
+
         p.into_result(Settings {
             server,
             log: LogSettings {
@@ -453,6 +489,7 @@ impl RawSettings {
             identity,
             outbox,
             rate_limit,
+            admin,
         })
     }
 }

@@ -60,6 +60,25 @@ struct Problem<'a> {
     errors: Option<BTreeMap<String, Vec<String>>>,
 }
 
+/// The `type` URI of a problem code.
+fn type_uri(code: &str) -> String {
+    format!("https://credyt-proxy.dev/problems/{code}")
+}
+
+/// The `application/problem+json` body of a problem without field errors, for answers built
+/// outside [`ApiError`]'s table (the admin port has its own, see `crate::admin`).
+pub fn problem_body(status: StatusCode, title: &str, code: &str, detail: String) -> Vec<u8> {
+    let body = Problem {
+        kind: type_uri(code),
+        title,
+        status: status.as_u16(),
+        detail,
+        code,
+        errors: None,
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 impl ApiError {
     /// The stable snake_case code of this error.
     pub fn code(&self) -> &'static str {
@@ -179,7 +198,7 @@ impl ResponseError for ApiError {
             _ => None,
         };
         let body = Problem {
-            kind: format!("https://credyt-proxy.dev/problems/{}", self.code()),
+            kind: type_uri(self.code()),
             title: self.title(),
             status: status.as_u16(),
             detail,

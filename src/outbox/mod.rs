@@ -480,6 +480,17 @@ impl Outbox {
         self.inner.store.dead_letters()
     }
 
+    /// Up to `limit` dead letters with a sequence number above `after` (all when `None`),
+    /// oldest first, and whether more follow. Reads the store: blocking (call it from
+    /// `spawn_blocking`).
+    pub fn dead_letters_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), OutboxError> {
+        self.inner.store.dead_letters_page(after, limit)
+    }
+
     /// Moves dead letters (the given ones, or all) back to pending; returns how many moved.
     /// Unknown sequence numbers are skipped. Replayed records may exceed `max_pending`.
     pub async fn replay(&self, seqs: Option<&[u64]>) -> Result<usize, OutboxError> {

@@ -352,6 +352,30 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` dead letters with a sequence number above `after`, oldest first, and
+    /// whether more follow: one page of the store, read without loading the rest.
+    pub(crate) fn dead_letters_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), OutboxError> {
+        let from = match after {
+            None => 0,
+            // Nothing can follow the largest sequence number.
+            Some(u64::MAX) => return Ok((Vec::new(), false)),
+            Some(seq) => seq + 1,
+        };
+        let mut page = Vec::with_capacity(limit.min(1024));
+        for kv in self.dead.range(seq_key(from)..) {
+            let (_, v) = kv?;
+            if page.len() == limit {
+                return Ok((page, true));
+            }
+            page.push(decode_dead(&v)?);
+        }
+        Ok((page, false))
+    }
+
     pub(crate) fn get_dead(&self, seq: u64) -> Result<Option<DeadLetter>, OutboxError> {
         self.dead
             .get(seq_key(seq))?

@@ -635,6 +635,38 @@ fn old_dead_letters_read_as_refused_and_the_oldest_record_is_known() {
 }
 
 #[test]
+fn dead_letters_page_in_sequence_order() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(settings(dir.path(), SyncPolicy::Always)).unwrap();
+        let events = (0..5).map(|i| event("t", &format!("p{i}"), 1)).collect();
+        ob.append(events).await.unwrap();
+        let mut seqs = seqs_of(&ob.next_batch(10));
+        seqs.sort_unstable();
+        for &seq in &seqs {
+            ob.dead_letter(seq, DeadCode::Refused, "rejected".into(), Some(422), None)
+                .await
+                .unwrap();
+        }
+        let page = |after, limit| {
+            let (letters, more) = ob.dead_letters_page(after, limit).unwrap();
+            (letters.iter().map(|l| l.seq).collect::<Vec<_>>(), more)
+        };
+        assert_eq!(page(None, 2), (seqs[..2].to_vec(), true));
+        assert_eq!(page(Some(seqs[1]), 2), (seqs[2..4].to_vec(), true));
+        assert_eq!(page(Some(seqs[3]), 2), (seqs[4..].to_vec(), false));
+        assert_eq!(page(Some(seqs[1]), 3), (seqs[2..].to_vec(), false));
+        assert_eq!(page(None, 10), (seqs.clone(), false));
+        assert_eq!(page(Some(u64::MAX), 10), (Vec::new(), false));
+        // `after` need not be a dead letter's own number (a replayed one, here).
+        assert_eq!(ob.replay(Some(&seqs[1..2])).await.unwrap(), 1);
+        assert_eq!(page(Some(seqs[0]), 1), (vec![seqs[2]], true));
+        assert_eq!(page(Some(seqs[1]), 1), (vec![seqs[2]], true));
+        ob.close().await.unwrap();
+    });
+}
+
+#[test]
 fn failed_write_releases_the_ids() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! The one integration-test binary: real servers on 127.0.0.1:0, real clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod cli;
 mod coalesce;
 mod crash;
