@@ -166,12 +166,14 @@ async fn outage_keeps_acking_bounds_upstream_traffic_and_drains_exactly_once() {
             acked_total += n;
         }
     }
-    // The breaker's math (ForwarderSettings::default): a batch is at most
-    // `forwarder_concurrency` sends; each all-failed batch counts one failure, and 5 of them
-    // open the breaker, so at most 5 x 16 = 80 sends go out before it opens. Open, it lets one
-    // probe through per cooldown, and the cooldown is at least 1 s (doubling on each failed
-    // probe, up to 30 s), so the 30 s outage costs at most 31 probes more: <= 111 requests in
-    // all. A retry storm (every record retried with backoff, no breaker) makes thousands.
+    // The breaker's math (ForwarderSettings::default): at most `forwarder_concurrency` calls
+    // are in flight when the outage begins; each failed call frees its slot for another, and
+    // 5 failures in a row (no success between) open the breaker, so at most 16 + 5 calls go out
+    // before it opens. Open, it lets one probe through per cooldown, and the cooldown is at
+    // least 1 s (doubling on each failed probe, up to 30 s), so the 30 s outage costs at most
+    // 31 probes more. The bound below (the one of the round-based forwarder, 5 x 16 + 31) has
+    // room to spare; a retry storm (every record retried with backoff, no breaker) makes
+    // thousands.
     let bound = 5 * CONCURRENCY + outage.as_secs() + 1;
     assert!(
         during <= bound,
