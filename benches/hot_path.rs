@@ -30,9 +30,9 @@ use credyt_proxy::ingest::sink::Sink;
 use credyt_proxy::ingest::wire::parse_request;
 use credyt_proxy::ingest::{self, AppState};
 use credyt_proxy::outbox::{Outbox, OutboxSettings, SyncPolicy};
-use credyt_proxy::outcome::OutcomeCounters;
 use credyt_proxy::pricing::Pricing;
 use credyt_proxy::ratelimit::{TenantLimiter, TenantQuota};
+use credyt_proxy::telemetry::metrics::Metrics;
 use credyt_proxy::upstream::CredytClient;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -120,13 +120,18 @@ async fn fixture() -> Fixture {
     let settings = Arc::new(settings);
     let tenants = Arc::new(Tenants::load(&settings.tenants.file, quota()).unwrap());
     let pricing = Arc::new(Pricing::load(&settings.pricing.dir).unwrap());
-    let client = CredytClient::new(&settings.credyt).unwrap();
-    let identity = Arc::new(Identity::new(client, &settings.identity));
+    // Instrumented as `Application::build` does it (the figures include the metrics).
+    let metrics = Metrics::new(&settings.telemetry);
+    let client =
+        CredytClient::with_metrics(&settings.credyt, Some(metrics.upstream.clone())).unwrap();
+    let identity =
+        Arc::new(Identity::new(client, &settings.identity).with_metrics(metrics.identity.clone()));
     let outbox = Outbox::open(OutboxSettings {
         sync: SyncPolicy::Interval(Duration::from_millis(500)),
         max_pending: usize::MAX,
         // as the proxy runs `interval` (segments are preallocated with `always` only)
         log_preallocate: false,
+        metrics: Some(metrics.outbox.clone()),
         ..OutboxSettings::new(dir.path().join("outbox"))
     })
     .unwrap();
@@ -137,7 +142,7 @@ async fn fixture() -> Fixture {
         pricing,
         sink: Sink::Durable(outbox.clone()),
         outbox: Some(outbox),
-        counters: Arc::new(OutcomeCounters::default()),
+        metrics: Arc::new(metrics),
     });
     Fixture {
         state,

@@ -18,9 +18,9 @@ use crate::identity::{Identity, Tenants};
 use crate::ingest::sink::Sink;
 use crate::ingest::{self, AppState};
 use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
-use crate::outcome::OutcomeCounters;
 use crate::pricing::Pricing;
 use crate::ratelimit::TenantQuota;
+use crate::telemetry::metrics::{LiveState, Metrics};
 use crate::upstream::credentials::{Credentials, KeyStatus};
 use crate::upstream::forward::Forwarder;
 use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
@@ -41,7 +41,7 @@ pub struct Application {
 }
 
 /// Opens (and recovers) the outbox before anything is accepted.
-async fn open_outbox(settings: &Settings) -> anyhow::Result<Outbox> {
+async fn open_outbox(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Outbox> {
     let s = &settings.outbox;
     let outbox_settings = OutboxSettings {
         dir: s.dir.clone(),
@@ -55,6 +55,7 @@ async fn open_outbox(settings: &Settings) -> anyhow::Result<Outbox> {
         // Zero-filled segments pay off only where an answer waits for a sync; with `interval`
         // they would only write every byte twice (a 100-event burst: 2.8% of the core).
         log_preallocate: s.sync == SyncMode::Always,
+        metrics: Some(metrics.outbox.clone()),
         ..OutboxSettings::new(s.dir.clone())
     };
     let dir = s.dir.clone();
@@ -88,7 +89,9 @@ impl Application {
                 .max_idle_per_host
                 .max(settings.outbox.forwarder_concurrency.1);
         }
-        let client = CredytClient::new(&credyt).context("building the credyt client")?;
+        let mut metrics = Metrics::new(&settings.telemetry);
+        let client = CredytClient::with_metrics(&credyt, Some(metrics.upstream.clone()))
+            .context("building the credyt client")?;
         // Is the platform key accepted? Refused: stay alive but not ready (the monitor checks
         // again); unreachable: ready, with a warning (durable mode accepts while Credyt is down).
         let credentials = Arc::new(Credentials::default());
@@ -100,7 +103,10 @@ impl Application {
         let mut tasks = vec![tokio::spawn(
             Arc::clone(&credentials).monitor(client.clone()),
         )];
-        let identity = Arc::new(Identity::new(client.clone(), &settings.identity));
+        let identity = Arc::new(
+            Identity::new(client.clone(), &settings.identity)
+                .with_metrics(metrics.identity.clone()),
+        );
         let (sink, outbox, forwarder) = match settings.ingest.ack {
             AckMode::Upstream => (
                 Sink::upstream(Forwarder::new(client), &settings.ingest),
@@ -108,7 +114,7 @@ impl Application {
                 None,
             ),
             AckMode::Durable => {
-                let outbox = open_outbox(&settings).await?;
+                let outbox = open_outbox(&settings, &metrics).await?;
                 let forwarder = settings.outbox.forwarder.then(|| {
                     let (min, max) = settings.outbox.forwarder_concurrency;
                     ForwarderHandle::spawn(
@@ -132,6 +138,14 @@ impl Application {
                 (Sink::Durable(outbox.clone()), Some(outbox), forwarder)
             }
         };
+        let readiness = Arc::new(Readiness::default());
+        metrics.register_live(LiveState {
+            readiness: Arc::clone(&readiness),
+            credentials: Arc::clone(&credentials),
+            identity: Arc::clone(&identity),
+            outbox: outbox.clone(),
+            forwarder: forwarder.as_ref().map(|f| Arc::clone(f.stats())),
+        });
         let state = Arc::new(AppState {
             settings: settings.clone(),
             tenants: tenants.clone(),
@@ -139,7 +153,7 @@ impl Application {
             pricing: pricing.clone(),
             sink,
             outbox: outbox.clone(),
-            counters: Arc::new(OutcomeCounters::default()),
+            metrics: Arc::new(metrics),
         });
         tasks.push(tenants.spawn_watcher(settings.tenants.reload_interval));
         tasks.push(pricing.spawn_watcher(settings.pricing.reload_interval));
@@ -163,7 +177,6 @@ impl Application {
         let tenant_handle = tenant_server.handle();
         tokio::spawn(tenant_server);
 
-        let readiness = Arc::new(Readiness::default());
         let admin_listener = TcpListener::bind(settings.server.admin_listen)
             .with_context(|| format!("binding {}", settings.server.admin_listen))?;
         let admin_addr = admin_listener.local_addr()?;

@@ -36,7 +36,8 @@
 //!
 //! Errors of every stage are typed and mapped to HTTP in one table ([`ingest::problem`]):
 //! RFC 7807 problem+json with a stable `code`. The operator port ([`admin`]) serves `/livez`,
-//! `/readyz`, `/metrics` and, behind the admin token, the outbox's dead letters (list, replay);
+//! `/readyz`, `/metrics` (every metric defined in [`telemetry::metrics`]; each stage only
+//! increments or observes typed handles) and, behind the admin token, the outbox's dead letters (list, replay);
 //! [`shutdown`] drains on SIGTERM/SIGINT. The [`emulator`] is an
 //! independent, stateful fake of the Credyt API used by tests, the sandbox and load tests; it
 //! shares no code with the proxy's client ([`upstream`]).

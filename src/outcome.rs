@@ -3,9 +3,8 @@
 //! `Accepted` carries the priced fees the tenant is told about (and that will be charged);
 //! `Duplicate` means the event id was already accepted within the dedupe window (nothing new
 //! is charged); `Rejected` carries a stable snake_case code and a message. Outcomes are counted
-//! by code, a bounded set, never by tenant input.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! by kind (`credyt_proxy_events_total{outcome}`, see `telemetry::metrics`), a bounded set,
+//! never by tenant input.
 
 use serde::Serialize;
 
@@ -26,35 +25,4 @@ pub struct Rejection {
     /// Path of the offending field, e.g. `events[3].occurred_at`.
     pub field: String,
     pub message: String,
-}
-
-/// Counts of outcomes since start, by kind and rejection code.
-#[derive(Default)]
-pub struct OutcomeCounters {
-    pub accepted: AtomicU64,
-    pub duplicate: AtomicU64,
-    pub rejected: AtomicU64,
-    pub fees: AtomicU64,
-}
-
-impl OutcomeCounters {
-    /// Counts events rejected together (an atomic `/events` request that failed validation).
-    pub fn record_rejections(&self, n: usize) {
-        self.rejected.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    pub fn record(&self, outcome: &Outcome) {
-        match outcome {
-            Outcome::Accepted { fees } => {
-                self.accepted.fetch_add(1, Ordering::Relaxed);
-                self.fees.fetch_add(fees.len() as u64, Ordering::Relaxed);
-            }
-            Outcome::Duplicate => {
-                self.duplicate.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Rejected(_) => {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
 }

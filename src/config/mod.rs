@@ -177,6 +177,24 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// `[telemetry]`: what the metrics may be labelled by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    /// Label event, fee and rate-limit counters with the tenant id (from the tenants file).
+    pub per_tenant_metrics: bool,
+    /// Tenants with a label of their own; the others share `tenant="other"`.
+    pub max_tenant_labels: usize,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            per_tenant_metrics: false,
+            max_tenant_labels: 100,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -190,6 +208,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub rate_limit: RateLimitDefaults,
     pub admin: AdminSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 impl Settings {
@@ -394,6 +413,29 @@ mod tests {
             if !bad.is_empty() {
                 assert!(!errs.to_string().contains(bad), "{errs}");
             }
+        }
+    }
+
+    #[test]
+    fn telemetry_per_tenant_metrics_are_off_by_default_and_capped() {
+        let s = Settings::from_toml(MINIMAL, Path::new("."), Some(HashMap::new())).unwrap();
+        assert_eq!(s.telemetry, TelemetrySettings::default());
+        assert!(!s.telemetry.per_tenant_metrics);
+        let text =
+            format!("{MINIMAL}\n[telemetry]\nper_tenant_metrics = true\nmax_tenant_labels = 5\n");
+        let s = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap();
+        assert!(s.telemetry.per_tenant_metrics);
+        assert_eq!(s.telemetry.max_tenant_labels, 5);
+        for bad in [0, 10_001] {
+            let text = format!("{MINIMAL}\n[telemetry]\nmax_tenant_labels = {bad}\n");
+            let errs =
+                Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap_err();
+            assert!(
+                errs.0
+                    .iter()
+                    .any(|e| e.key == "telemetry.max_tenant_labels"),
+                "{bad}: {errs}"
+            );
         }
     }
 

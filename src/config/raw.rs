@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::{
     AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
     LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
-    ServerSettings, Settings, SyncMode, TenantsSettings,
+    ServerSettings, Settings, SyncMode, TelemetrySettings, TenantsSettings,
 };
 
 #[derive(Debug, Deserialize, Default)]
@@ -29,6 +29,7 @@ pub struct RawSettings {
     pub outbox: RawOutbox,
     pub rate_limit: RawRateLimit,
     pub admin: RawAdmin,
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +246,29 @@ pub struct RawAdmin {
     /// them. Set it from the environment (`CREDYT_PROXY__ADMIN__TOKEN`), not in the file.
     pub token: Option<String>,
 }
+
+/// `[telemetry]`: labels of the metrics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// Label event, fee and rate-limit counters by tenant (default false).
+    pub per_tenant_metrics: bool,
+    /// Tenants labelled by their own id; the rest share `other` (default 100, at most 10000).
+    pub max_tenant_labels: u64,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        let d = TelemetrySettings::default();
+        Self {
+            per_tenant_metrics: d.per_tenant_metrics,
+            max_tenant_labels: d.max_tenant_labels as u64,
+        }
+    }
+}
+
+/// Most tenant label values: each one multiplies the series of every per-tenant counter.
+const MAX_TENANT_LABELS: u64 = 10_000;
 
 /// Shortest admin token accepted: a guessable token would guard the replay of money.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
@@ -476,6 +500,21 @@ impl RawSettings {
             token: admin_token(&mut p, self.admin.token),
         };
 
+        let max_tenant_labels = p.nonzero(
+            "telemetry.max_tenant_labels",
+            self.telemetry.max_tenant_labels,
+        );
+        if max_tenant_labels > MAX_TENANT_LABELS {
+            p.push(
+                "telemetry.max_tenant_labels",
+                format!("must be at most {MAX_TENANT_LABELS}"),
+            );
+        }
+        let telemetry = TelemetrySettings {
+            per_tenant_metrics: self.telemetry.per_tenant_metrics,
+            max_tenant_labels: max_tenant_labels as usize,
+        };
+
         p.into_result(Settings {
             server,
             log: LogSettings {
@@ -490,6 +529,7 @@ impl RawSettings {
             outbox,
             rate_limit,
             admin,
+            telemetry,
         })
     }
 }

@@ -10,6 +10,8 @@
 //!   id answers 404 there). Results are cached in moka with a TTL; "not found" is cached too,
 //!   for a shorter time; many concurrent misses of one key make exactly one upstream lookup.
 //! - The account sent upstream in `X-CREDYT-ACCOUNT` comes only from here.
+//! - Hits, misses, the upstream lookups misses made and how long misses waited are counted
+//!   by kind (account, customer, customer_check) in `telemetry::metrics`.
 //! - A hit is a memory lookup. Only misses do I/O, and their upstream errors are returned, never
 //!   cached.
 
@@ -21,6 +23,7 @@ use moka::future::Cache;
 
 use crate::config::IdentitySettings;
 use crate::domain::{AccountId, CustomerId, TenantId};
+use crate::telemetry::metrics::{IdentityMetrics, LookupKind};
 use crate::upstream::{CredytClient, UpstreamError};
 
 pub use tenants::{AccountRef, ForwardMode, Tenant, TenantTable, Tenants};
@@ -74,6 +77,7 @@ pub struct Identity {
     missing: Cache<CustomerKey, ()>,
     /// Customer ids sent directly: whether each belongs to the account.
     owned: Cache<(AccountId, CustomerId), bool>,
+    metrics: IdentityMetrics,
 }
 
 impl Identity {
@@ -96,7 +100,27 @@ impl Identity {
                 .max_capacity(settings.max_entries)
                 .time_to_live(settings.ttl)
                 .build(),
+            metrics: IdentityMetrics::default(),
         }
+    }
+
+    /// Counts hits, misses and upstream lookups into these (registered) handles.
+    pub fn with_metrics(mut self, metrics: IdentityMetrics) -> Identity {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts a miss, and how long it waited for its answer.
+    async fn timed_miss<T>(
+        &self,
+        kind: LookupKind,
+        lookup: impl std::future::Future<Output = T>,
+    ) -> T {
+        self.metrics.miss(kind);
+        let started = std::time::Instant::now();
+        let result = lookup.await;
+        self.metrics.observe_lookup(kind, started.elapsed());
+        result
     }
 
     fn upstream(miss: Arc<Miss>, not_found: impl FnOnce() -> IdentityError) -> IdentityError {
@@ -112,13 +136,19 @@ impl Identity {
             AccountRef::Id(id) => return Ok(id.clone()),
             AccountRef::ExternalId(e) => e,
         };
-        self.accounts
-            .try_get_with_by_ref(&tenant.id, async {
-                self.client
-                    .find_account(external)
-                    .await?
-                    .ok_or(Miss::NotFound)
-            })
+        const KIND: LookupKind = LookupKind::Account;
+        if let Some(hit) = self.accounts.get(&tenant.id).await {
+            self.metrics.hit(KIND);
+            return Ok(hit);
+        }
+        let load = self.accounts.try_get_with_by_ref(&tenant.id, async {
+            self.metrics.upstream_lookup(KIND);
+            self.client
+                .find_account(external)
+                .await?
+                .ok_or(Miss::NotFound)
+        });
+        self.timed_miss(KIND, load)
             .await
             .map_err(|m| Self::upstream(m, || IdentityError::UnknownAccount(external.clone())))
     }
@@ -130,20 +160,25 @@ impl Identity {
         external_id: &str,
         create: bool,
     ) -> Result<CustomerId, IdentityError> {
+        const KIND: LookupKind = LookupKind::Customer;
         let key: CustomerKey = (account.clone(), Arc::from(external_id));
         if self.missing.contains_key(&key) {
+            self.metrics.hit(KIND);
             return Err(IdentityError::UnknownCustomer(external_id.to_string()));
         }
-        let found = self
-            .customers
-            .try_get_with_by_ref(&key, async {
-                match self.client.find_customer(account, external_id).await? {
-                    Some(id) => Ok(id),
-                    None if create => Ok(self.client.create_customer(account, external_id).await?),
-                    None => Err(Miss::NotFound),
-                }
-            })
-            .await;
+        if let Some(hit) = self.customers.get(&key).await {
+            self.metrics.hit(KIND);
+            return Ok(hit);
+        }
+        let load = self.customers.try_get_with_by_ref(&key, async {
+            self.metrics.upstream_lookup(KIND);
+            match self.client.find_customer(account, external_id).await? {
+                Some(id) => Ok(id),
+                None if create => Ok(self.client.create_customer(account, external_id).await?),
+                None => Err(Miss::NotFound),
+            }
+        });
+        let found = self.timed_miss(KIND, load).await;
         match found {
             Ok(id) => Ok(id),
             Err(miss) => {
@@ -163,19 +198,26 @@ impl Identity {
         account: &AccountId,
         customer: &CustomerId,
     ) -> Result<CustomerId, IdentityError> {
+        const KIND: LookupKind = LookupKind::CustomerCheck;
         let key = (account.clone(), customer.clone());
-        let owned = self
-            .owned
-            .try_get_with(key, async {
-                self.client
-                    .customer_exists(account, customer)
-                    .await
-                    .map_err(Miss::from)
-            })
-            .await
-            .map_err(|m| {
-                Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string()))
-            })?;
+        let owned = match self.owned.get(&key).await {
+            Some(owned) => {
+                self.metrics.hit(KIND);
+                owned
+            }
+            None => {
+                let load = self.owned.try_get_with(key, async {
+                    self.metrics.upstream_lookup(KIND);
+                    self.client
+                        .customer_exists(account, customer)
+                        .await
+                        .map_err(Miss::from)
+                });
+                self.timed_miss(KIND, load).await.map_err(|m| {
+                    Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string()))
+                })?
+            }
+        };
         if owned {
             Ok(customer.clone())
         } else {
@@ -186,6 +228,11 @@ impl Identity {
     /// Number of cached end-user mappings (for metrics and the memory benchmark).
     pub async fn cached_customers(&self) -> u64 {
         self.customers.run_pending_tasks().await;
+        self.customers.entry_count()
+    }
+
+    /// [`Identity::cached_customers`] as the cache last counted it (no maintenance run).
+    pub fn cached_customers_now(&self) -> u64 {
         self.customers.entry_count()
     }
 }

@@ -26,8 +26,9 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::domain::Fee;
 use crate::identity::{Identity, Tenants};
-use crate::outcome::{Outcome, OutcomeCounters, Rejection};
+use crate::outcome::{Outcome, Rejection};
 use crate::pricing::Pricing;
+use crate::telemetry::metrics::{Endpoint, Metrics};
 
 use pipeline::Mode;
 use problem::ApiError;
@@ -42,7 +43,8 @@ pub struct AppState {
     pub sink: Sink,
     /// The outbox, when `ack = "durable"` (for the admin port).
     pub outbox: Option<crate::outbox::Outbox>,
-    pub counters: Arc<OutcomeCounters>,
+    /// This proxy's metrics (see `telemetry::metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 pub type State = Arc<AppState>;
@@ -52,21 +54,63 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events", web::post().to(post_events))
         .route("/v1/events", web::post().to(post_v1_events))
         .route("/v1/quote", web::post().to(post_quote))
-        .route(
-            "/healthz",
-            web::get().to(|| async { HttpResponse::Ok().finish() }),
-        );
+        .route("/healthz", web::get().to(healthz));
 }
 
-/// Answers unknown paths and methods with problem+json.
+/// Times a handler and counts its answer under its route pattern (a bounded label).
+async fn timed<F>(
+    state: &AppState,
+    endpoint: Endpoint,
+    handler: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: std::future::Future<Output = Result<HttpResponse, ApiError>>,
+{
+    use actix_web::ResponseError;
+    let started = std::time::Instant::now();
+    let result = handler.await;
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status_code(),
+    };
+    state
+        .metrics
+        .http
+        .observe_request(endpoint, status.as_u16(), started.elapsed());
+    result
+}
+
+async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    timed(&state, Endpoint::Healthz, async {
+        Ok(HttpResponse::Ok().finish())
+    })
+    .await
+}
+
+/// Answers unknown paths and methods with problem+json. Counted under the endpoint of a
+/// known path (a wrong method), or `other`: never under the path asked for.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
     use actix_web::ResponseError;
-    let known = ["/events", "/v1/events", "/v1/quote"].contains(&req.path());
-    if known {
+    let endpoint = match req.path() {
+        "/events" => Some(Endpoint::Events),
+        "/v1/events" => Some(Endpoint::V1Events),
+        "/v1/quote" => Some(Endpoint::V1Quote),
+        "/healthz" => Some(Endpoint::Healthz),
+        _ => None,
+    };
+    let resp = if endpoint.is_some() {
         ApiError::MethodNotAllowed.error_response()
     } else {
         ApiError::NotFound.error_response()
+    };
+    if let Some(state) = req.app_data::<web::Data<AppState>>() {
+        state.metrics.http.observe_request(
+            endpoint.unwrap_or(Endpoint::Other),
+            resp.status().as_u16(),
+            std::time::Duration::ZERO,
+        );
     }
+    resp
 }
 
 fn api_key(req: &HttpRequest) -> Option<&str> {
@@ -140,8 +184,12 @@ async fn post_events(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    run(state, req, payload, Mode::Atomic).await?;
-    Ok(HttpResponse::NoContent().finish())
+    let metrics = state.clone();
+    timed(&metrics, Endpoint::Events, async move {
+        run(state, req, payload, Mode::Atomic).await?;
+        Ok(HttpResponse::NoContent().finish())
+    })
+    .await
 }
 
 #[derive(Serialize)]
@@ -163,6 +211,15 @@ struct BatchResponse<'a> {
 }
 
 async fn post_v1_events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let metrics = state.clone();
+    timed(&metrics, Endpoint::V1Events, v1_events(state, req, payload)).await
+}
+
+async fn v1_events(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -213,7 +270,15 @@ async fn post_quote(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let tenant = pipeline::authenticate(&state, api_key(&req))?;
+    timed(&state, Endpoint::V1Quote, quote(&state, req, payload)).await
+}
+
+async fn quote(
+    state: &AppState,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = pipeline::authenticate(state, api_key(&req))?;
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
     let event: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;

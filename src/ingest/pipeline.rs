@@ -10,6 +10,7 @@ use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage,
 use crate::identity::{ForwardMode, Tenant};
 use crate::outcome::{Outcome, Rejection};
 use crate::pricing::PricingError;
+use crate::telemetry::metrics::{EventOutcome, TenantLabel};
 
 use super::finish::Finish;
 use super::problem::ApiError;
@@ -28,7 +29,7 @@ pub enum Mode {
 }
 
 /// The tenant presenting `key`, or 401.
-pub fn authenticate(state: &State, key: Option<&str>) -> Result<Arc<Tenant>, ApiError> {
+pub fn authenticate(state: &super::AppState, key: Option<&str>) -> Result<Arc<Tenant>, ApiError> {
     let key = key.ok_or(ApiError::Unauthorized)?;
     state
         .tenants
@@ -60,11 +61,12 @@ pub async fn process(
     body: web::BytesMut,
     mode: Mode,
 ) -> Result<Vec<Outcome>, ApiError> {
-    let (accepted, plan) = accept(state, tenant, body, mode).await?;
+    let tenant_label = state.metrics.events.tenant_label(tenant.id.as_str());
+    let (accepted, plan) = accept(state, tenant, &tenant_label, body, mode).await?;
     // From here on the request is being accepted: the hand-off and the counting finish even if
     // the client goes away (see the finish module).
     let sink = state.sink.clone();
-    let counters = state.counters.clone();
+    let metrics = state.metrics.clone();
     Finish::new(async move {
         let submitted = if accepted.is_empty() {
             Vec::new()
@@ -85,9 +87,7 @@ pub async fn process(
                 },
             });
         }
-        for o in &outcomes {
-            counters.record(o);
-        }
+        count(&metrics.events, &tenant_label, &outcomes);
         Ok(outcomes)
     })
     .await
@@ -96,21 +96,52 @@ pub async fn process(
     )))
 }
 
+/// Counts a request's outcomes: one add per kind of outcome, not one per event.
+fn count(
+    events: &crate::telemetry::metrics::EventMetrics,
+    tenant: &TenantLabel,
+    outcomes: &[Outcome],
+) {
+    let (mut accepted, mut duplicate, mut rejected, mut fees) = (0, 0, 0, 0);
+    for o in outcomes {
+        match o {
+            Outcome::Accepted { fees: f } => {
+                accepted += 1;
+                fees += f.len() as u64;
+            }
+            Outcome::Duplicate => duplicate += 1,
+            Outcome::Rejected(_) => rejected += 1,
+        }
+    }
+    for (outcome, n, fees) in [
+        (EventOutcome::Accepted, accepted, fees),
+        (EventOutcome::Duplicate, duplicate, 0),
+        (EventOutcome::Rejected, rejected, 0),
+    ] {
+        if n > 0 {
+            events.record(tenant, outcome, n, fees);
+        }
+    }
+}
+
 /// Parses, rate-limits, judges and prices the events, maps the identities, and builds the
 /// accepted events' deliveries: everything before the hand-off to the sink.
 async fn accept(
     state: &State,
     tenant: &Tenant,
+    tenant_label: &TenantLabel,
     body: web::BytesMut,
     mode: Mode,
 ) -> Result<(Vec<AcceptedEvent>, Plan), ApiError> {
     let now = Utc::now();
     let parsed = parse_request(&body, &state.settings.ingest, now)?;
     drop(body);
-    tenant
-        .limiter
-        .check(parsed.events.len() as u32)
-        .map_err(ApiError::RateLimited)?;
+    let n = parsed.events.len();
+    state.metrics.http.observe_events(n);
+    if let Err(limited) = tenant.limiter.check(n as u32) {
+        state.metrics.events.ratelimited(tenant_label, n as u64);
+        return Err(ApiError::RateLimited(limited));
+    }
 
     // Judge every event before any I/O, so an invalid /events batch costs no lookup.
     let pricing = state.pricing.current();
@@ -136,7 +167,12 @@ async fn accept(
             .filter_map(|j| j.as_ref().err().cloned())
             .collect();
         if !rejections.is_empty() {
-            state.counters.record_rejections(rejections.len());
+            state.metrics.events.record(
+                tenant_label,
+                EventOutcome::Rejected,
+                rejections.len() as u64,
+                0,
+            );
             return Err(ApiError::Validation(rejections));
         }
     }

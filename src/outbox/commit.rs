@@ -652,6 +652,9 @@ impl Committer {
         }
         self.shared.groups.fetch_add(1, Ordering::Relaxed);
         self.shared.appends.fetch_add(appends, Ordering::Relaxed);
+        if let (Some(metrics), true) = (&self.shared.metrics, appends > 0) {
+            metrics.observe_group(appends);
+        }
         match self.settings.sync {
             // In order through the sync thread, which answers after the covering fdatasync.
             SyncPolicy::Always => {

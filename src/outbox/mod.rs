@@ -53,6 +53,7 @@ use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
 use crate::domain::{Delivery, EventId, TenantId};
+use crate::telemetry::metrics::OutboxMetrics;
 
 use commit::{Commit, Committer, Control, Msg};
 use queue::{Leased, Queue};
@@ -101,6 +102,8 @@ pub struct OutboxSettings {
     /// the `log` module). Costs one segment of disk for the spare, and writing every byte
     /// twice: the proxy turns it on with `sync = "always"` only, where answers wait for syncs.
     pub log_preallocate: bool,
+    /// Where appends' waits, syncs and commit groups are observed (none: not observed).
+    pub metrics: Option<OutboxMetrics>,
 }
 
 impl OutboxSettings {
@@ -115,6 +118,7 @@ impl OutboxSettings {
             max_group: 512,
             log_segment_bytes: log::SEGMENT_BYTES,
             log_preallocate: true,
+            metrics: None,
         }
     }
 }
@@ -233,6 +237,8 @@ pub(crate) struct Shared {
     pub(crate) synced_lsn: AtomicU64,
     /// Dedupe keys not yet indexed, deferred fjall work, live records per log segment.
     pub(crate) index: Mutex<index::Indexing>,
+    /// Histograms of appends' waits, syncs and commit groups.
+    pub(crate) metrics: Option<OutboxMetrics>,
     #[cfg(test)]
     pub(crate) faults: tests::Faults,
 }
@@ -336,6 +342,7 @@ impl Outbox {
             written_lsn: AtomicU64::new(start_lsn),
             synced_lsn: AtomicU64::new(start_lsn),
             index: Mutex::new(recovered.indexing),
+            metrics: settings.metrics.clone(),
             #[cfg(test)]
             faults: tests::Faults::default(),
         });
@@ -419,7 +426,13 @@ impl Outbox {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        self.call(|reply| Msg::Append { events, reply }).await
+        let Some(metrics) = &self.inner.shared.metrics else {
+            return self.call(|reply| Msg::Append { events, reply }).await;
+        };
+        let started = std::time::Instant::now();
+        let result = self.call(|reply| Msg::Append { events, reply }).await;
+        metrics.observe_commit_wait(started.elapsed());
+        result
     }
 
     /// Leases up to `max` pending deliveries that are not currently leased, oldest first.

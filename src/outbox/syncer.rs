@@ -218,6 +218,9 @@ impl Syncer {
         let result = self.sync_files(fjall);
         let took = started.elapsed();
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = &self.shared.metrics {
+            metrics.observe_sync(took);
+        }
         self.shared.last_sync_nanos.store(
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1),
             Ordering::Relaxed,

@@ -1,11 +1,13 @@
-//! Telemetry: tracing initialisation and the names of everything the proxy counts.
+//! Telemetry: tracing initialisation and everything the proxy counts.
 //!
 //! Contract: [`init`] installs one global subscriber (pretty or JSON lines on stderr, filtered
-//! by the configured directive; `RUST_LOG` wins when set). Metric names live only in
-//! [`names`], and every label value comes from a bounded set (outcome codes, status classes),
-//! never from tenant input.
+//! by the configured directive; `RUST_LOG` wins when set). Every metric (name, type, help,
+//! labels, buckets) is defined in [`metrics`] and nowhere else, and every label value comes
+//! from a bounded set (route patterns, status classes, operations, outcome codes; tenant ids
+//! from the tenants file only when configured, capped), never from tenant input. The operator
+//! reference (every metric, the alerts and their runbooks) is `docs/operations.md`.
 
-pub mod names;
+pub mod metrics;
 
 use crate::config::{LogFormat, LogSettings};
 

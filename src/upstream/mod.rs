@@ -24,6 +24,7 @@ use reqwest::StatusCode;
 
 use crate::config::CredytSettings;
 use crate::domain::{AccountId, CustomerId, Debit, ForwardedUsage};
+use crate::telemetry::metrics::{Operation, UpstreamMetrics};
 
 /// Why the client could not be built (at startup).
 #[derive(Debug, thiserror::Error)]
@@ -161,12 +162,22 @@ struct ClientInner {
     /// The base URL's path, without a trailing `/`, that every request's path follows.
     base_path: String,
     key: credentials::PlatformKey,
+    /// Calls by operation and status class, and their durations.
+    metrics: Option<UpstreamMetrics>,
 }
 
 impl CredytClient {
     /// A client whose idle pool keeps `max_idle_per_host` connections (the forwarder sizes it
     /// to its largest concurrency: connections reopened per call cost a third of its CPU).
     pub fn new(settings: &CredytSettings) -> Result<CredytClient, ClientError> {
+        Self::with_metrics(settings, None)
+    }
+
+    /// [`CredytClient::new`], counting every call into `metrics`.
+    pub fn with_metrics(
+        settings: &CredytSettings,
+        metrics: Option<UpstreamMetrics>,
+    ) -> Result<CredytClient, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
@@ -188,6 +199,7 @@ impl CredytClient {
                 base,
                 base_path,
                 key,
+                metrics,
             }),
         })
     }
@@ -217,7 +229,29 @@ impl CredytClient {
         req
     }
 
-    async fn send(req: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
+    /// Sends one call of `operation`; counts it by status class with the time until its
+    /// status and headers came (an error answer's body included).
+    async fn send(
+        &self,
+        operation: Operation,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let Some(metrics) = &self.inner.metrics else {
+            return Self::send_unobserved(req).await;
+        };
+        let started = std::time::Instant::now();
+        let result = Self::send_unobserved(req).await;
+        let status = match &result {
+            Ok(resp) => Some(resp.status().as_u16()),
+            Err(e) => e.status().map(|s| s.as_u16()),
+        };
+        metrics.observe(operation, status, started.elapsed());
+        result
+    }
+
+    async fn send_unobserved(
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let resp = req.send().await.map_err(UpstreamError::Transport)?;
         let status = resp.status();
         if status.is_success() {
@@ -245,7 +279,12 @@ impl CredytClient {
 
     /// `GET /accounts/self`: validates the platform key.
     pub async fn account_context(&self) -> Result<wire::AccountContext, UpstreamError> {
-        let resp = Self::send(self.request(reqwest::Method::GET, "/accounts/self", None)).await?;
+        let resp = self
+            .send(
+                Operation::AccountContext,
+                self.request(reqwest::Method::GET, "/accounts/self", None),
+            )
+            .await?;
         Self::json(resp).await
     }
 
@@ -257,7 +296,8 @@ impl CredytClient {
         let req = self
             .request(reqwest::Method::GET, "/accounts", None)
             .query(&[("external_id", external_id), ("limit", "1")]);
-        let page: wire::Page<wire::ConnectedAccount> = Self::json(Self::send(req).await?).await?;
+        let page: wire::Page<wire::ConnectedAccount> =
+            Self::json(self.send(Operation::FindAccount, req).await?).await?;
         Ok(page
             .items
             .into_iter()
@@ -274,7 +314,7 @@ impl CredytClient {
         let req = self
             .request(reqwest::Method::GET, "/customers", Some(account))
             .query(&[("external_id", external_id)]);
-        match Self::send(req).await {
+        match self.send(Operation::FindCustomer, req).await {
             Ok(resp) => {
                 let customer: wire::Customer = Self::json(resp).await?;
                 Ok(Some(CustomerId::new(customer.id)))
@@ -293,7 +333,13 @@ impl CredytClient {
         customer: &CustomerId,
     ) -> Result<bool, UpstreamError> {
         let path = format!("/customers/{}", urlencode(customer.as_str()));
-        match Self::send(self.request(reqwest::Method::GET, &path, Some(account))).await {
+        match self
+            .send(
+                Operation::CustomerExists,
+                self.request(reqwest::Method::GET, &path, Some(account)),
+            )
+            .await
+        {
             Ok(resp) => {
                 let found: wire::Customer = Self::json(resp).await?;
                 Ok(found.id == customer.as_str())
@@ -319,7 +365,7 @@ impl CredytClient {
         let req = self
             .request(reqwest::Method::POST, "/customers", Some(account))
             .json(&body);
-        match Self::send(req).await {
+        match self.send(Operation::CreateCustomer, req).await {
             Ok(resp) => {
                 let created: wire::Created = Self::json(resp).await?;
                 Ok(CustomerId::new(created.id))
@@ -343,7 +389,7 @@ impl CredytClient {
         let req = self
             .request(reqwest::Method::POST, &path, Some(&debit.account))
             .json(&body);
-        Self::send(req).await.map(drop)
+        self.send(Operation::Charge, req).await.map(drop)
     }
 
     /// One charge for several fees of one customer and asset (coalescing): the exact sum, under
@@ -364,7 +410,7 @@ impl CredytClient {
         let req = self
             .request(reqwest::Method::POST, &path, Some(&first.account))
             .json(&body);
-        Self::send(req).await.map(drop)
+        self.send(Operation::ChargeCoalesced, req).await.map(drop)
     }
 
     /// `POST /events`: usage events of one customer, priced by Credyt itself.
@@ -376,7 +422,7 @@ impl CredytClient {
         let req = self
             .request(reqwest::Method::POST, "/events", Some(&first.account))
             .json(&body);
-        Self::send(req).await.map(drop)
+        self.send(Operation::Usage, req).await.map(drop)
     }
 }
 

@@ -9,6 +9,7 @@ mod delivery;
 mod durable;
 mod emulator;
 mod ingest;
+mod metrics;
 mod outbox;
 mod pricing;
 mod proxy;
