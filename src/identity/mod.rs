@@ -10,8 +10,10 @@
 //!   id answers 404 there). Results are cached in moka with a TTL; "not found" is cached too,
 //!   for a shorter time; many concurrent misses of one key make exactly one upstream lookup.
 //! - The account sent upstream in `X-CREDYT-ACCOUNT` comes only from here.
-//! - Hits, misses, the upstream lookups misses made and how long misses waited are counted
-//!   by kind (account, customer, customer_check) in `telemetry::metrics`.
+//! - Counted by kind (account, customer, customer_check) in `telemetry::metrics`: hits
+//!   (answered from the cache, including a wait for another caller's load of the same key),
+//!   misses (loads: concurrent misses of one key share one), the calls to Credyt the loads
+//!   made (a customer created on first sight is two) and how long each load took.
 //! - A hit is a memory lookup. Only misses do I/O, and their upstream errors are returned, never
 //!   cached.
 
@@ -110,17 +112,26 @@ impl Identity {
         self
     }
 
-    /// Counts a miss, and how long it waited for its answer.
-    async fn timed_miss<T>(
+    /// Runs a load (a miss this call makes for everyone waiting on its key): counts it and
+    /// times it. The hit path costs a flag check and one atomic add, and its future stays `Send`.
+    async fn load<T>(
         &self,
         kind: LookupKind,
+        loaded: &std::sync::atomic::AtomicBool,
         lookup: impl std::future::Future<Output = T>,
     ) -> T {
+        loaded.store(true, std::sync::atomic::Ordering::Relaxed);
         self.metrics.miss(kind);
         let started = std::time::Instant::now();
         let result = lookup.await;
         self.metrics.observe_lookup(kind, started.elapsed());
         result
+    }
+
+    fn count_hit(&self, kind: LookupKind, loaded: &std::sync::atomic::AtomicBool) {
+        if !loaded.load(std::sync::atomic::Ordering::Relaxed) {
+            self.metrics.hit(kind);
+        }
     }
 
     fn upstream(miss: Arc<Miss>, not_found: impl FnOnce() -> IdentityError) -> IdentityError {
@@ -137,20 +148,22 @@ impl Identity {
             AccountRef::ExternalId(e) => e,
         };
         const KIND: LookupKind = LookupKind::Account;
-        if let Some(hit) = self.accounts.get(&tenant.id).await {
-            self.metrics.hit(KIND);
-            return Ok(hit);
-        }
-        let load = self.accounts.try_get_with_by_ref(&tenant.id, async {
-            self.metrics.upstream_lookup(KIND);
-            self.client
-                .find_account(external)
-                .await?
-                .ok_or(Miss::NotFound)
-        });
-        self.timed_miss(KIND, load)
-            .await
-            .map_err(|m| Self::upstream(m, || IdentityError::UnknownAccount(external.clone())))
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let found = self
+            .accounts
+            .try_get_with_by_ref(
+                &tenant.id,
+                self.load(KIND, &loaded, async {
+                    self.metrics.upstream_lookup(KIND);
+                    self.client
+                        .find_account(external)
+                        .await?
+                        .ok_or(Miss::NotFound)
+                }),
+            )
+            .await;
+        self.count_hit(KIND, &loaded);
+        found.map_err(|m| Self::upstream(m, || IdentityError::UnknownAccount(external.clone())))
     }
 
     /// The customer of end user `external_id` in `account`, created if `create` and missing.
@@ -166,19 +179,25 @@ impl Identity {
             self.metrics.hit(KIND);
             return Err(IdentityError::UnknownCustomer(external_id.to_string()));
         }
-        if let Some(hit) = self.customers.get(&key).await {
-            self.metrics.hit(KIND);
-            return Ok(hit);
-        }
-        let load = self.customers.try_get_with_by_ref(&key, async {
-            self.metrics.upstream_lookup(KIND);
-            match self.client.find_customer(account, external_id).await? {
-                Some(id) => Ok(id),
-                None if create => Ok(self.client.create_customer(account, external_id).await?),
-                None => Err(Miss::NotFound),
-            }
-        });
-        let found = self.timed_miss(KIND, load).await;
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let found = self
+            .customers
+            .try_get_with_by_ref(
+                &key,
+                self.load(KIND, &loaded, async {
+                    self.metrics.upstream_lookup(KIND);
+                    match self.client.find_customer(account, external_id).await? {
+                        Some(id) => Ok(id),
+                        None if create => {
+                            self.metrics.upstream_lookup(KIND);
+                            Ok(self.client.create_customer(account, external_id).await?)
+                        }
+                        None => Err(Miss::NotFound),
+                    }
+                }),
+            )
+            .await;
+        self.count_hit(KIND, &loaded);
         match found {
             Ok(id) => Ok(id),
             Err(miss) => {
@@ -200,24 +219,24 @@ impl Identity {
     ) -> Result<CustomerId, IdentityError> {
         const KIND: LookupKind = LookupKind::CustomerCheck;
         let key = (account.clone(), customer.clone());
-        let owned = match self.owned.get(&key).await {
-            Some(owned) => {
-                self.metrics.hit(KIND);
-                owned
-            }
-            None => {
-                let load = self.owned.try_get_with(key, async {
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let owned = self
+            .owned
+            .try_get_with(
+                key,
+                self.load(KIND, &loaded, async {
                     self.metrics.upstream_lookup(KIND);
                     self.client
                         .customer_exists(account, customer)
                         .await
                         .map_err(Miss::from)
-                });
-                self.timed_miss(KIND, load).await.map_err(|m| {
-                    Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string()))
-                })?
-            }
-        };
+                }),
+            )
+            .await;
+        self.count_hit(KIND, &loaded);
+        let owned = owned.map_err(|m| {
+            Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string()))
+        })?;
         if owned {
             Ok(customer.clone())
         } else {

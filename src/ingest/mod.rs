@@ -91,6 +91,7 @@ async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 /// known path (a wrong method), or `other`: never under the path asked for.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
     use actix_web::ResponseError;
+    let started = std::time::Instant::now();
     let endpoint = match req.path() {
         "/events" => Some(Endpoint::Events),
         "/v1/events" => Some(Endpoint::V1Events),
@@ -107,7 +108,7 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
         state.metrics.http.observe_request(
             endpoint.unwrap_or(Endpoint::Other),
             resp.status().as_u16(),
-            std::time::Duration::ZERO,
+            started.elapsed(),
         );
     }
     resp

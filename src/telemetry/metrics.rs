@@ -404,8 +404,8 @@ impl UpstreamMetrics {
     }
 }
 
-/// The identity caches: hits, misses, the upstream lookups the misses made, and how long a
-/// miss waited for its answer.
+/// The identity caches: hits, misses (loads), the calls to Credyt the loads made, and how long
+/// each load took.
 #[derive(Debug, Clone)]
 pub struct IdentityMetrics {
     hits: [Counter; 3],
@@ -674,22 +674,22 @@ impl Metrics {
         let [hits, misses, upstream_lookups] = families.counters;
         r.register(
             "credyt_proxy_identity_cache_hits",
-            "identity lookups answered from the cache, by kind",
+            "identity lookups answered from the cache (or by another caller's load of the same key), by kind",
             hits,
         );
         r.register(
             "credyt_proxy_identity_cache_misses",
-            "identity lookups the cache could not answer, by kind",
+            "identity cache misses, by kind: loads (concurrent misses of one key share one)",
             misses,
         );
         r.register(
             "credyt_proxy_identity_upstream_lookups",
-            "identity lookups sent to credyt, by kind (concurrent misses of one key share one)",
+            "calls to credyt made by identity loads, by kind (a customer created on first sight: two)",
             upstream_lookups,
         );
         r.register(
             "credyt_proxy_identity_lookup_duration_seconds",
-            "time an identity cache miss waited for its answer, by kind",
+            "duration of identity loads (the calls to credyt of one miss), by kind",
             families.duration,
         );
 
