@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::outcome::Rejection;
+use crate::pricing::QuoteError;
 use crate::ratelimit::RateLimited;
 use crate::upstream::UpstreamError;
 
@@ -126,6 +127,63 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The problem+json body of this error (the CLI prints the same body for the same failure).
+    fn problem(&self) -> Problem<'_> {
+        let detail = match self {
+            ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
+                "the billing service did not confirm the request; retry with the same event ids"
+                    .to_string()
+            }
+            ApiError::Outbox(e) if e.is_retryable() => {
+                "the events were not recorded; retry with the same event ids".to_string()
+            }
+            ApiError::Outbox(_) => "internal error".to_string(),
+            other => other.to_string(),
+        };
+        let errors = match self {
+            ApiError::Validation(rejections) => {
+                let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for r in rejections {
+                    map.entry(r.field.clone())
+                        .or_default()
+                        .push(format!("{} ({})", r.message, r.code));
+                }
+                Some(map)
+            }
+            _ => None,
+        };
+        Problem {
+            kind: format!("https://credyt-proxy.dev/problems/{}", self.code()),
+            title: self.title(),
+            status: self.status_code().as_u16(),
+            detail,
+            code: self.code(),
+            errors,
+        }
+    }
+
+    /// The problem+json body as one line of JSON.
+    pub fn problem_json(&self) -> String {
+        serde_json::to_string(&self.problem()).unwrap_or_default()
+    }
+}
+
+/// A failed quote, as `POST /v1/quote` answers it: unparseable JSON is 400 `invalid_json`;
+/// anything else is 422 `validation_failed` naming the field and the specific code.
+impl From<QuoteError> for ApiError {
+    fn from(e: QuoteError) -> Self {
+        match e {
+            QuoteError::InvalidJson(m) => ApiError::BadJson(m),
+            other => ApiError::Validation(vec![Rejection {
+                code: other.code(),
+                field: "event".into(),
+                message: other.to_string(),
+            }]),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -155,37 +213,7 @@ impl ResponseError for ApiError {
         if status.is_server_error() {
             tracing::warn!(code = self.code(), error = %self, cause = ?std::error::Error::source(self), "request failed");
         }
-        let detail = match self {
-            ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
-                "the billing service did not confirm the request; retry with the same event ids"
-                    .to_string()
-            }
-            ApiError::Outbox(e) if e.is_retryable() => {
-                "the events were not recorded; retry with the same event ids".to_string()
-            }
-            ApiError::Outbox(_) => "internal error".to_string(),
-            other => other.to_string(),
-        };
-        let errors = match self {
-            ApiError::Validation(rejections) => {
-                let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for r in rejections {
-                    map.entry(r.field.clone())
-                        .or_default()
-                        .push(format!("{} ({})", r.message, r.code));
-                }
-                Some(map)
-            }
-            _ => None,
-        };
-        let body = Problem {
-            kind: format!("https://credyt-proxy.dev/problems/{}", self.code()),
-            title: self.title(),
-            status: status.as_u16(),
-            detail,
-            code: self.code(),
-            errors,
-        };
+        let body = self.problem();
         let mut resp = HttpResponse::build(status);
         resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
         if let Some(secs) = self.retry_after() {

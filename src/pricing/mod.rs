@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub use engine::PricingError;
 pub use load::{LoadError, LoadErrors};
-pub use quote::{check_dir, quote_json, QuoteError};
+pub use quote::{check_dir, parse_event, quote_json, Quote, QuoteError};
 pub use reload::Pricing;
 
 use crate::domain::{Fee, UsageEvent};
