@@ -8,7 +8,8 @@
 //! and environment section by section and key by key (an unknown key or a value of the wrong
 //! type is recorded with its `section.key`, and the key falls back to its default), then
 //! [`RawSettings::validate`] checks the values. A new section is one field of [`RawSettings`]
-//! (with its struct and `Default`) plus one line in `from_config`.
+//! (its struct with `#[serde(deny_unknown_fields, default)]` and a `Default`, so that each key
+//! can be read alone) plus one line in `from_config`; a test fails if the line is missing.
 
 use std::num::NonZeroU32;
 use std::path::Path;

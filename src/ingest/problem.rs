@@ -128,44 +128,15 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// The problem+json body of this error (the CLI prints the same body for the same failure).
-    fn problem(&self) -> Problem<'_> {
-        let detail = match self {
-            ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
-                "the billing service did not confirm the request; retry with the same event ids"
-                    .to_string()
-            }
-            ApiError::Outbox(e) if e.is_retryable() => {
-                "the events were not recorded; retry with the same event ids".to_string()
-            }
-            ApiError::Outbox(_) => "internal error".to_string(),
-            other => other.to_string(),
-        };
-        let errors = match self {
-            ApiError::Validation(rejections) => {
-                let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for r in rejections {
-                    map.entry(r.field.clone())
-                        .or_default()
-                        .push(format!("{} ({})", r.message, r.code));
-                }
-                Some(map)
-            }
-            _ => None,
-        };
-        Problem {
-            kind: format!("https://credyt-proxy.dev/problems/{}", self.code()),
-            title: self.title(),
-            status: self.status_code().as_u16(),
-            detail,
-            code: self.code(),
-            errors,
-        }
-    }
-
-    /// The problem+json body as one line of JSON.
+    /// The problem+json body the API answers for this error, as one line of JSON (the CLI
+    /// prints it for the same failures).
     pub fn problem_json(&self) -> String {
-        serde_json::to_string(&self.problem()).unwrap_or_default()
+        use actix_web::body::MessageBody;
+        self.error_response()
+            .into_body()
+            .try_into_bytes()
+            .map(|body| String::from_utf8_lossy(&body).into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -213,7 +184,37 @@ impl ResponseError for ApiError {
         if status.is_server_error() {
             tracing::warn!(code = self.code(), error = %self, cause = ?std::error::Error::source(self), "request failed");
         }
-        let body = self.problem();
+        let detail = match self {
+            ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
+                "the billing service did not confirm the request; retry with the same event ids"
+                    .to_string()
+            }
+            ApiError::Outbox(e) if e.is_retryable() => {
+                "the events were not recorded; retry with the same event ids".to_string()
+            }
+            ApiError::Outbox(_) => "internal error".to_string(),
+            other => other.to_string(),
+        };
+        let errors = match self {
+            ApiError::Validation(rejections) => {
+                let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for r in rejections {
+                    map.entry(r.field.clone())
+                        .or_default()
+                        .push(format!("{} ({})", r.message, r.code));
+                }
+                Some(map)
+            }
+            _ => None,
+        };
+        let body = Problem {
+            kind: format!("https://credyt-proxy.dev/problems/{}", self.code()),
+            title: self.title(),
+            status: status.as_u16(),
+            detail,
+            code: self.code(),
+            errors,
+        };
         let mut resp = HttpResponse::build(status);
         resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
         if let Some(secs) = self.retry_after() {

@@ -9,7 +9,7 @@
 //!
 //! Submodules: `book` (validated model), `load` (read + parse + validate), `money` (exact
 //! decimals, assets, the rounding rule), `engine` (rate an event), `reload` (hot reload),
-//! `quote` (CLI helpers).
+//! `quote` (the one quote shape of `credyt-proxy quote` and `POST /v1/quote`; `check-pricing`).
 
 pub mod book;
 pub mod engine;
