@@ -7,7 +7,8 @@
 //!   accepted; 400 unparseable; 401 bad key; 404 unknown customer; 413; 415; 429; 502/503.
 //! - `POST /v1/events` takes the same body and answers 200 with one result per event
 //!   (`accepted` with its fees, `duplicate`, or `rejected` with a stable code).
-//! - `POST /v1/quote` prices one event without accepting it.
+//! - `POST /v1/quote` prices one event without accepting it ([`crate::pricing::Quote`]).
+//! - Amounts in every JSON answer are decimal strings (`"0.50"`), never JSON numbers.
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
 
 pub mod finish;
@@ -27,7 +28,7 @@ use crate::config::Settings;
 use crate::domain::Fee;
 use crate::identity::{Identity, Tenants};
 use crate::outcome::{Outcome, OutcomeCounters, Rejection};
-use crate::pricing::Pricing;
+use crate::pricing::{Pricing, Quote};
 
 use pipeline::Mode;
 use problem::ApiError;
@@ -199,15 +200,8 @@ async fn post_v1_events(
     Ok(HttpResponse::Ok().json(resp))
 }
 
-#[derive(Serialize)]
-struct QuoteResponse {
-    pricing_version: String,
-    pricing_hash: String,
-    fees: Vec<Fee>,
-}
-
 /// `POST /v1/quote`: the price breakdown of one event (a Credyt usage event object), without
-/// accepting it.
+/// accepting it; the same [`Quote`] shape `credyt-proxy quote` prints.
 async fn post_quote(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -227,16 +221,6 @@ async fn post_quote(
         .ok_or_else(|| ApiError::BadJson("no event".into()))?
         .map_err(|r| ApiError::Validation(vec![r]))?;
     let pricing = state.pricing.current();
-    let fees = pricing.price(tenant.id.as_str(), &event).map_err(|e| {
-        ApiError::Validation(vec![Rejection {
-            code: e.code(),
-            field: "event".into(),
-            message: e.to_string(),
-        }])
-    })?;
-    Ok(HttpResponse::Ok().json(QuoteResponse {
-        pricing_version: pricing.version().to_string(),
-        pricing_hash: pricing.hash().to_string(),
-        fees,
-    }))
+    let quote = Quote::build(&pricing, tenant.id.as_str(), &event)?;
+    Ok(HttpResponse::Ok().json(quote))
 }

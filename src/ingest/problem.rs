@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::outcome::Rejection;
+use crate::pricing::QuoteError;
 use crate::ratelimit::RateLimited;
 use crate::upstream::UpstreamError;
 
@@ -141,6 +142,34 @@ impl ApiError {
             ),
             ApiError::Unavailable(_) => Some(1),
             _ => None,
+        }
+    }
+}
+
+impl ApiError {
+    /// The problem+json body the API answers for this error, as one line of JSON (the CLI
+    /// prints it for the same failures).
+    pub fn problem_json(&self) -> String {
+        use actix_web::body::MessageBody;
+        self.error_response()
+            .into_body()
+            .try_into_bytes()
+            .map(|body| String::from_utf8_lossy(&body).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// A failed quote, as `POST /v1/quote` answers it: unparseable JSON is 400 `invalid_json`;
+/// anything else is 422 `validation_failed` naming the field and the specific code.
+impl From<QuoteError> for ApiError {
+    fn from(e: QuoteError) -> Self {
+        match e {
+            QuoteError::InvalidJson(m) => ApiError::BadJson(m),
+            other => ApiError::Validation(vec![Rejection {
+                code: other.code(),
+                field: "event".into(),
+                message: other.to_string(),
+            }]),
         }
     }
 }
