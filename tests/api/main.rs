@@ -6,6 +6,7 @@ mod coalesce;
 mod crash;
 mod durable;
 mod emulator;
+mod identity;
 mod ingest;
 mod outbox;
 mod pricing;
