@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::outcome::Rejection;
-use crate::ratelimit::RateLimited;
+use crate::ratelimit::{RateLimited, Refusal};
 use crate::upstream::UpstreamError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -28,12 +28,19 @@ pub enum ApiError {
     BadJson(String),
     #[error("content type must be application/json")]
     UnsupportedMediaType,
+    #[error("content encoding `{0}` is not supported; send gzip or identity")]
+    UnsupportedEncoding(String),
+    #[error("request body is not valid gzip: {0}")]
+    BadEncoding(String),
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("one or more events are invalid")]
     Validation(Vec<Rejection>),
     #[error("rate limit exceeded")]
     RateLimited(RateLimited),
+    /// More events in one request than the tenant's burst: it can never pass, so not a 429.
+    #[error("the request has {events} events, more than this tenant's burst of {burst}; send at most {burst} events per request")]
+    ExceedsBurst { events: u32, burst: u32 },
     #[error("{0}")]
     Identity(#[from] IdentityError),
     #[error("credyt is unavailable")]
@@ -46,6 +53,18 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::RateLimited(r) => ApiError::RateLimited(r),
+            Refusal::ExceedsBurst { events, burst } => ApiError::ExceedsBurst {
+                events,
+                burst: burst.get(),
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -67,9 +86,12 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadJson(_) => "invalid_json",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedEncoding(_) => "unsupported_encoding",
+            ApiError::BadEncoding(_) => "invalid_encoding",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Validation(_) => "validation_failed",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::ExceedsBurst { .. } => "exceeds_burst",
             ApiError::Identity(e) => e.code(),
             ApiError::Upstream(e) if e.is_retryable() => "upstream_unavailable",
             ApiError::Upstream(_) => "upstream_rejected",
@@ -84,10 +106,14 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => "Unauthorized",
             ApiError::BadJson(_) => "Bad Request",
-            ApiError::UnsupportedMediaType => "Unsupported Media Type",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
+                "Unsupported Media Type"
+            }
+            ApiError::BadEncoding(_) => "Bad Request",
             ApiError::PayloadTooLarge { .. } => "Payload Too Large",
             ApiError::Validation(_) => "One or more validation errors occurred.",
             ApiError::RateLimited(_) => "Too Many Requests",
+            ApiError::ExceedsBurst { .. } => "Unprocessable Content",
             ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => {
                 "Service Unavailable"
             }
@@ -131,10 +157,14 @@ impl ResponseError for ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            ApiError::BadEncoding(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ExceedsBurst { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -190,6 +220,10 @@ impl ResponseError for ApiError {
         resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
         if let Some(secs) = self.retry_after() {
             resp.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let ApiError::UnsupportedEncoding(_) = self {
+            // RFC 9110 15.5.16: a 415 about the content coding says which codings are accepted.
+            resp.insert_header((header::ACCEPT_ENCODING, super::body::ACCEPTED_ENCODINGS));
         }
         if let ApiError::RateLimited(r) = self {
             resp.insert_header(("RateLimit-Policy", r.policy_header()));
