@@ -154,10 +154,10 @@ pub async fn read_body(
             declared.unwrap_or(1024).min(limit),
         )),
         // JSON compresses ~10x; start there and let the buffer grow up to the limit.
-        Coding::Gzip => Decoded::Gzip(Inflater::new(
+        Coding::Gzip => Decoded::Gzip(Box::new(Inflater::new(
             limit,
             declared.unwrap_or(1024).saturating_mul(10),
-        )),
+        ))),
     };
     let mut received = 0usize;
     while let Some(chunk) = payload.next().await {
@@ -180,7 +180,8 @@ pub async fn read_body(
 /// The body being received, decoded as it arrives.
 enum Decoded {
     Plain(web::BytesMut),
-    Gzip(Inflater),
+    /// Boxed: the inflater is much larger than a buffer, and only gzip bodies need it.
+    Gzip(Box<Inflater>),
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
 
 pub mod body;
+pub mod conn;
 pub mod finish;
 pub mod pipeline;
 pub mod problem;

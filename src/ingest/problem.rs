@@ -53,6 +53,18 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Too many header fields, or too many bytes of them (ours, or actix's HTTP/1 codec's).
+    #[error("request header fields are too large: at most {max_fields} fields of at most {max_bytes} bytes in all")]
+    HeadersTooLarge { max_fields: usize, max_bytes: usize },
+    /// The request is not HTTP/1.1 the codec could parse (answered by actix's codec).
+    #[error("the request is not valid HTTP/1.1")]
+    MalformedRequest,
+    /// The request head did not arrive in time (answered by actix's codec).
+    #[error("the request head did not arrive in time")]
+    RequestTimeout,
+    /// An error the HTTP layer answered without saying more.
+    #[error("internal error")]
+    Internal,
 }
 
 impl From<Refusal> for ApiError {
@@ -99,6 +111,10 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
+            ApiError::MalformedRequest => "malformed_request",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::Internal => "internal_error",
         }
     }
 
@@ -126,6 +142,10 @@ impl ApiError {
             ApiError::Unavailable(_) => "Service Unavailable",
             ApiError::NotFound => "Not Found",
             ApiError::MethodNotAllowed => "Method Not Allowed",
+            ApiError::HeadersTooLarge { .. } => "Request Header Fields Too Large",
+            ApiError::MalformedRequest => "Bad Request",
+            ApiError::RequestTimeout => "Request Timeout",
+            ApiError::Internal => "Internal Server Error",
         }
     }
 
@@ -177,6 +197,10 @@ impl ResponseError for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::MalformedRequest => StatusCode::BAD_REQUEST,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -185,6 +209,27 @@ impl ResponseError for ApiError {
         if status.is_server_error() {
             tracing::warn!(code = self.code(), error = %self, cause = ?std::error::Error::source(self), "request failed");
         }
+        let mut resp = HttpResponse::build(status);
+        resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
+        if let Some(secs) = self.retry_after() {
+            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let ApiError::UnsupportedEncoding(_) = self {
+            // RFC 9110 15.5.16: a 415 about the content coding says which codings are accepted.
+            resp.insert_header((header::ACCEPT_ENCODING, super::body::ACCEPTED_ENCODINGS));
+        }
+        if let ApiError::RateLimited(r) = self {
+            resp.insert_header(("RateLimit-Policy", r.policy_header()));
+            resp.insert_header(("RateLimit", r.ratelimit_header()));
+        }
+        resp.body(self.problem_json())
+    }
+}
+
+impl ApiError {
+    /// The problem+json body of this error.
+    pub fn problem_json(&self) -> Vec<u8> {
+        let status = self.status_code();
         let detail = match self {
             ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
                 "the billing service did not confirm the request; retry with the same event ids"
@@ -216,19 +261,6 @@ impl ResponseError for ApiError {
             code: self.code(),
             errors,
         };
-        let mut resp = HttpResponse::build(status);
-        resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
-        if let Some(secs) = self.retry_after() {
-            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
-        }
-        if let ApiError::UnsupportedEncoding(_) = self {
-            // RFC 9110 15.5.16: a 415 about the content coding says which codings are accepted.
-            resp.insert_header((header::ACCEPT_ENCODING, super::body::ACCEPTED_ENCODINGS));
-        }
-        if let ApiError::RateLimited(r) = self {
-            resp.insert_header(("RateLimit-Policy", r.policy_header()));
-            resp.insert_header(("RateLimit", r.ratelimit_header()));
-        }
-        resp.body(serde_json::to_vec(&body).unwrap_or_default())
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 }

@@ -10,5 +10,6 @@ mod identity;
 mod ingest;
 mod outbox;
 mod pricing;
+mod protocol;
 mod proxy;
 mod sdk;
