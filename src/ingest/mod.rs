@@ -4,7 +4,8 @@
 //! - `POST /events` is Credyt-compatible (the official SDK's `send_usage` works unchanged):
 //!   204 with no body when every event was accepted or already seen; 422 ValidationProblem
 //!   naming `events[i].field` when any event is invalid, and then nothing of the request is
-//!   accepted; 400 unparseable; 401 bad key; 404 unknown customer; 413; 415; 429; 502/503.
+//!   accepted; 400 unparseable; 401 bad key; 404 unknown customer; 413; 415; 422 exceeds_burst;
+//!   429; 431; 502/503. Bodies may be gzip-compressed ([`body`]).
 //! - `POST /v1/events` takes the same body and answers 200 with one result per event
 //!   (`accepted` with its fees, `duplicate`, or `rejected` with a stable code).
 //! - `POST /v1/quote` prices one event without accepting it.
