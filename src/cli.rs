@@ -265,7 +265,7 @@ fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result
                 field: "tenant".into(),
                 message: format!("tenant `{tenant}` is not in {}", path.display()),
             }]);
-            eprintln!("{}", e.problem_json());
+            eprintln!("{}", String::from_utf8_lossy(&e.problem_json()));
             return Ok(ExitCode::FAILURE);
         }
     }
@@ -279,7 +279,10 @@ fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{}", ApiError::from(e).problem_json());
+            eprintln!(
+                "{}",
+                String::from_utf8_lossy(&ApiError::from(e).problem_json())
+            );
             Ok(ExitCode::FAILURE)
         }
     }
