@@ -940,7 +940,8 @@ def main():
     for b in (BIN, FLOOR, LOADGEN):
         if not b.exists():
             sys.exit(f"{b} is missing: run loadtest/run.sh (it builds the release binaries)")
-    out = args.out or ROOT / "target" / "loadtest" / time.strftime("%Y%m%dT%H%M%S")
+    # absolute: the proxies' configs and nginx's are read from other working folders
+    out = (args.out or ROOT / "target" / "loadtest" / time.strftime("%Y%m%dT%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log(f"report folder {out}")
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
