@@ -224,12 +224,25 @@ class World:
         self.unverified = set()
         self.emulator = None
 
-    def start_emulator(self):
-        self.emulator = Proc("emulator", [BIN, "emulator", "--listen", f"127.0.0.1:{self.emu_port}",
-                                          "--platform-key", PLATFORM_KEY, "--seed",
-                                          self.out / "seed.json", "--workers", "1"],
-                             self.srv, self.out, env={"RUST_LOG": "warn"})
+    def start_emulator(self, cpu="server", name="emulator"):
+        self.emulator = Proc(name, [BIN, "emulator", "--listen", f"127.0.0.1:{self.emu_port}",
+                                    "--platform-key", PLATFORM_KEY, "--seed",
+                                    self.out / "seed.json", "--workers", "1"],
+                             self.srv if cpu == "server" else cpu, self.out, env={"RUST_LOG": "warn"})
         wait_until(lambda: self.emu_get("/_emulator/state") is not None, "emulator")
+
+    @contextlib.contextmanager
+    def own_emulator(self, cpu, name):
+        """A fresh emulator process (on `cpu`) for the block; the proxies started inside it use
+        it, the verification reads it; the run's emulator is back afterwards."""
+        saved = (self.emulator, self.emu_port)
+        self.emu_port = free_port()
+        self.start_emulator(cpu, name)
+        try:
+            yield self.emulator
+        finally:
+            self.emulator.stop()
+            self.emulator, self.emu_port = saved
 
     def emu_get(self, path):
         _, body = http("GET", f"http://127.0.0.1:{self.emu_port}{path}",
@@ -444,11 +457,15 @@ def svg_plot(slots, depth_series, path):
     """Events/s and p99 per second over the whole run, plus outbox depth, as one SVG."""
     W, H, L, R = 1100, 640, 70, 20
     panels = [("events/s accepted (per second)", 40, 200), ("p99 latency ms (per second, log)", 280, 150),
-              ("outbox depth (sustained phases)", 470, 130)]
+              ("outbox depth (sustained and WAN phases)", 470, 130)]
     colors = {"floor": "#888", "nginx": "#2a9d8f", "durable-floor": "#5e548e", "proxy-interval": "#e76f51",
               "proxy-always": "#9b2226", "proxy-interval-b100": "#f4a261", "e2e": "#264653",
               "e2e-half-rate": "#8ab17d", "e2e-hot": "#6a4c93", "e2e-hot-coalesced": "#c77dff",
               "memory-sweep": "#bbb", "warm": "#ddd"}
+    palette = ["#1d3557", "#e63946", "#457b9d", "#ffb703", "#06d6a0", "#8338ec", "#fb8500", "#3a86ff"]
+    for s in slots:
+        if s["label"] not in colors:
+            colors[s["label"]] = palette[(len(colors) - 12) % len(palette)]
     pts = []
     for s in slots:
         for ps in s["per_second"]:
@@ -659,16 +676,29 @@ def wan_scenarios(args):
     }
 
 
-def wan_scenario(world, runner, args, report, setting_label, settings, name, sc):
-    """One WAN scenario on a fresh proxy: warm the identities with no faults, turn the faults
+def wan_scenario(world, runner, args, report, setting_label, settings, name, sc, depth_series):
+    """One WAN scenario on a fresh emulator and proxy: warm the identities with no faults, turn the faults
     on, offer `--wan-rate` events/s open loop for `--wan-secs`, count what reached Credyt, then
     clear the faults, drain (bounded) and verify."""
     label = f"wan-{name}-{setting_label}"
-    try:
-        p = world.proxy(label, "interval", forwarder=True, extra_outbox=outbox_toml(settings))
-    except ProxyFailed as e:
-        log(f"  {label}: NOT MEASURABLE: {e}")
-        return {"not_measurable": str(e)}
+    with world.own_emulator(wan_emulator_cpu(args), f"emulator-{label}"):
+        try:
+            p = world.proxy(label, "interval", forwarder=True, extra_outbox=outbox_toml(settings))
+        except ProxyFailed as e:
+            log(f"  {label}: NOT MEASURABLE: {e}")
+            return {"not_measurable": str(e)}
+        return wan_measure(world, runner, args, report, settings, sc, depth_series, label, p)
+
+
+def wan_emulator_cpu(args):
+    """Where the WAN phase's emulators run: by default on the load core, beside loadgen, as
+    issue 26 measured (the proxy then has the server core to itself)."""
+    if args.load_cpu is None:
+        return None
+    return {"load": args.load_cpu, "server": "server"}.get(args.wan_emulator_cpu, args.wan_emulator_cpu)
+
+
+def wan_measure(world, runner, args, report, settings, sc, depth_series, label, p):
     runner.load(p.port, "warm", 32, sweep=True, phase="warm", record=False)
     runner.drain(p, args.drain_timeout)
     emulator_faults(world, sc["rules"])
@@ -679,6 +709,7 @@ def wan_scenario(world, runner, args, report, setting_label, settings, name, sc)
                     phase="wan")
     charges1, t1 = world.charge_count(), time.time()
     samples = sampler.stop()
+    depth_series += [{"t": x["t"], "depth": x["depth"]} for x in samples]
     # the faults end with the window: the backlog then drains at full speed (a 5 s tail or
     # 429s would make the drain of a large backlog take hours); retries under the faults
     # happened during the window, and the verification covers every event of it
@@ -766,11 +797,18 @@ def start_nginx_hop(world, out, name="nginx"):
     return floor, fport, nginx, nport
 
 
-def wan_cpu(world, runner, args, out, settings):
+def wan_cpu(world, runner, args, out, report, settings):
     """CPU per event of ingest + forward (the proxy process's utime + stime over a fixed number
     of events, until its outbox is empty; 0 ms upstream) against the nginx hop's CPU per
     request (the nginx worker's, over as many requests to the floor), in the same run. Each is
     measured with the other paused (SIGSTOP)."""
+    with world.own_emulator(wan_emulator_cpu(args), "emulator-wan-cpu"):
+        res = wan_cpu_measure(world, runner, args, out, settings)
+        close_stage(world, report, "wan-cpu")
+    return res
+
+
+def wan_cpu_measure(world, runner, args, out, settings):
     n, conns = args.wan_cpu_events, args.wan_cpu_conns
     floor, _, nginx, nport = start_nginx_hop(world, out, "nginx-wan")
     wait_until(lambda: child_pids(nginx.pid), "nginx worker")
@@ -826,15 +864,17 @@ def wan_cpu(world, runner, args, out, settings):
     return res
 
 
-def wan_phase(world, runner, args, out, report):
+def wan_phase(world, runner, args, out, report, depth_series):
     wanted = set(filter(None, args.wan_scenarios.split(",")))
     scenarios = wan_scenarios(args)
     wan = report.setdefault("wan", {
         "method": {
-            "layout": "proxy and emulator on the server core, loadgen on the load core",
+            "layout": f"proxy on the server core ({args.server_cpu}); a fresh emulator per "
+                      f"scenario on cpu {wan_emulator_cpu(args)} (--wan-emulator-cpu); loadgen on "
+                      f"the load core ({args.load_cpu})",
             "proxy": "sync=interval, forwarder on, one 0.50 USD charge per event; a fresh proxy per scenario",
-            "emulator": "reset before each scenario (no data, no faults); faults on every path "
-                        "after the identity warm-up, cleared when the window ends",
+            "emulator": "a fresh process per scenario; faults on every path after the "
+                        "identity warm-up, cleared when the window ends",
             "offered_load": f"open loop, {args.wan_rate} events/s for {args.wan_secs} s, "
                             f"{args.wan_conns} connections, {args.users} end users x {args.tenants} tenants",
             "delivered": "charges the emulator counted during the window / window length; "
@@ -852,11 +892,11 @@ def wan_phase(world, runner, args, out, report):
                 continue
             log(f"phase W: {name} with outbox settings {settings or '(build defaults)'}")
             wan["scenarios"][f"{name}-{setting_label}"] = wan_scenario(
-                world, runner, args, report, setting_label, settings, name, scenarios[name])
+                world, runner, args, report, setting_label, settings, name, scenarios[name],
+                depth_series)
     if "cpu" in wanted:
         log(f"phase W: CPU per event ({args.wan_cpu_events} events) against the nginx hop")
-        wan["cpu"] = wan_cpu(world, runner, args, out, settings_list[0][1])
-        close_stage(world, report, "wan-cpu")
+        wan["cpu"] = wan_cpu(world, runner, args, out, report, settings_list[0][1])
 
 
 def wan_table(wan):
@@ -925,6 +965,9 @@ def main():
     w.add_argument("--wan-cpu-events", type=int, default=200_000,
                    help="events of the CPU-per-event measurement (and requests through nginx)")
     w.add_argument("--wan-cpu-conns", type=int, default=32)
+    w.add_argument("--wan-emulator-cpu", default="load",
+                   help="cpu of the WAN phase's emulators: load (beside loadgen, as issue 26 "
+                        "measured), server (beside the proxy), or a cpu number")
     args = ap.parse_args()
     if args.bin_dir:
         set_bin_dir(args.bin_dir)
@@ -1048,7 +1091,7 @@ def main():
         if "wan" not in skip:
             if world.acked:
                 close_stage(world, report, "before-wan")
-            wan_phase(world, runner, args, out, report)
+            wan_phase(world, runner, args, out, report, depth_series)
 
         # ---- B: sustained end to end ------------------------------------------------------
         e2e_rate = None
