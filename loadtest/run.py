@@ -706,9 +706,11 @@ def wan_measure(world, runner, args, report, settings, sc, depth_series, label, 
     sampler = WanSampler(p, runner.t0)
     sampler.start()
     charges0, t0 = world.charge_count(), time.time()
+    emu_cpu0 = proc_cpu_s(world.emulator.pid)
     r = runner.load(p.port, label, args.wan_conns, duration=args.wan_secs, rate=args.wan_rate,
                     phase="wan")
     charges1, t1 = world.charge_count(), time.time()
+    emu_cpu1 = proc_cpu_s(world.emulator.pid)
     samples = sampler.stop()
     depth_series += [{"t": x["t"], "depth": x["depth"]} for x in samples]
     # the faults end with the window: the backlog then drains at full speed (a 5 s tail or
@@ -758,6 +760,9 @@ def wan_measure(world, runner, args, report, settings, sc, depth_series, label, 
         "outbox_depth_series": [{"t": round(s["t"] - start_s, 1), "depth": s["depth"]} for s in inside],
         "drain_after_window_s": drain_s and round(drain_s, 1), "drained": drain_s is not None,
         "proxy_cpu_s_in_window": round(inside[-1]["cpu_s"] - inside[0]["cpu_s"], 2) if len(inside) > 1 else None,
+        "emulator_cpu_s_in_window": round(emu_cpu1 - emu_cpu0, 2),
+        # the host's 1-minute load average after the window: other work on a shared machine
+        "host_loadavg_1m": round(os.getloadavg()[0], 2),
         "concurrency_in_use": conc, "concurrency_source": conc_src,
         "concurrency_gauge_series": [s["concurrency_limit"] for s in inside] if gauge else None,
     }
@@ -854,6 +859,7 @@ def wan_cpu_measure(world, runner, args, out, settings):
                       "requests_per_s": round(rn["requests_per_s"], 1),
                       "floor_cpu_s": round(f1 - f0, 2), "nginx_workers": len(workers)},
         "proxy_x_nginx_cpu": ratio(proxy_per, nginx_per) if proxy_per and nginx_per else None,
+        "host_loadavg_1m": round(os.getloadavg()[0], 2),
         "method": "CPU time = utime + stime from /proc/PID/stat (10 ms ticks); the proxy's over "
                   "its whole process from the first event until its outbox is empty (emulator "
                   "at 0 ms, not counted); nginx: its worker process only (not the floor behind "
@@ -871,8 +877,8 @@ def wan_phase(world, runner, args, out, report, depth_series):
     wan = report.setdefault("wan", {
         "method": {
             "layout": f"proxy on the server core ({args.server_cpu}); a fresh emulator per "
-                      f"scenario on cpu {wan_emulator_cpu(args)} (--wan-emulator-cpu); loadgen on "
-                      f"the load core ({args.load_cpu})",
+                      f"scenario on cpu {args.server_cpu if wan_emulator_cpu(args) == 'server' else wan_emulator_cpu(args)} "
+                      f"(--wan-emulator-cpu {args.wan_emulator_cpu}); loadgen on the load core ({args.load_cpu})",
             "proxy": "sync=interval, forwarder on, one 0.50 USD charge per event; a fresh proxy per scenario",
             "emulator": "a fresh process per scenario; faults on every path after the "
                         "identity warm-up, cleared when the window ends",
