@@ -647,8 +647,7 @@ impl Pipeline {
                     return;
                 }
             };
-            self.in_flight
-                .push(send(self.client.clone(), job));
+            self.in_flight.push(send(self.client.clone(), job));
             self.concurrency.on_dispatch(self.in_flight.len());
             if probe {
                 return;
