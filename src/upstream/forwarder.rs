@@ -57,6 +57,9 @@ use super::credentials::{Credentials, KeyState, KeyStatus};
 use super::forward::Backoff;
 use super::{CredytClient, UpstreamError};
 
+/// Records leased from the outbox at once at the least (they wait in `ready` for a slot).
+const LEASE_MIN: usize = 32;
+
 /// Attempts this process makes of a record before `max_age` can turn it into a dead letter
 /// (a replayed dead letter, or a record found at start, gets a few tries of its own).
 pub const MIN_ATTEMPTS: u32 = 3;
@@ -539,16 +542,25 @@ impl Retries {
     }
 }
 
+/// How long the first delivered mark waits for others to share its write. A mark only frees
+/// memory (the record stays leased meanwhile), so batching costs nothing but this much of it;
+/// one write per delivery was a log frame and a wake-up of the commit thread per charge.
+const MARK_BATCH_WAIT: Duration = Duration::from_millis(10);
+/// Most delivered marks in one write.
+const MARK_BATCH_MAX: usize = 8192;
+
 /// Writes delivered marks in batches, off the pipeline; a failed write gives the records back
 /// (a resend is a no-op at Credyt: the ids are deterministic).
 async fn mark_delivered(outbox: Outbox, mut rx: mpsc::UnboundedReceiver<u64>) {
     let mut seqs = Vec::new();
     while let Some(first) = rx.recv().await {
         seqs.push(first);
-        while seqs.len() < 8192 {
-            match rx.try_recv() {
-                Ok(seq) => seqs.push(seq),
-                Err(_) => break,
+        let deadline = tokio::time::Instant::now() + MARK_BATCH_WAIT;
+        while seqs.len() < MARK_BATCH_MAX {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(seq)) => seqs.push(seq),
+                // The pipeline is gone (write what is here, then end) or the wait is over.
+                Ok(None) | Err(_) => break,
             }
         }
         if let Err(e) = outbox.mark_delivered(&seqs).await {
@@ -607,11 +619,12 @@ impl Pipeline {
         if self.f.settings.coalesce_window.is_some() && now < self.next_refill {
             return None;
         }
+        // Lease a few more than the free slots: one trip to the queue's lock per many records.
         let want = self
             .concurrency
             .limit()
             .saturating_sub(self.in_flight.len())
-            .clamp(1, 256);
+            .clamp(LEASE_MIN, 256);
         let units = self.f.next_units(want).await;
         if let Some(window) = self.f.settings.coalesce_window {
             self.next_refill = now + window;
