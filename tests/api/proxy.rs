@@ -521,6 +521,34 @@ pub async fn metric(http: &reqwest::Client, admin_url: &str, name: &str) -> Opti
     })
 }
 
+/// Waits until the outbox is empty (nothing pending or leased).
+pub async fn drained(w: &World, limit: std::time::Duration) {
+    let admin = w.admin_url();
+    eventually(limit, "the outbox to drain", || async {
+        (metric(&w.http, &admin, "credyt_proxy_outbox_depth").await? == 0).then_some(())
+    })
+    .await;
+}
+
+/// Asserts that each customer was charged exactly `expected[customer]` events at 0.50 USD
+/// (`video_promoted`, one fee) and that nothing else was charged anywhere.
+pub async fn assert_charged_exactly(w: &World, expected: &std::collections::BTreeMap<String, u64>) {
+    let price = Decimal::new(50, 2);
+    let state = w.state().await;
+    for (customer, n) in expected {
+        assert_eq!(
+            usd_charges(&state, customer),
+            (*n, price * Decimal::from(*n)),
+            "charges of {customer}"
+        );
+    }
+    assert_eq!(
+        total_charges(&state),
+        expected.values().sum::<u64>(),
+        "charges outside the acknowledged events"
+    );
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
 pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
 where
