@@ -8,6 +8,8 @@ COPY benches ./benches
 COPY tests ./tests
 COPY examples ./examples
 COPY loadtest ./loadtest
+# The sandbox's built-in demo files include the shipped price books (include_str!).
+COPY pricing ./pricing
 RUN cargo build --release --locked --bin credyt-proxy
 
 FROM debian:bookworm-slim

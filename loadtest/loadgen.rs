@@ -16,7 +16,8 @@
 //! was answered), open loop (`--rate R`: requests are scheduled at R/s in total and latency is
 //! measured from the scheduled time, so a stalled server is not hidden: no coordinated
 //! omission), and `--sweep` (one request for every (tenant, user) pair, then stop: warms the
-//! identity cache).
+//! identity cache). `--requests N` stops after N requests in the closed or open loop (a fixed
+//! amount of work, to divide a server's CPU time by).
 //!
 //! Output: one JSON object on stdout (see `Report`).
 
@@ -35,7 +36,8 @@ use tokio::net::TcpStream;
 const USAGE: &str =
     "loadgen --addr 127.0.0.1:8080 --keys FILE [--path /events] [--connections 32] \
 [--duration 5] [--rate R] [--batch 1] [--users 1000] [--event-type video_promoted] \
-[--run-id ID] [--sweep] [--same-id] [--hot-users N --hot-share 0.9] [--timeout 10]";
+[--run-id ID] [--sweep] [--same-id] [--hot-users N --hot-share 0.9] [--timeout 10] \
+[--requests N]";
 
 struct Args {
     addr: SocketAddr,
@@ -55,6 +57,9 @@ struct Args {
     hot_users: usize,
     hot_share: f64,
     timeout: Duration,
+    /// Start at most this many requests in all, then stop (with `--duration` as the bound):
+    /// a fixed amount of work, e.g. to divide a server's CPU time by.
+    requests: Option<u64>,
 }
 
 fn parse_args() -> Args {
@@ -74,6 +79,7 @@ fn parse_args() -> Args {
         hot_users: 0,
         hot_share: 0.0,
         timeout: Duration::from_secs(10),
+        requests: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -106,6 +112,7 @@ fn parse_args() -> Args {
             "--hot-users" => a.hot_users = val().parse().expect("--hot-users"),
             "--hot-share" => a.hot_share = val().parse().expect("--hot-share"),
             "--timeout" => a.timeout = Duration::from_secs_f64(val().parse().expect("secs")),
+            "--requests" => a.requests = Some(val().parse().expect("--requests")),
             _ => panic!("unknown flag {flag}\n{USAGE}"),
         }
     }
@@ -464,6 +471,14 @@ impl Conn {
             } else {
                 if now >= self.deadline {
                     break;
+                }
+                if let Some(limit) = a.requests {
+                    // The sweep's counter, unused outside sweeps: requests started so far.
+                    let mut started = self.sweep_next.borrow_mut();
+                    if *started >= limit {
+                        break;
+                    }
+                    *started += 1;
                 }
                 picker.pick()
             };

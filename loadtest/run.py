@@ -18,6 +18,11 @@ Phases (see loadtest/README.md):
      until the outbox is drained again; outbox depth sampled every 0.5 s.
   L  latency: open loop at half the sustained rate, p99 (sync=interval).
   C  coalescing: a hot-customer workload without and with outbox.coalesce_window_ms.
+  W  WAN: the forwarder against a distant Credyt (emulator latency and faults): 0 ms and 50 ms
+     at an open-loop offered load, 50 ms with a slow tail (2% of calls at 5 s), 50 ms with 20%
+     answered 429; delivered charges/s against the Little's-law bound; then CPU per event of
+     ingest + forward against the nginx hop's CPU per request. Each scenario has a fresh proxy
+     and a reset emulator, and is verified once drained.
   M  memory: 100,000 distinct end users through one proxy; peak RSS and cached identities.
   V  verification: per customer, emulator charged total == 0.50 USD x acknowledged events.
 """
@@ -43,10 +48,19 @@ from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REL = ROOT / "target" / "release"
+# Where `cargo build --release` put the binaries (run.sh honours CARGO_TARGET_DIR; --bin-dir
+# overrides, e.g. a private copy that another build in a shared target folder cannot replace
+# while a run is under way).
+REL = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "release"
 BIN = REL / "credyt-proxy"
 FLOOR = REL / "examples" / "floor"
 LOADGEN = REL / "examples" / "loadgen"
+
+
+def set_bin_dir(rel):
+    global REL, BIN, FLOOR, LOADGEN
+    REL = Path(rel)
+    BIN, FLOOR, LOADGEN = REL / "credyt-proxy", REL / "examples" / "floor", REL / "examples" / "loadgen"
 PLATFORM_KEY = "loadtest-platform-key"
 PRICE = Decimal("0.50")  # video_promoted, pricing/standard.toml: one fee per event
 EVENT_TYPE = "video_promoted"
@@ -210,12 +224,25 @@ class World:
         self.unverified = set()
         self.emulator = None
 
-    def start_emulator(self):
-        self.emulator = Proc("emulator", [BIN, "emulator", "--listen", f"127.0.0.1:{self.emu_port}",
-                                          "--platform-key", PLATFORM_KEY, "--seed",
-                                          self.out / "seed.json", "--workers", "1"],
-                             self.srv, self.out, env={"RUST_LOG": "warn"})
+    def start_emulator(self, cpu="server", name="emulator"):
+        self.emulator = Proc(name, [BIN, "emulator", "--listen", f"127.0.0.1:{self.emu_port}",
+                                    "--platform-key", PLATFORM_KEY, "--seed",
+                                    self.out / "seed.json", "--workers", "1"],
+                             self.srv if cpu == "server" else cpu, self.out, env={"RUST_LOG": "warn"})
         wait_until(lambda: self.emu_get("/_emulator/state") is not None, "emulator")
+
+    @contextlib.contextmanager
+    def own_emulator(self, cpu, name):
+        """A fresh emulator process (on `cpu`) for the block; the proxies started inside it use
+        it, the verification reads it; the run's emulator is back afterwards."""
+        saved = (self.emulator, self.emu_port)
+        self.emu_port = free_port()
+        self.start_emulator(cpu, name)
+        try:
+            yield self.emulator
+        finally:
+            self.emulator.stop()
+            self.emulator, self.emu_port = saved
 
     def emu_get(self, path):
         _, body = http("GET", f"http://127.0.0.1:{self.emu_port}{path}",
@@ -337,7 +364,7 @@ class Runner:
 
     def load(self, port, label, conns, duration=None, batch=1, rate=None, sweep=False,
              keys="keys.txt", users=None, hot=None, proxy=True, record=True, phase="",
-             same_id=False):
+             same_id=False, requests=None):
         self.seq += 1
         run_id = f"{secrets.token_hex(3)}s{self.seq}"
         cmd = [LOADGEN, "--addr", f"127.0.0.1:{port}", "--keys", self.out / keys,
@@ -351,6 +378,8 @@ class Runner:
             cmd += ["--sweep"]
         if same_id:
             cmd += ["--same-id"]
+        if requests is not None:
+            cmd += ["--requests", requests]
         if hot:
             cmd += ["--hot-users", hot[0], "--hot-share", hot[1]]
         if self.args.load_cpu is not None:
@@ -428,11 +457,15 @@ def svg_plot(slots, depth_series, path):
     """Events/s and p99 per second over the whole run, plus outbox depth, as one SVG."""
     W, H, L, R = 1100, 640, 70, 20
     panels = [("events/s accepted (per second)", 40, 200), ("p99 latency ms (per second, log)", 280, 150),
-              ("outbox depth (sustained phases)", 470, 130)]
+              ("outbox depth (sustained and WAN phases)", 470, 130)]
     colors = {"floor": "#888", "nginx": "#2a9d8f", "durable-floor": "#5e548e", "proxy-interval": "#e76f51",
               "proxy-always": "#9b2226", "proxy-interval-b100": "#f4a261", "e2e": "#264653",
               "e2e-half-rate": "#8ab17d", "e2e-hot": "#6a4c93", "e2e-hot-coalesced": "#c77dff",
               "memory-sweep": "#bbb", "warm": "#ddd"}
+    palette = ["#1d3557", "#e63946", "#457b9d", "#ffb703", "#06d6a0", "#8338ec", "#fb8500", "#3a86ff"]
+    for s in slots:
+        if s["label"] not in colors:
+            colors[s["label"]] = palette[(len(colors) - 12) % len(palette)]
     pts = []
     for s in slots:
         for ps in s["per_second"]:
@@ -504,6 +537,391 @@ def remove_outboxes(out):
         shutil.rmtree(d, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# W: WAN (the forwarder against a distant Credyt)
+
+FORWARDER_CONCURRENCY_GAUGE = "credyt_proxy_forwarder_concurrency_limit"
+OLD_DEFAULT_CONCURRENCY = 64  # outbox.forwarder_concurrency's default before issue 26
+
+
+def proc_cpu_s(pid):
+    """utime + stime of a process (all its threads), in seconds, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # after the command: state(0) ppid(1) ... utime(11) stime(12)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid):
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(d.name))
+    return out
+
+
+def metric_values(m, name):
+    """{labels-or-'': value} of every sample of one metric in a parsed /metrics dict."""
+    return {k[len(name):]: v for k, v in m.items() if k == name or k.startswith(name + "{")}
+
+
+def emulator_faults(world, rules):
+    http("PUT", f"http://127.0.0.1:{world.emu_port}/_emulator/faults", body={"rules": rules},
+         headers={"X-CREDYT-API-KEY": PLATFORM_KEY})
+
+
+def emulator_clear_faults(world):
+    http("DELETE", f"http://127.0.0.1:{world.emu_port}/_emulator/faults",
+         headers={"X-CREDYT-API-KEY": PLATFORM_KEY})
+
+
+def close_stage(world, report, name):
+    """Verifies everything acknowledged since the last stage (every proxy of it drained), then
+    gives the next stage a fresh emulator (reset: no data, no faults)."""
+    v = verify(world)
+    report.setdefault("verification_stages", {})[name] = v
+    log(f"  verification {name}: {json.dumps({k: x for k, x in v.items() if k != 'mismatches'})}")
+    http("POST", f"http://127.0.0.1:{world.emu_port}/_emulator/reset",
+         headers={"X-CREDYT-API-KEY": PLATFORM_KEY}, timeout=120)
+    world.acked, world.unknown = {}, {}
+    return v
+
+
+def slope_per_s(points):
+    """Least-squares slope of (t, y) points."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / den if den else None
+
+
+class WanSampler(threading.Thread):
+    """Every 0.5 s: outbox depth, fees accepted (so delivered = fees - depth, up to a constant),
+    the forwarder's concurrency gauge when the build exports it, and the proxy's CPU time."""
+
+    def __init__(self, proxy, t0):
+        super().__init__(daemon=True)
+        self.proxy, self.t0, self.samples, self.stop_flag = proxy, t0, [], threading.Event()
+
+    def run(self):
+        while not self.stop_flag.is_set():
+            try:
+                m = metrics(self.proxy)
+                gauge = metric_values(m, FORWARDER_CONCURRENCY_GAUGE)
+                self.samples.append({
+                    "t": round(time.time() - self.t0, 2),
+                    "depth": int(m.get("credyt_proxy_outbox_depth", -1)),
+                    "fees": int(m.get("credyt_proxy_fees_total", 0)),
+                    "concurrency_limit": sum(gauge.values()) if gauge else None,
+                    "cpu_s": proc_cpu_s(self.proxy.pid)})
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            self.stop_flag.wait(0.5)
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join(5)
+        return self.samples
+
+
+def wan_settings(args):
+    """[(label, {outbox key: value})]: one set of scenarios per forwarder setting. Only what
+    was asked for is written to the proxy's config, so the kit runs against builds with and
+    without the adaptive forwarder's keys."""
+    common = {}
+    if args.wan_concurrency_min is not None:
+        common["forwarder_concurrency_min"] = args.wan_concurrency_min
+    if args.wan_concurrency_max is not None:
+        common["forwarder_concurrency_max"] = args.wan_concurrency_max
+    for kv in args.wan_outbox:
+        k, _, v = kv.partition("=")
+        common[k.strip()] = v.strip()
+    fixed = [int(c) for c in args.wan_concurrency.split(",") if c.strip()]
+    if not fixed:
+        parts = [f"{k.replace('forwarder_concurrency_', '')}{v}" for k, v in common.items()
+                 if k.startswith("forwarder_concurrency_")]
+        return [("-".join(parts) or "default", common)]
+    return [(f"c{c}", {**common, "forwarder_concurrency": c}) for c in fixed]
+
+
+def outbox_toml(settings):
+    return "\n".join(f"{k} = {v}" for k, v in settings.items())
+
+
+def wan_scenarios(args):
+    lat = args.wan_latency_ms
+    ra = {"retry_after_secs": args.wan_retry_after, "retry_after_form": "seconds"}
+    slow_mean = (1 - args.wan_slow_rate) * lat + args.wan_slow_rate * args.wan_slow_ms
+    return {
+        "0ms": {"rules": [], "mean_latency_ms": 0.0},
+        "50ms": {"rules": [{"path_prefix": "/", "latency_ms": lat}], "mean_latency_ms": float(lat)},
+        "slow": {"rules": [{"path_prefix": "/", "latency_ms": lat, "slow_rate": args.wan_slow_rate,
+                            "slow_latency_ms": args.wan_slow_ms}],
+                 "mean_latency_ms": slow_mean,
+                 "mean_latency_note": f"configured mix: {1 - args.wan_slow_rate:g} x {lat} ms + "
+                                      f"{args.wan_slow_rate:g} x {args.wan_slow_ms} ms"},
+        "429": {"rules": [{"path_prefix": "/", "latency_ms": lat, "rate_429": args.wan_429_rate, **ra}],
+                "mean_latency_ms": float(lat),
+                "mean_latency_note": f"every answer (429s included) takes {lat} ms; "
+                                     f"{args.wan_429_rate:g} of them are 429 Retry-After: "
+                                     f"{args.wan_retry_after}"},
+    }
+
+
+def wan_scenario(world, runner, args, report, setting_label, settings, name, sc, depth_series):
+    """One WAN scenario on a fresh emulator and proxy: warm the identities with no faults, turn the faults
+    on, offer `--wan-rate` events/s open loop for `--wan-secs`, count what reached Credyt, then
+    clear the faults, drain (bounded) and verify."""
+    label = f"wan-{name}-{setting_label}"
+    with world.own_emulator(wan_emulator_cpu(args), f"emulator-{label}"):
+        try:
+            p = world.proxy(label, "interval", forwarder=True, extra_outbox=outbox_toml(settings))
+        except ProxyFailed as e:
+            log(f"  {label}: NOT MEASURABLE: {e}")
+            return {"not_measurable": str(e)}
+        return wan_measure(world, runner, args, report, settings, sc, depth_series, label, p)
+
+
+def wan_emulator_cpu(args):
+    """Where the WAN phase's emulators run: by default beside the proxy, as in phase B. Beside
+    loadgen (issue 26's layout) the emulator shares a core with loadgen's open-loop spinning
+    (it yields until each slot) and, measured at 9,500 events/s, was the bottleneck."""
+    if args.load_cpu is None:
+        return None
+    return {"load": args.load_cpu, "server": "server"}.get(args.wan_emulator_cpu, args.wan_emulator_cpu)
+
+
+def wan_measure(world, runner, args, report, settings, sc, depth_series, label, p):
+    runner.load(p.port, "warm", 32, sweep=True, phase="warm", record=False)
+    runner.drain(p, args.drain_timeout)
+    emulator_faults(world, sc["rules"])
+    sampler = WanSampler(p, runner.t0)
+    sampler.start()
+    charges0, t0 = world.charge_count(), time.time()
+    emu_cpu0 = proc_cpu_s(world.emulator.pid)
+    r = runner.load(p.port, label, args.wan_conns, duration=args.wan_secs, rate=args.wan_rate,
+                    phase="wan")
+    charges1, t1 = world.charge_count(), time.time()
+    emu_cpu1 = proc_cpu_s(world.emulator.pid)
+    samples = sampler.stop()
+    depth_series += [{"t": x["t"], "depth": x["depth"]} for x in samples]
+    # the faults end with the window: the backlog then drains at full speed (a 5 s tail or
+    # 429s would make the drain of a large backlog take hours); retries under the faults
+    # happened during the window, and the verification covers every event of it
+    emulator_clear_faults(world)
+    backlog = depth(p)
+    drain_s, _ = runner.drain(p, args.drain_timeout)
+    p.stop()
+    window = t1 - t0
+    start_s, end_s = t0 - runner.t0, t1 - runner.t0
+    inside = [s for s in samples if start_s <= s["t"] <= end_s]
+    half = [s for s in inside if s["t"] >= (start_s + end_s) / 2]
+    steady = None
+    if len(half) >= 2:
+        a, b = half[0], half[-1]
+        if b["t"] > a["t"]:
+            steady = ((b["fees"] - b["depth"]) - (a["fees"] - a["depth"])) / (b["t"] - a["t"])
+    depth_slope = slope_per_s([(s["t"], s["depth"]) for s in half])
+    gauge = [s["concurrency_limit"] for s in half if s["concurrency_limit"] is not None]
+    if gauge:
+        conc, conc_src = statistics.mean(gauge), f"{FORWARDER_CONCURRENCY_GAUGE} (mean over the window's second half)"
+    elif "forwarder_concurrency" in settings:
+        conc, conc_src = int(settings["forwarder_concurrency"]), "configured outbox.forwarder_concurrency"
+    elif "forwarder_concurrency_max" in settings:
+        conc, conc_src = int(settings["forwarder_concurrency_max"]), "configured outbox.forwarder_concurrency_max (no gauge)"
+    else:
+        conc, conc_src = OLD_DEFAULT_CONCURRENCY, "build default assumed (64; no gauge, nothing configured)"
+    delivered = (charges1 - charges0) / window
+    res = {
+        "faults": sc["rules"], "outbox_settings": settings,
+        "offered_events_per_s": args.wan_rate, "window_s": round(window, 2),
+        "acknowledged_events_per_s": round(r["events_per_s"], 1),
+        "acknowledged_events": r["events_ok"],
+        "latency_us": r["latency_us"], "loadgen_send_lag_us": r.get("send_lag_us"),
+        "refused": {str(k): v for k, v in r["status"].items() if not str(k).startswith("2")},
+        "errors": r["errors"],
+        "delivered_charges": charges1 - charges0,
+        "delivered_charges_per_s": round(delivered, 1),
+        "delivered_charges_per_s_second_half": steady and round(steady, 1),
+        "delivered_x_offered": ratio(delivered, args.wan_rate),
+        "outbox_depth_end_of_window": backlog,
+        "outbox_depth_max": max([s["depth"] for s in inside] + [0]),
+        "outbox_depth_slope_per_s_second_half": depth_slope and round(depth_slope, 1),
+        # bounded: the second half's depth does not grow by more than 2% of the offered rate
+        "outbox_bounded": depth_slope is not None and depth_slope <= 0.02 * args.wan_rate,
+        "outbox_depth_series": [{"t": round(s["t"] - start_s, 1), "depth": s["depth"]} for s in inside],
+        "drain_after_window_s": drain_s and round(drain_s, 1), "drained": drain_s is not None,
+        "proxy_cpu_s_in_window": round(inside[-1]["cpu_s"] - inside[0]["cpu_s"], 2) if len(inside) > 1 else None,
+        "emulator_cpu_s_in_window": round(emu_cpu1 - emu_cpu0, 2),
+        # the host's 1-minute load average after the window: other work on a shared machine
+        "host_loadavg_1m": round(os.getloadavg()[0], 2),
+        "concurrency_in_use": conc, "concurrency_source": conc_src,
+        "concurrency_gauge_series": [s["concurrency_limit"] for s in inside] if gauge else None,
+    }
+    if sc["mean_latency_ms"] > 0:
+        bound = conc / (sc["mean_latency_ms"] / 1000)
+        res.update({"mean_upstream_latency_ms": round(sc["mean_latency_ms"], 2),
+                    "mean_upstream_latency_source": sc.get("mean_latency_note", "configured latency_ms"),
+                    "littles_law_bound_per_s": round(bound, 1),
+                    "delivered_x_bound": ratio(delivered, bound),
+                    "delivered_second_half_x_bound": steady and ratio(steady, bound)})
+    log(f"  {label}: delivered {res['delivered_charges_per_s']}/s (2nd half "
+        f"{res['delivered_charges_per_s_second_half']}/s) of {args.wan_rate}/s offered, "
+        f"depth end {backlog} slope {res['outbox_depth_slope_per_s_second_half']}/s, "
+        f"p99 {r['latency_us']['p99'] / 1000:.1f} ms, bound {res.get('littles_law_bound_per_s')}, "
+        f"x_bound {res.get('delivered_x_bound')}, drain {res['drain_after_window_s']} s")
+    res["verification"] = {k: v for k, v in close_stage(world, report, label).items() if k != "mismatches"}
+    if res["verification"]["exact_match"] and not args.keep_outboxes:
+        # drained and verified: free the disk now (a WAN run makes several large outboxes)
+        shutil.rmtree(p.outbox, ignore_errors=True)
+    return res
+
+
+def start_nginx_hop(world, out, name="nginx"):
+    """The floor and one nginx worker in front of it (loadtest/nginx.conf.template)."""
+    fport = free_port()
+    floor = Proc(f"floor-{name}", [FLOOR, f"127.0.0.1:{fport}", "1"], world.srv, out)
+    wait_until(tcp_ready(fport), "floor")
+    nport = free_port()
+    ndir = out / name
+    ndir.mkdir(exist_ok=True)
+    conf = (ROOT / "loadtest" / "nginx.conf.template").read_text()
+    conf = conf.replace("{{dir}}", str(ndir)).replace("{{port}}", str(nport)) \
+               .replace("{{floor_port}}", str(fport))
+    (ndir / "nginx.conf").write_text(conf)
+    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = Proc(name, [nginx_bin, "-c", ndir / "nginx.conf", "-p", ndir], world.srv, out)
+    wait_until(tcp_ready(nport), "nginx")
+    return floor, fport, nginx, nport
+
+
+def wan_cpu(world, runner, args, out, report, settings):
+    """CPU per event of ingest + forward (the proxy process's utime + stime over a fixed number
+    of events, until its outbox is empty; 0 ms upstream) against the nginx hop's CPU per
+    request (the nginx worker's, over as many requests to the floor), in the same run. Each is
+    measured with the other paused (SIGSTOP)."""
+    with world.own_emulator(wan_emulator_cpu(args), "emulator-wan-cpu"):
+        res = wan_cpu_measure(world, runner, args, out, settings)
+        close_stage(world, report, "wan-cpu")
+    return res
+
+
+def wan_cpu_measure(world, runner, args, out, settings):
+    n, conns = args.wan_cpu_events, args.wan_cpu_conns
+    floor, _, nginx, nport = start_nginx_hop(world, out, "nginx-wan")
+    wait_until(lambda: child_pids(nginx.pid), "nginx worker")
+    workers = child_pids(nginx.pid)
+    p = world.proxy("wan-cpu", "interval", forwarder=True, extra_outbox=outbox_toml(settings))
+    try:
+        runner.load(p.port, "warm", 32, sweep=True, phase="warm", record=False)
+        runner.drain(p, args.drain_timeout)
+        servers = [floor, nginx, p, world.emulator]
+        with running_alone(servers, {floor, nginx}):
+            w0 = sum(proc_cpu_s(w) for w in workers)
+            f0 = proc_cpu_s(floor.pid)
+            rn = runner.load(nport, "wan-cpu-nginx", conns, duration=3600, requests=n, proxy=False,
+                             phase="wan-cpu")
+            w1 = sum(proc_cpu_s(w) for w in workers)
+            f1 = proc_cpu_s(floor.pid)
+        with running_alone(servers, {p, world.emulator}):
+            c0, e0, t0 = proc_cpu_s(p.pid), proc_cpu_s(world.emulator.pid), time.time()
+            rp = runner.load(p.port, "wan-cpu-proxy", conns, duration=3600, requests=n,
+                             phase="wan-cpu")
+            t_ingested, backlog = time.time(), depth(p)
+            secs, _ = runner.drain(p, args.drain_timeout)
+            c1, e1, t1 = proc_cpu_s(p.pid), proc_cpu_s(world.emulator.pid), time.time()
+    finally:
+        p.stop()
+        nginx.stop()
+        floor.stop()
+    nginx_per = (w1 - w0) / rn["ok"] if rn["ok"] else None
+    proxy_per = (c1 - c0) / rp["events_ok"] if rp["events_ok"] else None
+    res = {
+        "events": n, "connections": conns, "outbox_settings": settings,
+        "proxy": {"acknowledged_events": rp["events_ok"], "cpu_s": round(c1 - c0, 2),
+                  "cpu_us_per_event": proxy_per and round(proxy_per * 1e6, 2),
+                  "ingest_events_per_s": round(rp["events_per_s"], 1),
+                  "outbox_depth_after_ingest": backlog,
+                  "drained": secs is not None, "wall_s": round(t1 - t0, 2),
+                  "drain_after_ingest_s": secs and round(secs, 2),
+                  "drain_charges_per_s": round(backlog / secs, 1) if secs and backlog else None,
+                  "emulator_cpu_s": round(e1 - e0, 2)},
+        "nginx_hop": {"requests_ok": rn["ok"], "worker_cpu_s": round(w1 - w0, 2),
+                      "cpu_us_per_request": nginx_per and round(nginx_per * 1e6, 2),
+                      "requests_per_s": round(rn["requests_per_s"], 1),
+                      "floor_cpu_s": round(f1 - f0, 2), "nginx_workers": len(workers)},
+        "proxy_x_nginx_cpu": ratio(proxy_per, nginx_per) if proxy_per and nginx_per else None,
+        "host_loadavg_1m": round(os.getloadavg()[0], 2),
+        "method": "CPU time = utime + stime from /proc/PID/stat (10 ms ticks); the proxy's over "
+                  "its whole process from the first event until its outbox is empty (emulator "
+                  "at 0 ms, not counted); nginx: its worker process only (not the floor behind "
+                  "it); closed loop, same connections and request count; the other servers "
+                  "paused",
+    }
+    log(f"  cpu: proxy {res['proxy']['cpu_us_per_event']} us/event, nginx hop "
+        f"{res['nginx_hop']['cpu_us_per_request']} us/request, ratio {res['proxy_x_nginx_cpu']}")
+    return res
+
+
+def wan_phase(world, runner, args, out, report, depth_series):
+    wanted = set(filter(None, args.wan_scenarios.split(",")))
+    scenarios = wan_scenarios(args)
+    wan = report.setdefault("wan", {
+        "method": {
+            "layout": f"proxy on the server core ({args.server_cpu}); a fresh emulator per "
+                      f"scenario on cpu {args.server_cpu if wan_emulator_cpu(args) == 'server' else wan_emulator_cpu(args)} "
+                      f"(--wan-emulator-cpu {args.wan_emulator_cpu}); loadgen on the load core ({args.load_cpu})",
+            "proxy": "sync=interval, forwarder on, one 0.50 USD charge per event; a fresh proxy per scenario",
+            "emulator": "a fresh process per scenario; faults on every path after the "
+                        "identity warm-up, cleared when the window ends",
+            "offered_load": f"open loop, {args.wan_rate} events/s for {args.wan_secs} s, "
+                            f"{args.wan_conns} connections, {args.users} end users x {args.tenants} tenants",
+            "delivered": "charges the emulator counted during the window / window length; "
+                         "second half: fees accepted - outbox depth from the proxy's metrics",
+            "littles_law_bound": "concurrency in use / mean upstream latency; concurrency from "
+                                 f"{FORWARDER_CONCURRENCY_GAUGE} when exported, else the configured "
+                                 "value; mean latency from the configured fault mix, not measured",
+        },
+        "settings": {}, "scenarios": {}})
+    settings_list = wan_settings(args)
+    for setting_label, settings in settings_list:
+        wan["settings"][setting_label] = settings
+        for name in ("0ms", "50ms", "slow", "429"):
+            if name not in wanted:
+                continue
+            log(f"phase W: {name} with outbox settings {settings or '(build defaults)'}")
+            wan["scenarios"][f"{name}-{setting_label}"] = wan_scenario(
+                world, runner, args, report, setting_label, settings, name, scenarios[name],
+                depth_series)
+    if "cpu" in wanted:
+        log(f"phase W: CPU per event ({args.wan_cpu_events} events) against the nginx hop")
+        wan["cpu"] = wan_cpu(world, runner, args, out, report, settings_list[0][1])
+
+
+def wan_table(wan):
+    rows = ["| scenario | offered/s | delivered/s (window) | 2nd half/s | outbox | p99 ms | "
+            "conc | bound/s | x bound | drain s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in wan.get("scenarios", {}).items():
+        if "not_measurable" in r:
+            rows.append(f"| {name} | not measurable: {r['not_measurable'][:80]} |||||||||")
+            continue
+        bounded = "bounded" if r["outbox_bounded"] else f"growing {r['outbox_depth_slope_per_s_second_half']}/s"
+        rows.append(f"| {name} | {r['offered_events_per_s']:g} | {r['delivered_charges_per_s']:g} | "
+                    f"{r['delivered_charges_per_s_second_half']} | {bounded} (end {r['outbox_depth_end_of_window']}) | "
+                    f"{r['latency_us']['p99'] / 1000:.1f} | {r['concurrency_in_use']:g} | "
+                    f"{r.get('littles_law_bound_per_s', '-')} | {r.get('delivered_x_bound', '-')} | "
+                    f"{r['drain_after_window_s']} |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="report folder (default target/loadtest/<time>)")
@@ -525,18 +943,57 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short smoke run (1 round, 2 s slots, no memory phase)")
     ap.add_argument("--keep-outboxes", action="store_true",
                     help="keep the proxies' outbox folders (gigabytes after a full run; removed by default)")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: capacity,sustained,coalesce,memory")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: capacity,wan,sustained,coalesce,memory")
+    ap.add_argument("--bin-dir", type=Path, default=None,
+                    help="folder of credyt-proxy, examples/floor, examples/loadgen (default "
+                         "$CARGO_TARGET_DIR/release or target/release)")
+    w = ap.add_argument_group("W: WAN phase (upstream latency and faults)")
+    w.add_argument("--wan-only", action="store_true",
+                   help="run only the WAN phase (and the verification): --skip capacity,sustained,coalesce,memory")
+    w.add_argument("--wan-scenarios", default="0ms,50ms,slow,429,cpu",
+                   help="comma list of WAN scenarios: 0ms,50ms,slow,429,cpu")
+    w.add_argument("--wan-rate", type=float, default=9500.0, help="offered events/s (open loop)")
+    w.add_argument("--wan-secs", type=float, default=20.0, help="seconds of offered load per scenario")
+    w.add_argument("--wan-conns", type=int, default=64, help="loadgen connections of the WAN scenarios")
+    w.add_argument("--wan-latency-ms", type=int, default=50)
+    w.add_argument("--wan-slow-rate", type=float, default=0.02, help="share of calls in the slow tail")
+    w.add_argument("--wan-slow-ms", type=int, default=5000, help="latency of the slow tail")
+    w.add_argument("--wan-429-rate", type=float, default=0.2, help="share of calls answered 429")
+    w.add_argument("--wan-retry-after", type=int, default=1, help="Retry-After seconds of those 429s")
+    w.add_argument("--wan-concurrency", default="",
+                   help="comma list of fixed outbox.forwarder_concurrency values, one set of "
+                        "scenarios each (e.g. 64,1024); empty: not set (the build's default)")
+    w.add_argument("--wan-concurrency-min", type=int, default=None,
+                   help="outbox.forwarder_concurrency_min (adaptive forwarder builds only)")
+    w.add_argument("--wan-concurrency-max", type=int, default=None,
+                   help="outbox.forwarder_concurrency_max (adaptive forwarder builds only)")
+    w.add_argument("--wan-outbox", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other [outbox] setting for the WAN proxies, as TOML (repeatable)")
+    w.add_argument("--wan-cpu-events", type=int, default=200_000,
+                   help="events of the CPU-per-event measurement (and requests through nginx)")
+    w.add_argument("--wan-cpu-conns", type=int, default=32)
+    w.add_argument("--wan-emulator-cpu", default="server",
+                   help="cpu of the WAN phase's emulators: server (beside the proxy, as in phase "
+                        "B; default), load (beside loadgen, the layout of issue 26's table; an "
+                        "open-loop loadgen spins on its core, so there the emulator gets about "
+                        "half of it and becomes the bottleneck near 9,500/s), or a cpu number")
     args = ap.parse_args()
+    if args.bin_dir:
+        set_bin_dir(args.bin_dir)
     if args.quick:
         args.slot, args.rounds, args.sustain, args.mem_users, args.conns = 2.0, 1, 5.0, 2000, "32"
     if (os.cpu_count() or 1) < 2:
         log("fewer than 2 cores: not pinning")
         args.load_cpu = args.server_cpu = None
     skip = set(filter(None, args.skip.split(",")))
+    if args.wan_only:
+        skip |= {"capacity", "sustained", "coalesce", "memory"}
+        args.mem_users = 0
     for b in (BIN, FLOOR, LOADGEN):
         if not b.exists():
             sys.exit(f"{b} is missing: run loadtest/run.sh (it builds the release binaries)")
-    out = args.out or ROOT / "target" / "loadtest" / time.strftime("%Y%m%dT%H%M%S")
+    # absolute: the proxies' configs and nginx's are read from other working folders
+    out = (args.out or ROOT / "target" / "loadtest" / time.strftime("%Y%m%dT%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log(f"report folder {out}")
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -638,6 +1095,12 @@ def main():
             http("POST", f"http://127.0.0.1:{world.emu_port}/_emulator/reset",
                  headers={"X-CREDYT-API-KEY": PLATFORM_KEY}, timeout=120)
             world.acked, world.unknown = {}, {}
+
+        # ---- W: WAN ------------------------------------------------------------------------
+        if "wan" not in skip:
+            if world.acked:
+                close_stage(world, report, "before-wan")
+            wan_phase(world, runner, args, out, report, depth_series)
 
         # ---- B: sustained end to end ------------------------------------------------------
         e2e_rate = None
@@ -854,6 +1317,11 @@ def print_summary(report, out):
         print(f"\nsustained {name}: {json.dumps(s)}")
     if "half_rate_latency" in report:
         print(f"\nhalf-rate latency: {json.dumps(report['half_rate_latency'])}")
+    if "wan" in report:
+        print(f"\nWAN ({json.dumps(report['wan']['method'])}):")
+        print(wan_table(report["wan"]))
+        if "cpu" in report["wan"]:
+            print(f"\nWAN CPU per event: {json.dumps(report['wan']['cpu'])}")
     for k in ("capacity_drain", "memory", "memory_identity_only", "emulator_peak_rss_kib"):
         if k in report:
             print(f"\n{k}: {json.dumps(report[k])}")

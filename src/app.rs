@@ -8,13 +8,17 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use actix_web::dev::ServerHandle;
+use actix_http::error::DispatchError;
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{AppConfig, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
 use crate::admin::{AdminState, Readiness};
 use crate::config::{AckMode, Settings, SyncMode};
 use crate::identity::{Identity, Tenants};
+use crate::ingest::conn::ProblemIo;
 use crate::ingest::sink::Sink;
 use crate::ingest::{self, AppState};
 use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
@@ -38,6 +42,54 @@ pub struct Application {
     grace: std::time::Duration,
     outbox: Option<Outbox>,
     forwarder: Option<ForwarderHandle>,
+}
+
+/// The tenant port's server. Built from actix-server and actix-http rather than `HttpServer`
+/// (with the same settings) to wrap each connection in [`ProblemIo`], which answers what the
+/// HTTP/1 codec refuses by itself with problem+json ([`ingest::conn`]).
+fn tenant_server(
+    settings: &Settings,
+    state: Arc<AppState>,
+    listener: TcpListener,
+) -> anyhow::Result<actix_server::Server> {
+    let addr = listener.local_addr()?;
+    let data = web::Data::from(state);
+    let builder = actix_server::Server::build()
+        .workers(settings.server.workers)
+        .backlog(4096)
+        .shutdown_timeout(settings.server.shutdown_grace.as_secs().max(1))
+        .disable_signals();
+    // Idle keep-alive connections close as soon as a graceful stop starts (as HttpServer does).
+    let shutdown = builder.graceful_shutdown_signal();
+    let server = builder
+        .listen("credyt-proxy-tenant", listener, move || {
+            let app = App::new()
+                .app_data(data.clone())
+                .wrap(actix_web::middleware::from_fn(ingest::conn::header_limits))
+                .configure(ingest::routes)
+                .default_service(web::to(ingest::not_found))
+                .into_factory()
+                .map_err(|e| e.error_response());
+            let shutdown = shutdown.clone();
+            let http = HttpService::build()
+                .keep_alive(KeepAlive::default())
+                .client_request_timeout(std::time::Duration::from_secs(5))
+                .client_disconnect_timeout(std::time::Duration::from_secs(1))
+                .local_addr(addr)
+                .graceful_shutdown_signal(move || {
+                    let shutdown = shutdown.clone();
+                    async move { shutdown.notified().await }
+                })
+                // Host and address of the config serve URL generation, which no route uses.
+                .h1(map_config(app, |_| AppConfig::default()));
+            fn_service(|io: tokio::net::TcpStream| async move {
+                let peer = io.peer_addr().ok();
+                Ok::<_, DispatchError>((ProblemIo::new(io), peer))
+            })
+            .and_then(http)
+        })?
+        .run();
+    Ok(server)
 }
 
 /// Opens (and recovers) the outbox before anything is accepted.
@@ -161,19 +213,7 @@ impl Application {
         let tenant_listener = TcpListener::bind(settings.server.listen)
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let tenant_addr = tenant_listener.local_addr()?;
-        let data = web::Data::from(state.clone());
-        let tenant_server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .configure(ingest::routes)
-                .default_service(web::to(ingest::not_found))
-        })
-        .workers(settings.server.workers)
-        .backlog(4096)
-        .shutdown_timeout(settings.server.shutdown_grace.as_secs().max(1))
-        .disable_signals()
-        .listen(tenant_listener)?
-        .run();
+        let tenant_server = tenant_server(&settings, state.clone(), tenant_listener)?;
         let tenant_handle = tenant_server.handle();
         tokio::spawn(tenant_server);
 

@@ -27,14 +27,21 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy.
     Serve {
+        /// The configuration file (TOML; `CREDYT_PROXY__SECTION__KEY` variables override it).
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the proxy against an in-process Credyt emulator with demo data.
+    /// Run the proxy against an in-process Credyt emulator with demo data (works from any
+    /// directory; its data is throw-away).
     Sandbox {
-        /// Folder with config.toml, tenants.toml and seed.json.
-        #[arg(long, default_value = "examples/sandbox")]
-        dir: PathBuf,
+        /// Folder with your own config.toml, tenants.toml and seed.json (e.g.
+        /// `examples/sandbox`); without it the demo files built into the binary are used.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where the sandbox keeps its throw-away data: it creates
+        /// `credyt-proxy-sandbox-<pid>` in this folder and deletes it on exit.
+        #[arg(long, env = SANDBOX_DATA_DIR_ENV, default_value_os_t = std::env::temp_dir())]
+        data_dir: PathBuf,
         /// Tenant port of the proxy.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -47,6 +54,7 @@ pub enum Command {
     },
     /// Run the Credyt emulator alone.
     Emulator {
+        /// Address the emulator listens on (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
         /// Accepted platform key(s) (`X-CREDYT-API-KEY`).
@@ -59,16 +67,30 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         workers: usize,
     },
-    /// Validate a configuration file (and its environment overrides) and exit.
-    CheckConfig { file: PathBuf },
+    /// Validate a configuration file (and its environment overrides) and exit, reporting
+    /// every problem at once.
+    CheckConfig {
+        /// The configuration file to check.
+        file: PathBuf,
+    },
     /// Validate a pricing directory and exit.
-    CheckPricing { dir: PathBuf },
-    /// Price one event (JSON on stdin) and print the breakdown.
+    CheckPricing {
+        /// The pricing directory (price books and assignments.toml).
+        dir: PathBuf,
+    },
+    /// Price one event (a Credyt usage event object as JSON on stdin) and print the quote, the
+    /// same JSON `POST /v1/quote` answers.
     Quote {
+        /// The pricing directory (price books and assignments.toml).
         #[arg(long)]
         pricing: PathBuf,
+        /// The tenant id whose price book prices the event.
         #[arg(long)]
         tenant: String,
+        /// The tenants file: when given, a tenant id absent from it is an error
+        /// (`unknown_tenant`) instead of being priced with the default book.
+        #[arg(long)]
+        tenants: Option<PathBuf>,
     },
     /// Print a fresh tenant API key and the hash line for the tenants file.
     TenantKey,
@@ -90,8 +112,10 @@ pub enum DlqAction {
     },
     /// Move dead letters back to the pending queue (all, or the given sequence numbers).
     Replay {
+        /// The outbox directory (`outbox.dir` of the config).
         #[arg(long)]
         data_dir: PathBuf,
+        /// A dead letter's sequence number (repeat for several); none: all of them.
         #[arg(long = "seq")]
         seqs: Vec<u64>,
     },
@@ -138,22 +162,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Quote { pricing, tenant } => {
-            let set = crate::pricing::PricingSet::load_dir(&pricing)
-                .map_err(|e| anyhow::anyhow!("pricing rejected:\n{e}"))?;
-            let mut input = String::new();
-            std::io::stdin().read_to_string(&mut input)?;
-            match crate::pricing::quote_json(&set, &tenant, &input) {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
+        Command::Quote {
+            pricing,
+            tenant,
+            tenants,
+        } => quote(&pricing, &tenant, tenants.as_deref()),
         Command::TenantKey => {
             let (key, hash) = crate::identity::tenants::generate_key();
             println!("key:  {key}");
@@ -209,11 +222,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Sandbox {
             dir,
+            data_dir,
             listen,
             admin_listen,
             emulator_listen,
         } => {
-            sandbox(&dir, listen, admin_listen, emulator_listen).await?;
+            let ports = SandboxPorts {
+                listen,
+                admin_listen,
+                emulator_listen,
+            };
+            sandbox(dir.as_deref(), &data_dir, ports).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -223,57 +242,254 @@ fn load_settings(path: &Path) -> anyhow::Result<Settings> {
     Settings::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// `credyt-proxy quote`: the [`crate::pricing::Quote`] on stdout, or the problem+json body the
+/// tenant API would answer for the same failure on stderr (non-zero exit).
+fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result<ExitCode> {
+    use crate::ingest::problem::ApiError;
+    use crate::outcome::Rejection;
+
+    let set = crate::pricing::PricingSet::load_dir(pricing)
+        .map_err(|e| anyhow::anyhow!("pricing rejected:\n{e}"))?;
+    if let Some(path) = tenants {
+        // The quota is irrelevant here: only the ids are read.
+        let quota = crate::ratelimit::TenantQuota {
+            per_second: std::num::NonZeroU32::MIN,
+            burst: std::num::NonZeroU32::MIN,
+        };
+        let table = crate::identity::Tenants::load(path, quota).map_err(|problems| {
+            anyhow::anyhow!("tenants file rejected:\n{}", problems.join("\n"))
+        })?;
+        if table.current().get(tenant).is_none() {
+            let e = ApiError::Validation(vec![Rejection {
+                code: "unknown_tenant",
+                field: "tenant".into(),
+                message: format!("tenant `{tenant}` is not in {}", path.display()),
+            }]);
+            eprintln!("{}", String::from_utf8_lossy(&e.problem_json()));
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input)?;
+    let quote = crate::pricing::parse_event(&input)
+        .and_then(|event| crate::pricing::Quote::build(&set, tenant, &event));
+    match quote {
+        Ok(q) => {
+            println!("{}", serde_json::to_string_pretty(&q)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!(
+                "{}",
+                String::from_utf8_lossy(&ApiError::from(e).problem_json())
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// The platform key of the sandbox's embedded emulator.
 pub const SANDBOX_PLATFORM_KEY: &str = "sandbox-platform-key";
 /// The sandbox's demo tenant key. Demo only: it is public, in this repository.
 pub const SANDBOX_DEMO_KEY: &str = "cpk_DEMO_sandbox_only_not_a_secret";
+/// The variable that sets `credyt-proxy sandbox --data-dir`.
+pub const SANDBOX_DATA_DIR_ENV: &str = "CREDYT_PROXY_SANDBOX_DATA_DIR";
+
+/// The sandbox's demo files, built into the binary so the sandbox runs from any directory.
+mod demo {
+    pub const CONFIG: &str = include_str!("../examples/sandbox/config.toml");
+    pub const TENANTS: &str = include_str!("../examples/sandbox/tenants.toml");
+    pub const SEED: &str = include_str!("../examples/sandbox/seed.json");
+    /// The shipped price books (every `*.toml` of `pricing/`; a test keeps the list whole).
+    pub const PRICING: [(&str, &str); 3] = [
+        ("assets.toml", include_str!("../pricing/assets.toml")),
+        (
+            "assignments.toml",
+            include_str!("../pricing/assignments.toml"),
+        ),
+        ("standard.toml", include_str!("../pricing/standard.toml")),
+    ];
+}
+
+/// The addresses the sandbox binds.
+pub struct SandboxPorts {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub emulator_listen: SocketAddr,
+}
+
+/// The sandbox's data folder, deleted when the sandbox ends (also on a failed start).
+struct ThrowAway(PathBuf);
+
+impl Drop for ThrowAway {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Settings and seed of the sandbox: from `dir` when given, else the built-in demo files
+/// (written into `data` so that the tenants file and price books have a home).
+fn sandbox_files(
+    dir: Option<&Path>,
+    data: &Path,
+) -> anyhow::Result<(Settings, crate::emulator::Seed)> {
+    let Some(dir) = dir else {
+        let pricing = data.join("pricing");
+        std::fs::create_dir_all(&pricing)
+            .with_context(|| format!("creating {}", pricing.display()))?;
+        for (name, text) in demo::PRICING {
+            std::fs::write(pricing.join(name), text)?;
+        }
+        let tenants = data.join("tenants.toml");
+        std::fs::write(&tenants, demo::TENANTS)?;
+        let mut settings = Settings::from_toml(demo::CONFIG, data, None)
+            .map_err(|e| anyhow::anyhow!("the built-in sandbox config: {e}"))?;
+        settings.tenants.file = tenants;
+        settings.pricing.dir = pricing;
+        let seed: crate::emulator::Seed =
+            serde_json::from_str(demo::SEED).context("the built-in sandbox seed")?;
+        return Ok((settings, seed));
+    };
+    let (config, seed) = (dir.join("config.toml"), dir.join("seed.json"));
+    if !config.is_file() || !seed.is_file() {
+        anyhow::bail!(
+            "no sandbox files in {}: --dir must name a folder with config.toml, tenants.toml \
+             and seed.json (e.g. --dir examples/sandbox), or leave --dir out to use the built-in \
+             demo files",
+            dir.display()
+        );
+    }
+    let settings = load_settings(&config)?;
+    let seed = crate::emulator::Seed::from_file(&seed)?;
+    Ok((settings, seed))
+}
 
 async fn sandbox(
-    dir: &Path,
-    listen: SocketAddr,
-    admin_listen: SocketAddr,
-    emulator_listen: SocketAddr,
+    dir: Option<&Path>,
+    data_parent: &Path,
+    ports: SandboxPorts,
 ) -> anyhow::Result<()> {
-    let mut settings = load_settings(&dir.join("config.toml"))?;
+    // A fresh folder per sandbox run, removed on exit.
+    let data = ThrowAway(data_parent.join(format!("credyt-proxy-sandbox-{}", std::process::id())));
+    std::fs::create_dir_all(&data.0)
+        .with_context(|| format!("creating the sandbox data folder {}", data.0.display()))?;
+    let (mut settings, seed) = sandbox_files(dir, &data.0)?;
     crate::telemetry::init(&settings.log);
 
     let config = crate::emulator::EmulatorConfig {
         platform_keys: vec![SANDBOX_PLATFORM_KEY.to_string()],
         ..Default::default()
     };
+    let emulator_listen = ports.emulator_listen;
     let listener = TcpListener::bind(emulator_listen)
         .with_context(|| format!("binding the emulator on {emulator_listen}"))?;
     let emulator = crate::emulator::start(config, listener).await?;
-    emulator.apply_seed(&crate::emulator::Seed::from_file(&dir.join("seed.json"))?)?;
+    emulator.apply_seed(&seed)?;
 
     settings.credyt.base_url = emulator.url();
     settings.credyt.api_key = crate::config::Secret::new(SANDBOX_PLATFORM_KEY);
-    settings.server.listen = listen;
-    settings.server.admin_listen = admin_listen;
-    // A fresh outbox per sandbox run, removed on exit.
-    let data = std::env::temp_dir().join(format!("credyt-proxy-sandbox-{}", std::process::id()));
-    settings.outbox.dir = data.join("outbox");
+    settings.server.listen = ports.listen;
+    settings.server.admin_listen = ports.admin_listen;
+    settings.outbox.dir = data.0.join("outbox");
     let app = Application::build(settings).await?;
+    // Listening before the banner: a ctrl-c right after it still cleans up.
+    let stopped = crate::shutdown::listen();
 
     let proxy = format!("http://{}", app.tenant_addr());
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let event_id = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    let files = dir.map_or_else(
+        || "built in (pass --dir to use your own)".to_string(),
+        |d| d.display().to_string(),
+    );
+    // `-w '\n'`: the JSON answers end without a newline; the shell prompt should not.
     println!(
         "\ncredyt-proxy sandbox is running\n\
          \n  proxy (tenant API): {proxy}\
          \n  proxy admin:        http://{admin}\
          \n  credyt emulator:    {emu}  (platform key: {SANDBOX_PLATFORM_KEY})\
          \n  demo tenant key:    {SANDBOX_DEMO_KEY}   <- DEMO KEY, sandbox only\
+         \n  demo files:         {files}\
+         \n  sandbox data:       {data}  (throw-away: deleted on exit)\
          \n\npost a usage event for demo end user `demo-user-1` (0.50 USD per video_promoted):\n\
-         \ncurl -sS -X POST {proxy}/v1/events -H 'Content-Type: application/json' -H 'X-CREDYT-API-KEY: {SANDBOX_DEMO_KEY}' -d '{{\"customer_external_id\":\"demo-user-1\",\"events\":[{{\"id\":\"{event_id}\",\"event_type\":\"video_promoted\",\"occurred_at\":\"{now}\"}}]}}'\n\
+         \ncurl -sS -w '\\n' -X POST {proxy}/v1/events -H 'Content-Type: application/json' -H 'X-CREDYT-API-KEY: {SANDBOX_DEMO_KEY}' -d '{{\"customer_external_id\":\"demo-user-1\",\"events\":[{{\"id\":\"{event_id}\",\"event_type\":\"video_promoted\",\"occurred_at\":\"{now}\"}}]}}'\n\
          \nsee the wallet debited on the emulator:\n\
-         \ncurl -sS {emu}/_emulator/state -H 'X-CREDYT-API-KEY: {SANDBOX_PLATFORM_KEY}'\n\
+         \ncurl -sS -w '\\n' {emu}/_emulator/state -H 'X-CREDYT-API-KEY: {SANDBOX_PLATFORM_KEY}'\n\
          \nstop with ctrl-c\n",
         admin = app.admin_addr(),
         emu = emulator.url(),
+        data = data.0.display(),
     );
-    app.run_until_stopped().await;
+    stopped.await;
+    app.stop().await;
     emulator.stop().await;
-    let _ = std::fs::remove_dir_all(&data);
+    drop(data);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand, nested ones included, with its `--help` text.
+    fn args_without_help(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            // clap's own --help / --version carry their help already.
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if help.trim().is_empty() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let sub_path = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                missing.push(format!("{sub_path} (no about)"));
+            }
+            args_without_help(sub, &sub_path, missing);
+        }
+    }
+
+    #[test]
+    fn every_argument_of_every_subcommand_has_help() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        args_without_help(&cmd, "credyt-proxy", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn the_built_in_sandbox_has_every_shipped_price_book() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pricing");
+        let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".toml") && !n.starts_with('.'))
+            .collect();
+        shipped.sort();
+        let built_in: Vec<&str> = demo::PRICING.iter().map(|(n, _)| *n).collect();
+        assert_eq!(shipped, built_in);
+    }
+
+    #[test]
+    fn the_built_in_sandbox_files_load_anywhere() {
+        let data = tempfile::tempdir().unwrap();
+        let (settings, seed) = sandbox_files(None, data.path()).unwrap();
+        assert_eq!(settings.tenants.file, data.path().join("tenants.toml"));
+        crate::pricing::PricingSet::load_dir(&settings.pricing.dir).unwrap();
+        assert!(!seed.accounts.is_empty());
+    }
+
+    #[test]
+    fn a_sandbox_dir_without_the_files_names_the_flag() {
+        let empty = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let err = sandbox_files(Some(empty.path()), data.path()).unwrap_err();
+        assert!(err.to_string().contains("--dir"), "{err}");
+    }
 }

@@ -5,21 +5,25 @@
 //! A tenant (a platform's customer) posts `POST /events` (Credyt-compatible, for the official
 //! SDK) or `POST /v1/events` (per-event results) on the tenant port.
 //!
-//! 1. [`ingest`] reads the body within the size limit (413) as JSON (415 otherwise) and takes
-//!    the tenant key from `X-CREDYT-API-KEY` or `Authorization: Bearer`.
+//! 1. [`ingest`] reads the body as JSON (415 otherwise), plain or gzip (415 for another
+//!    `Content-Encoding`), within the size limit measured after decompression (413), and takes
+//!    the tenant key from `X-CREDYT-API-KEY` or `Authorization: Bearer`. Header limits (431)
+//!    and what the HTTP/1 codec refuses by itself are problem+json too ([`ingest::conn`]).
 //! 2. [`identity::tenants`] authenticates the key against the hot-reloaded tenants file (401).
 //! 3. [`ingest::wire`] parses the request into [`domain`] values: every event is validated on
 //!    its own (id, type, RFC 3339 time within the window, exact numbers) and duplicate ids in
 //!    one request are refused. Request-level problems answer 400/422 at once.
 //! 4. [`ratelimit`] takes one cell per event from the tenant's own limiter (429 with
-//!    `Retry-After`, `RateLimit`, `RateLimit-Policy`).
+//!    `Retry-After`, `RateLimit`, `RateLimit-Policy`; 422 `exceeds_burst` for a request that
+//!    could never pass, being larger than the burst).
 //! 5. [`pricing`] prices each valid event with the tenant's price book: one [`domain::Fee`] per
 //!    matching price, rounded once, stamped with the book version and content hash. Pure, no
 //!    I/O, over an `Arc` snapshot. On `/events` any invalid or unpriceable event fails the whole
 //!    request with a 422 ValidationProblem naming `events[i].field`; nothing is accepted.
 //! 6. [`identity`] maps the tenant to its connected account and the end user to its Credyt
 //!    customer through moka caches (the only I/O on the request path besides the append, and
-//!    only on a miss). The `X-CREDYT-ACCOUNT` sent upstream comes from here only.
+//!    only on a miss), keyed so that a tenants-file reload applies to the next request. The
+//!    `X-CREDYT-ACCOUNT` sent upstream comes from here only.
 //! 7. The pipeline builds immutable [`domain::Debit`] records (amount, asset, deterministic
 //!    `transaction_id` = UUIDv5(tenant, event id, price id)) and hands them to the sink
 //!    ([`ingest::sink`]):

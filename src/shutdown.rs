@@ -6,24 +6,37 @@
 
 /// Resolves when the process is asked to stop.
 pub async fn signal() {
+    listen().await
+}
+
+/// Starts listening now and resolves on the first SIGTERM or SIGINT: a signal that arrives
+/// before the future is first polled is not lost (and does not kill the process the default
+/// way), so a caller can announce it is running and only then wait.
+pub fn listen() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("sigterm received, draining"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("sigint received, draining"),
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("sigterm received, draining"),
+                        _ = int.recv() => tracing::info!("sigint received, draining"),
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for sigterm; only sigint stops the proxy");
-                let _ = tokio::signal::ctrl_c().await;
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot listen for sigterm; only sigint stops the proxy");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -5,8 +5,9 @@
 //! Contract: [`Settings::load`] either returns settings in which every value has been checked
 //! (addresses parse, durations are non-zero where they must be, the platform key is present,
 //! enumerations are known) or a [`ConfigErrors`] that lists *every* problem found, each with the
-//! key it concerns. Unknown keys are errors (`deny_unknown_fields`), so a typo never silently
-//! falls back to a default.
+//! key it concerns: unknown keys and values of the wrong type anywhere (file or environment)
+//! as well as values that fail validation, never only the first. Unknown keys are errors
+//! (`deny_unknown_fields`), so a typo never silently falls back to a default.
 
 pub mod raw;
 
@@ -245,28 +246,50 @@ impl Settings {
         if let Some(env) = env {
             environment = environment.source(Some(env));
         }
-        let raw: raw::RawSettings = Config::builder()
+        // Only a file that is not TOML at all stops here; everything else is collected.
+        let config = Config::builder()
             .add_source(File::from_str(text, FileFormat::Toml))
             .add_source(environment)
             .build()
-            .and_then(|c| c.try_deserialize())
             .map_err(|e| {
                 ConfigErrors(vec![ConfigError {
                     key: "(file)".into(),
                     message: e.to_string(),
                 }])
             })?;
-        raw.validate(base)
+        let (raw, problems) = raw::RawSettings::from_config(config);
+        raw.validate_with(base, problems)
     }
 }
 
-/// Collects problems while validating; every `check_*` records and goes on.
+/// Collects problems while reading and validating; every check records and goes on.
 #[derive(Default)]
-pub(crate) struct Problems(Vec<ConfigError>);
+pub(crate) struct Problems {
+    found: Vec<ConfigError>,
+    /// Keys that could not be read: their defaults are not judged again.
+    unreadable: Vec<String>,
+}
 
 impl Problems {
+    /// A key that is unknown or has a value of the wrong type.
+    pub(crate) fn parse_problem(&mut self, key: &str, message: impl Into<String>) {
+        self.unreadable.push(key.to_string());
+        self.found.push(ConfigError {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
     pub(crate) fn push(&mut self, key: &str, message: impl Into<String>) {
-        self.0.push(ConfigError {
+        // `credyt.api_key` is not judged when `credyt.api_key` or all of `credyt` was unreadable.
+        let judged_already = self
+            .unreadable
+            .iter()
+            .any(|k| key == k || (key.starts_with(k.as_str()) && key[k.len()..].starts_with('.')));
+        if judged_already {
+            return;
+        }
+        self.found.push(ConfigError {
             key: key.to_string(),
             message: message.into(),
         });
@@ -297,10 +320,10 @@ impl Problems {
     }
 
     pub(crate) fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
-        if self.0.is_empty() {
+        if self.found.is_empty() {
             Ok(value)
         } else {
-            Err(ConfigErrors(self.0))
+            Err(ConfigErrors(self.found))
         }
     }
 }
@@ -437,6 +460,122 @@ mod tests {
                 "{bad}: {errs}"
             );
         }
+    }
+
+    #[test]
+    fn unknown_keys_wrong_types_and_invalid_values_are_all_reported_at_once() {
+        let text = r#"
+            colour = "blue"
+            [server]
+            listen_addr = "127.0.0.1:1"
+            workers = "many"
+            max_body_bytes = -1
+            shutdown_grace_ms = 0
+            [credyt]
+            base_url = "http://127.0.0.1:1"
+            api_key = "key_test"
+            timeout = 5
+            [ingest]
+            ack = "sometimes"
+            [outbox]
+            forwarder = "maybe"
+            segment_bytes = 1
+            [rate_limit]
+            per_second = "fast"
+        "#;
+        let env = HashMap::from([
+            (
+                "CREDYT_PROXY__IDENTITY__TTL_SECS".to_string(),
+                "ten".to_string(),
+            ),
+            ("CREDYT_PROXY__LOG__COLOUR".to_string(), "red".to_string()),
+        ]);
+        let errs = Settings::from_toml(text, Path::new("."), Some(env)).unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        let expected = [
+            "colour",
+            "server.listen_addr",
+            "server.workers",
+            "server.max_body_bytes",
+            "server.shutdown_grace_ms",
+            "credyt.timeout",
+            "ingest.ack",
+            "outbox.forwarder",
+            "outbox.segment_bytes",
+            "rate_limit.per_second",
+            "identity.ttl_secs",
+            "log.colour",
+        ];
+        for key in expected {
+            assert!(keys.contains(&key), "{key} missing from {errs}");
+        }
+        // One problem per key: a value that could not be read is not judged again as its
+        // default would be.
+        assert_eq!(errs.0.len(), expected.len(), "{errs}");
+        let text = errs.to_string();
+        assert!(
+            text.contains("server.listen_addr: unknown key; [server] has: listen,"),
+            "{text}"
+        );
+        assert!(
+            text.contains("log.colour: unknown key (set in the environment)"),
+            "{text}"
+        );
+        assert!(text.contains("identity.ttl_secs: expected"), "{text}");
+    }
+
+    #[test]
+    fn every_section_of_the_raw_settings_is_read() {
+        let text: String = raw::section_names()
+            .iter()
+            .map(|s| format!("[{s}]\n"))
+            .collect();
+        let env = HashMap::from([(
+            "CREDYT_PROXY__CREDYT__API_KEY".to_string(),
+            "key_test".to_string(),
+        )]);
+        Settings::from_toml(&text, Path::new("."), Some(env)).unwrap();
+    }
+
+    #[test]
+    fn a_section_that_is_not_a_table_is_one_problem() {
+        let text = format!("{MINIMAL}\nserver = 5\n");
+        let errs = Settings::from_toml(&text, Path::new("."), Some(HashMap::new()));
+        // TOML itself refuses a key defined twice; a lone scalar section is ours to report.
+        let errs = errs.unwrap_err();
+        assert!(!errs.0.is_empty(), "{errs}");
+        let text = "server = 5\n[credyt]\napi_key = \"k\"\n";
+        let errs = Settings::from_toml(text, Path::new("."), Some(HashMap::new())).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "server");
+    }
+
+    #[test]
+    fn a_zero_shutdown_grace_is_refused() {
+        let text = format!("{MINIMAL}\n[server]\nshutdown_grace_ms = 0\n");
+        let errs = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "server.shutdown_grace_ms");
+    }
+
+    #[test]
+    fn the_placeholder_key_of_the_example_config_is_refused() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config.toml");
+        let errs = Settings::load_from(&example, Some(HashMap::new())).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "credyt.api_key");
+        assert!(
+            errs.0[0].message.contains("CREDYT_PROXY__CREDYT__API_KEY")
+                && errs.0[0].message.contains("placeholder"),
+            "{errs}"
+        );
+        // With the real key from the environment the example is a working configuration.
+        let env = HashMap::from([(
+            "CREDYT_PROXY__CREDYT__API_KEY".to_string(),
+            "key_live_123".to_string(),
+        )]);
+        let s = Settings::load_from(&example, Some(env)).unwrap();
+        assert_eq!(s.credyt.api_key.expose(), "key_live_123");
     }
 
     #[test]

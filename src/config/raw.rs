@@ -3,11 +3,20 @@
 //! Every table denies unknown keys. Values that need checking (addresses, enumerations, URLs)
 //! are kept as plain strings and numbers here so that validation can report all problems
 //! together instead of stopping at the first serde error.
+//!
+//! Reading is two passes, both collecting: [`RawSettings::from_config`] takes the merged file
+//! and environment section by section and key by key (an unknown key or a value of the wrong
+//! type is recorded with its `section.key`, and the key falls back to its default), then
+//! [`RawSettings::validate`] checks the values. A new section is one field of [`RawSettings`]
+//! (its struct with `#[serde(deny_unknown_fields, default)]` and a `Default`, so that each key
+//! can be read alone) plus one line in `from_config`; a test fails if the line is missing.
 
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
+use config::{Map, Value, ValueKind};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
@@ -292,6 +301,186 @@ fn admin_token(p: &mut Problems, token: Option<String>) -> Option<Secret> {
     Some(Secret::new(token))
 }
 
+/// The field names serde knows for a `#[derive(Deserialize)]` struct (its `deserialize_struct`
+/// call carries them), so unknown keys can be found without stopping at the first.
+fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> de::Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Stop> {
+            *self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+/// The sections of the file (the fields of [`RawSettings`]).
+pub fn section_names() -> &'static [&'static str] {
+    struct_fields::<RawSettings>()
+}
+
+/// What went wrong with one value, without the key and origin the caller already names.
+fn type_problem(e: config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("expected {expected}, found {unexpected}"),
+        config::ConfigError::At { error, .. } => type_problem(*error),
+        other => other.to_string(),
+    }
+}
+
+/// `(set in the environment)` for a value that came from a `CREDYT_PROXY__...` variable.
+fn origin_note(value: &Value) -> &'static str {
+    match value.origin() {
+        Some("the environment") => " (set in the environment)",
+        _ => "",
+    }
+}
+
+/// Reads one section key by key: unknown keys and values of the wrong type are recorded as
+/// problems with their `section.key`, and those keys keep their defaults.
+fn section<T: DeserializeOwned + Default>(
+    p: &mut Problems,
+    config: &config::Config,
+    root: &mut Map<String, Value>,
+    name: &str,
+) -> T {
+    if root.remove(name).is_none() {
+        return T::default();
+    }
+    // From the config itself, not the root map: its values still know where they came from.
+    let table = match config.get_table(name) {
+        Ok(table) => table,
+        Err(_) => {
+            p.parse_problem(name, format!("must be a table ([{name}])"));
+            return T::default();
+        }
+    };
+    let known = struct_fields::<T>();
+    let mut keys: Vec<&String> = table.keys().collect();
+    keys.sort();
+    let mut good = Map::new();
+    for key in keys {
+        let Some(value) = table.get(key) else {
+            continue;
+        };
+        let path = format!("{name}.{key}");
+        let note = origin_note(value);
+        if !known.contains(&key.as_str()) {
+            p.parse_problem(
+                &path,
+                format!("unknown key{note}; [{name}] has: {}", known.join(", ")),
+            );
+            continue;
+        }
+        let one = Map::from_iter([(key.clone(), value.clone())]);
+        match Value::new(None, ValueKind::Table(one)).try_deserialize::<T>() {
+            Ok(_) => {
+                good.insert(key.clone(), value.clone());
+            }
+            Err(e) => p.parse_problem(&path, format!("{}{note}", type_problem(e))),
+        }
+    }
+    Value::new(None, ValueKind::Table(good))
+        .try_deserialize::<T>()
+        .unwrap_or_else(|e| {
+            p.parse_problem(name, type_problem(e));
+            T::default()
+        })
+}
+
+impl RawSettings {
+    /// Reads the merged file and environment, collecting every unknown key and every value of
+    /// the wrong type (each with its key) instead of stopping at the first.
+    pub(crate) fn from_config(config: config::Config) -> (RawSettings, Problems) {
+        let mut p = Problems::default();
+        let mut root: Map<String, Value> = match config.clone().try_deserialize() {
+            Ok(root) => root,
+            Err(e) => {
+                p.parse_problem("(file)", e.to_string());
+                return (RawSettings::default(), p);
+            }
+        };
+        let c = &config;
+        let raw = RawSettings {
+            server: section(&mut p, c, &mut root, "server"),
+            log: section(&mut p, c, &mut root, "log"),
+            credyt: section(&mut p, c, &mut root, "credyt"),
+            tenants: section(&mut p, c, &mut root, "tenants"),
+            pricing: section(&mut p, c, &mut root, "pricing"),
+            ingest: section(&mut p, c, &mut root, "ingest"),
+            identity: section(&mut p, c, &mut root, "identity"),
+            outbox: section(&mut p, c, &mut root, "outbox"),
+            rate_limit: section(&mut p, c, &mut root, "rate_limit"),
+            admin: section(&mut p, c, &mut root, "admin"),
+            telemetry: section(&mut p, c, &mut root, "telemetry"),
+        };
+        // What is left is not a section of the file.
+        let mut unknown: Vec<String> = root.into_keys().collect();
+        unknown.sort();
+        for key in unknown {
+            let note = config
+                .get_table(&key)
+                .ok()
+                .and_then(|t| t.values().next().map(origin_note))
+                .unwrap_or("");
+            p.parse_problem(
+                &key,
+                format!(
+                    "unknown section{note}; the sections are: {}",
+                    section_names().join(", ")
+                ),
+            );
+        }
+        (raw, p)
+    }
+}
+
+/// The value `examples/config.toml` puts in `credyt.api_key`.
+pub const PLACEHOLDER_API_KEY: &str = "set-me-through-CREDYT_PROXY__CREDYT__API_KEY";
+
+/// A copied example value rather than a key: the proxy must not start with it.
+fn is_placeholder_key(key: &str) -> bool {
+    let key = key.trim();
+    key == PLACEHOLDER_API_KEY || key.to_ascii_lowercase().starts_with("set-me")
+}
+
 fn nonzero_u32(p: &mut Problems, key: &str, v: u32) -> NonZeroU32 {
     NonZeroU32::new(v).unwrap_or_else(|| {
         p.push(key, "must be greater than 0");
@@ -302,7 +491,16 @@ fn nonzero_u32(p: &mut Problems, key: &str, v: u32) -> NonZeroU32 {
 impl RawSettings {
     /// Validates everything, collecting every problem; relative paths resolve against `base`.
     pub fn validate(self, base: &Path) -> Result<Settings, ConfigErrors> {
-        let mut p = Problems::default();
+        self.validate_with(base, Problems::default())
+    }
+
+    /// Like [`RawSettings::validate`], adding to the problems already found while reading (a
+    /// key that could not be read is not reported a second time for its default).
+    pub(crate) fn validate_with(
+        self,
+        base: &Path,
+        mut p: Problems,
+    ) -> Result<Settings, ConfigErrors> {
         let resolve = |s: &str| {
             let path = Path::new(s);
             if path.is_absolute() {
@@ -317,7 +515,9 @@ impl RawSettings {
             admin_listen: p.addr("server.admin_listen", &self.server.admin_listen),
             workers: p.nonzero("server.workers", self.server.workers) as usize,
             max_body_bytes: p.nonzero("server.max_body_bytes", self.server.max_body_bytes) as usize,
-            shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+            // 0 would stop accepting and cut in-flight requests at once on SIGTERM.
+            shutdown_grace: p
+                .positive_ms("server.shutdown_grace_ms", self.server.shutdown_grace_ms),
         };
 
         let format = match self.log.format.as_str() {
@@ -358,6 +558,12 @@ impl RawSettings {
             p.push(
                 "credyt.api_key",
                 "the platform API key is required (set CREDYT_PROXY__CREDYT__API_KEY or credyt.api_key_file)",
+            );
+        } else if api_key_file.is_none() && is_placeholder_key(&self.credyt.api_key) {
+            p.push(
+                "credyt.api_key",
+                "is the placeholder of examples/config.toml, not a platform key: set the real \
+                 key through CREDYT_PROXY__CREDYT__API_KEY (e.g. from a mounted secret)",
             );
         }
         let credyt = CredytSettings {

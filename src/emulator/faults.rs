@@ -3,7 +3,14 @@
 //! Contract:
 //! - Rules match by path prefix and optional method; the first matching rule applies. A rule
 //!   adds latency and/or, with the given probabilities, answers 429 (with `Retry-After`), 500,
-//!   503 (with `Retry-After`), or drops the connection without any HTTP answer.
+//!   503 (with `Retry-After`), 422, 409 (problem+json bodies), 401 (empty body, as Credyt
+//!   refuses a key), or drops the connection without any HTTP answer.
+//! - Latency: `latency_ms`, or with probability `slow_rate` `slow_latency_ms` instead (a slow
+//!   tail: "2% of calls take 5 s"). The slow roll is independent of the status roll. The delay
+//!   is an async sleep in the middleware: a slow request holds its own connection only, never a
+//!   worker, so other requests are answered meanwhile.
+//! - `Retry-After` is written as delay-seconds (default) or as an HTTP-date (IMF-fixdate), per
+//!   `retry_after_form`.
 //! - Dropping works by shutting down the request's TCP socket: at connect time the server keeps
 //!   a duplicate of the socket's file descriptor in the connection data (see [`capture_socket`]);
 //!   `shutdown(Both)` on it makes the peer read EOF before any response byte.
@@ -11,7 +18,7 @@
 //! - The request log is a bounded ring plus counters per `METHOD route-pattern`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock};
@@ -29,6 +36,12 @@ pub(crate) struct FaultRule {
     pub method: Option<String>,
     #[serde(default)]
     pub latency_ms: u64,
+    /// Probability (0..1) that a request takes `slow_latency_ms` instead of `latency_ms`,
+    /// rolled independently of the status faults.
+    #[serde(default)]
+    pub slow_rate: f64,
+    #[serde(default)]
+    pub slow_latency_ms: u64,
     #[serde(default)]
     pub rate_429: f64,
     #[serde(default)]
@@ -38,11 +51,57 @@ pub(crate) struct FaultRule {
     /// A permanent refusal (422 ValidationProblem), as Credyt answers a charge it will never take.
     #[serde(default)]
     pub rate_422: f64,
+    /// A 409 Conflict (problem+json), which Credyt answers to a request that races another.
+    #[serde(default)]
+    pub rate_409: f64,
+    /// A 401 with an empty body, as Credyt answers a refused API key.
+    #[serde(default)]
+    pub rate_401: f64,
     #[serde(default)]
     pub rate_drop: f64,
     /// `Retry-After` seconds on 429/503 answers (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u64>,
+    /// How `Retry-After` is written (default delay-seconds).
+    #[serde(default)]
+    pub retry_after_form: RetryAfterForm,
+}
+
+/// The two forms of `Retry-After` (RFC 9110 §10.2.3).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum RetryAfterForm {
+    /// `Retry-After: 1`
+    #[default]
+    Seconds,
+    /// `Retry-After: Sun, 06 Dec 2026 19:50:00 GMT` (IMF-fixdate)
+    HttpDate,
+}
+
+/// A `Retry-After` to put on an injected answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RetryAfter {
+    pub secs: u64,
+    pub form: RetryAfterForm,
+}
+
+impl RetryAfter {
+    /// The header value at `now`. An HTTP-date has whole seconds only, so it is rounded up: a
+    /// client that waits until that date never comes back before `secs` have passed.
+    pub fn header_value(&self, now: SystemTime) -> String {
+        match self.form {
+            RetryAfterForm::Seconds => self.secs.to_string(),
+            RetryAfterForm::HttpDate => {
+                let at = now + Duration::from_secs(self.secs);
+                let since_epoch = at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let whole = since_epoch.as_secs() + u64::from(since_epoch.subsec_nanos() > 0);
+                let at = SystemTime::UNIX_EPOCH + Duration::from_secs(whole);
+                actix_web::http::header::HttpDate::from(at).to_string()
+            }
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default)]
@@ -60,6 +119,8 @@ impl FaultSet {
                 ("rate_500", r.rate_500),
                 ("rate_503", r.rate_503),
                 ("rate_422", r.rate_422),
+                ("rate_409", r.rate_409),
+                ("rate_401", r.rate_401),
                 ("rate_drop", r.rate_drop),
             ];
             for (name, v) in rates {
@@ -69,6 +130,15 @@ impl FaultSet {
             }
             if rates.iter().map(|(_, v)| v).sum::<f64>() > 1.0 + 1e-9 {
                 errors.add(format!("rules[{i}]"), "rates must sum to at most 1.");
+            }
+            // The slow roll is separate from the status roll: not part of the sum.
+            if !(0.0..=1.0).contains(&r.slow_rate) {
+                errors.add(format!("rules[{i}].slow_rate"), "must be between 0 and 1.");
+            } else if r.slow_rate > 0.0 && r.slow_latency_ms == 0 {
+                errors.add(
+                    format!("rules[{i}].slow_latency_ms"),
+                    "must be set when slow_rate is above 0.",
+                );
             }
             if !r.path_prefix.starts_with('/') {
                 errors.add(format!("rules[{i}].path_prefix"), "must start with '/'.");
@@ -84,7 +154,7 @@ pub(crate) enum Action {
     Pass,
     Status {
         status: u16,
-        retry_after: Option<u64>,
+        retry_after: Option<RetryAfter>,
     },
     Drop,
 }
@@ -105,6 +175,11 @@ impl Faults {
 
     /// Latency to add and the action for `method path`.
     pub fn decide(&self, method: &str, path: &str) -> (Duration, Action) {
+        self.decide_with(method, path, &mut rand::thread_rng())
+    }
+
+    /// [`Faults::decide`] with the caller's random source (seeded in tests).
+    pub fn decide_with(&self, method: &str, path: &str, rng: &mut impl Rng) -> (Duration, Action) {
         let set = self.set.read();
         let Some(rule) = set.rules.iter().find(|r| {
             path.starts_with(&r.path_prefix)
@@ -114,9 +189,19 @@ impl Faults {
         }) else {
             return (Duration::ZERO, Action::Pass);
         };
-        let latency = Duration::from_millis(rule.latency_ms);
-        let roll: f64 = rand::thread_rng().gen();
-        let retry_after = Some(rule.retry_after_secs.unwrap_or(1));
+        let roll: f64 = rng.gen();
+        // A second, independent roll for the slow tail (drawn only when the rule has one, so
+        // rules without it consume the random source exactly as before).
+        let slow = rule.slow_rate > 0.0 && rng.gen::<f64>() < rule.slow_rate;
+        let latency = Duration::from_millis(if slow {
+            rule.slow_latency_ms
+        } else {
+            rule.latency_ms
+        });
+        let retry_after = Some(RetryAfter {
+            secs: rule.retry_after_secs.unwrap_or(1),
+            form: rule.retry_after_form,
+        });
         if roll < rule.rate_drop {
             return (latency, Action::Drop);
         }
@@ -126,6 +211,8 @@ impl Faults {
             (rule.rate_500, 500, None),
             (rule.rate_503, 503, retry_after),
             (rule.rate_422, 422, None),
+            (rule.rate_409, 409, None),
+            (rule.rate_401, 401, None),
         ];
         let mut edge = rule.rate_drop;
         for (rate, status, retry_after) in statuses {
@@ -336,7 +423,10 @@ mod tests {
             faults.decide("POST", "/customers/x/wallet/charges").1,
             Action::Status {
                 status: 503,
-                retry_after: Some(1)
+                retry_after: Some(RetryAfter {
+                    secs: 1,
+                    form: RetryAfterForm::Seconds
+                })
             }
         );
         let (latency, action) = faults.decide("GET", "/customers/x");
@@ -351,6 +441,162 @@ mod tests {
         r.rate_500 = 0.7;
         let set = FaultSet { rules: vec![r] };
         assert!(set.validate().into_result().is_err());
+    }
+
+    #[test]
+    fn new_rates_count_in_the_sum_and_slow_rate_is_checked_apart() {
+        // 409 and 401 are status slices like the others: together above 1 is refused.
+        let mut r = rule("/");
+        r.rate_409 = 0.6;
+        r.rate_401 = 0.5;
+        let errors = format!("{:?}", FaultSet { rules: vec![r] }.validate().into_result());
+        assert!(errors.contains("rates must sum to at most 1"), "{errors}");
+
+        let mut r = rule("/");
+        r.rate_401 = 1.5;
+        let errors = format!("{:?}", FaultSet { rules: vec![r] }.validate().into_result());
+        assert!(errors.contains("rules[0].rate_401"), "{errors}");
+
+        // slow_rate is not a status share: 1.0 of slow beside 1.0 of 429 is fine.
+        let mut r = rule("/");
+        r.rate_429 = 1.0;
+        r.slow_rate = 1.0;
+        r.slow_latency_ms = 5_000;
+        assert!(FaultSet { rules: vec![r] }.validate().into_result().is_ok());
+
+        let mut r = rule("/");
+        r.slow_rate = 1.2;
+        r.slow_latency_ms = 5_000;
+        let errors = format!("{:?}", FaultSet { rules: vec![r] }.validate().into_result());
+        assert!(errors.contains("rules[0].slow_rate"), "{errors}");
+
+        let mut r = rule("/");
+        r.slow_rate = 0.02;
+        let errors = format!("{:?}", FaultSet { rules: vec![r] }.validate().into_result());
+        assert!(errors.contains("rules[0].slow_latency_ms"), "{errors}");
+    }
+
+    #[test]
+    fn slow_rate_picks_the_slow_latency_independently_of_the_status() {
+        use rand::SeedableRng;
+        let faults = Faults::default();
+        let mut r = rule("/");
+        r.latency_ms = 50;
+        r.slow_rate = 0.25;
+        r.slow_latency_ms = 5_000;
+        r.rate_429 = 0.5;
+        faults.replace(FaultSet { rules: vec![r] });
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 40_000;
+        // [slow][429]
+        let mut cells = [[0u32; 2]; 2];
+        for _ in 0..n {
+            let (latency, action) =
+                faults.decide_with("POST", "/customers/c/wallet/charges", &mut rng);
+            let slow = match latency.as_millis() {
+                50 => 0,
+                5_000 => 1,
+                other => panic!("latency {other} ms"),
+            };
+            let limited = match action {
+                Action::Pass => 0,
+                Action::Status { status: 429, .. } => 1,
+                other => panic!("{other:?}"),
+            };
+            cells[slow][limited] += 1;
+        }
+        // Independent rolls: every cell near its product of shares (0.25 x 0.5 = 0.125 for
+        // the slow ones, 0.75 x 0.5 = 0.375 for the others); 40k draws give about +-0.005.
+        let share = |c: u32| f64::from(c) / f64::from(n);
+        for (cell, expected) in [
+            (cells[0][0], 0.375),
+            (cells[0][1], 0.375),
+            (cells[1][0], 0.125),
+            (cells[1][1], 0.125),
+        ] {
+            assert!((share(cell) - expected).abs() < 0.015, "{cells:?}");
+        }
+    }
+
+    #[test]
+    fn status_slices_include_409_and_401() {
+        let faults = Faults::default();
+        let mut r = rule("/");
+        r.rate_409 = 1.0;
+        faults.replace(FaultSet { rules: vec![r] });
+        assert_eq!(
+            faults.decide("POST", "/customers/c/wallet/charges").1,
+            Action::Status {
+                status: 409,
+                retry_after: None
+            }
+        );
+        let mut r = rule("/");
+        r.rate_401 = 1.0;
+        faults.replace(FaultSet { rules: vec![r] });
+        assert_eq!(
+            faults.decide("GET", "/accounts/self").1,
+            Action::Status {
+                status: 401,
+                retry_after: None
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_is_written_as_seconds_or_http_date() {
+        // 2026-12-06T19:49:58.250Z
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_586_598_250);
+        let seconds = RetryAfter {
+            secs: 2,
+            form: RetryAfterForm::Seconds,
+        };
+        assert_eq!(seconds.header_value(now), "2");
+        // now + 2 s = 19:50:00.250, rounded up to the next whole second.
+        let date = RetryAfter {
+            secs: 2,
+            form: RetryAfterForm::HttpDate,
+        };
+        assert_eq!(date.header_value(now), "Sun, 06 Dec 2026 19:50:01 GMT");
+        // On a whole second nothing is added.
+        let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_586_598);
+        assert_eq!(date.header_value(whole), "Sun, 06 Dec 2026 19:50:00 GMT");
+        // The form is chosen per rule and travels with the decision.
+        let faults = Faults::default();
+        let mut r = rule("/");
+        r.rate_503 = 1.0;
+        r.retry_after_secs = Some(3);
+        r.retry_after_form = RetryAfterForm::HttpDate;
+        faults.replace(FaultSet { rules: vec![r] });
+        assert_eq!(
+            faults.decide("GET", "/accounts/self").1,
+            Action::Status {
+                status: 503,
+                retry_after: Some(RetryAfter {
+                    secs: 3,
+                    form: RetryAfterForm::HttpDate
+                })
+            }
+        );
+    }
+
+    #[test]
+    fn fault_rules_parse_the_new_fields() {
+        let set: FaultSet = serde_json::from_str(
+            r#"{"rules":[{"path_prefix":"/","latency_ms":50,"slow_rate":0.02,"slow_latency_ms":5000,
+                "rate_409":0.1,"rate_401":0.1,"retry_after_form":"http-date"}]}"#,
+        )
+        .unwrap();
+        let r = &set.rules[0];
+        assert_eq!((r.slow_rate, r.slow_latency_ms), (0.02, 5_000));
+        assert_eq!((r.rate_409, r.rate_401), (0.1, 0.1));
+        assert_eq!(r.retry_after_form, RetryAfterForm::HttpDate);
+        let default: FaultRule = serde_json::from_str(r#"{"path_prefix":"/"}"#).unwrap();
+        assert_eq!(default.retry_after_form, RetryAfterForm::Seconds);
+        assert!(serde_json::from_str::<FaultRule>(
+            r#"{"path_prefix":"/","retry_after_form":"date"}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -247,6 +247,8 @@ where
         Action::Pass => {
             let fut = srv.call(req);
             Box::pin(async move {
+                // An async sleep: a slow request (a `slow_rate` tail of seconds) holds its own
+                // connection only; the worker goes on answering every other request.
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
@@ -264,14 +266,19 @@ where
                 tokio::time::sleep(latency).await;
             }
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = error::problem_response(
-                code,
-                Some("Injected by the emulator's fault rules.".to_owned()),
-                None,
-            );
-            if let Some(secs) = retry_after {
-                if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&secs.to_string())
-                {
+            let mut response = if code == StatusCode::UNAUTHORIZED {
+                // As Credyt refuses a key (and as `ApiError::Unauthorized` answers): no body.
+                actix_web::HttpResponse::Unauthorized().finish()
+            } else {
+                error::problem_response(
+                    code,
+                    Some("Injected by the emulator's fault rules.".to_owned()),
+                    None,
+                )
+            };
+            if let Some(retry_after) = retry_after {
+                let value = retry_after.header_value(std::time::SystemTime::now());
+                if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&value) {
                     response
                         .headers_mut()
                         .insert(actix_web::http::header::RETRY_AFTER, value);

@@ -9,6 +9,12 @@
 //!   that customer is found *in the tenant's account* (Credyt partitions accounts, so a foreign
 //!   id answers 404 there). Results are cached in moka with a TTL; "not found" is cached too,
 //!   for a shorter time; many concurrent misses of one key make exactly one upstream lookup.
+//! - Cache keys hold what the answer depends on, so a tenants-file reload takes effect on the
+//!   next request without any invalidation: the account is cached per (tenant, account external
+//!   id), customers per (resolved account, end user); a tenant moved to another account can
+//!   never use a mapping of its old one. A cached "not found" of an end user does not hold back
+//!   a lookup that may create it (`create_customers` switched on). Deliveries already accepted
+//!   carry their account and are never re-routed.
 //! - The account sent upstream in `X-CREDYT-ACCOUNT` comes only from here.
 //! - Counted by kind (account, customer, customer_check) in `telemetry::metrics`: hits
 //!   (answered from the cache, including a wait for another caller's load of the same key),
@@ -54,6 +60,9 @@ impl IdentityError {
 
 type CustomerKey = (AccountId, Arc<str>);
 
+/// A tenant's account as configured now: an account moved by a reload is another key.
+type AccountKey = (TenantId, Arc<str>);
+
 /// Why an uncached lookup found nothing usable. Shared by every caller waiting on the same miss.
 #[derive(Debug)]
 enum Miss {
@@ -74,7 +83,9 @@ impl From<UpstreamError> for Miss {
 /// in a separate, small cache with a shorter life.
 pub struct Identity {
     client: CredytClient,
-    accounts: Cache<TenantId, AccountId>,
+    accounts: Cache<AccountKey, AccountId>,
+    /// Account external ids that were not found (negative TTL).
+    missing_accounts: Cache<AccountKey, ()>,
     customers: Cache<CustomerKey, CustomerId>,
     missing: Cache<CustomerKey, ()>,
     /// Customer ids sent directly: whether each belongs to the account.
@@ -89,6 +100,10 @@ impl Identity {
             accounts: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(settings.ttl)
+                .build(),
+            missing_accounts: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(settings.negative_ttl)
                 .build(),
             customers: Cache::builder()
                 .max_capacity(settings.max_entries)
@@ -148,11 +163,16 @@ impl Identity {
             AccountRef::ExternalId(e) => e,
         };
         const KIND: LookupKind = LookupKind::Account;
+        let key: AccountKey = (tenant.id.clone(), Arc::from(external.as_str()));
+        if self.missing_accounts.contains_key(&key) {
+            self.metrics.hit(KIND);
+            return Err(IdentityError::UnknownAccount(external.clone()));
+        }
         let loaded = std::sync::atomic::AtomicBool::new(false);
         let found = self
             .accounts
             .try_get_with_by_ref(
-                &tenant.id,
+                &key,
                 self.load(KIND, &loaded, async {
                     self.metrics.upstream_lookup(KIND);
                     self.client
@@ -163,7 +183,17 @@ impl Identity {
             )
             .await;
         self.count_hit(KIND, &loaded);
-        found.map_err(|m| Self::upstream(m, || IdentityError::UnknownAccount(external.clone())))
+        match found {
+            Ok(id) => Ok(id),
+            Err(miss) => {
+                if matches!(*miss, Miss::NotFound) {
+                    self.missing_accounts.insert(key, ()).await;
+                }
+                Err(Self::upstream(miss, || {
+                    IdentityError::UnknownAccount(external.clone())
+                }))
+            }
+        }
     }
 
     /// The customer of end user `external_id` in `account`, created if `create` and missing.
@@ -175,29 +205,19 @@ impl Identity {
     ) -> Result<CustomerId, IdentityError> {
         const KIND: LookupKind = LookupKind::Customer;
         let key: CustomerKey = (account.clone(), Arc::from(external_id));
-        if self.missing.contains_key(&key) {
+        // A cached "not found" answers only lookups that would not create the customer: a
+        // tenant whose `create_customers` was just switched on creates it on the next request.
+        if !create && self.missing.contains_key(&key) {
             self.metrics.hit(KIND);
             return Err(IdentityError::UnknownCustomer(external_id.to_string()));
         }
-        let loaded = std::sync::atomic::AtomicBool::new(false);
-        let found = self
-            .customers
-            .try_get_with_by_ref(
-                &key,
-                self.load(KIND, &loaded, async {
-                    self.metrics.upstream_lookup(KIND);
-                    match self.client.find_customer(account, external_id).await? {
-                        Some(id) => Ok(id),
-                        None if create => {
-                            self.metrics.upstream_lookup(KIND);
-                            Ok(self.client.create_customer(account, external_id).await?)
-                        }
-                        None => Err(Miss::NotFound),
-                    }
-                }),
-            )
-            .await;
-        self.count_hit(KIND, &loaded);
+        let mut found = self.load_customer(&key, create).await;
+        if create && matches!(&found, Err(miss) if matches!(**miss, Miss::NotFound)) {
+            // Joined a concurrent lookup that was not allowed to create (a reload switched
+            // `create_customers` on meanwhile): "not found" is never cached by moka, so this
+            // loads again, creating.
+            found = self.load_customer(&key, create).await;
+        }
         match found {
             Ok(id) => Ok(id),
             Err(miss) => {
@@ -209,6 +229,39 @@ impl Identity {
                 }))
             }
         }
+    }
+
+    /// One coalesced lookup (and, if `create`, creation) of an end user's customer.
+    async fn load_customer(
+        &self,
+        key: &CustomerKey,
+        create: bool,
+    ) -> Result<CustomerId, Arc<Miss>> {
+        const KIND: LookupKind = LookupKind::Customer;
+        let (account, external_id) = (&key.0, &*key.1);
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let found = self
+            .customers
+            .try_get_with_by_ref(
+                key,
+                self.load(KIND, &loaded, async {
+                    self.metrics.upstream_lookup(KIND);
+                    match self.client.find_customer(account, external_id).await? {
+                        Some(id) => Ok(id),
+                        None if create => {
+                            self.metrics.upstream_lookup(KIND);
+                            let id = self.client.create_customer(account, external_id).await?;
+                            // It exists now, whoever asks.
+                            self.missing.invalidate(key).await;
+                            Ok(id)
+                        }
+                        None => Err(Miss::NotFound),
+                    }
+                }),
+            )
+            .await;
+        self.count_hit(KIND, &loaded);
+        found
     }
 
     /// `customer` itself, if it exists in `account` (never a customer of another account).

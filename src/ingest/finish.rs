@@ -106,9 +106,30 @@ mod tests {
         assert_eq!(done.ok().and_then(Result::ok), Some("finished"));
     }
 
+    /// Flags its own drop, so a test sees what became of the future that owned it.
+    struct DropFlag(Arc<AtomicUsize>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn dropped_without_a_runtime_it_is_dropped_quietly() {
-        let work = Finish::new(async { 1 });
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let drops = Arc::new(AtomicUsize::new(0));
+        let (r, flag) = (runs.clone(), DropFlag(drops.clone()));
+        let work = Finish::new(async move {
+            let _owned = flag;
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        // No runtime to spawn on: the drop neither panics nor runs the work inline...
         drop(work);
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "the work must not run");
+        // ...nor leaks it: the inner future and what it owns are dropped there and then.
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "the work must be dropped");
+        assert_eq!(Arc::strong_count(&runs), 1);
     }
 }

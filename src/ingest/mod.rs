@@ -4,12 +4,16 @@
 //! - `POST /events` is Credyt-compatible (the official SDK's `send_usage` works unchanged):
 //!   204 with no body when every event was accepted or already seen; 422 ValidationProblem
 //!   naming `events[i].field` when any event is invalid, and then nothing of the request is
-//!   accepted; 400 unparseable; 401 bad key; 404 unknown customer; 413; 415; 429; 502/503.
+//!   accepted; 400 unparseable; 401 bad key; 404 unknown customer; 413; 415; 422 exceeds_burst;
+//!   429; 431; 502/503. Bodies may be gzip-compressed ([`body`]).
 //! - `POST /v1/events` takes the same body and answers 200 with one result per event
 //!   (`accepted` with its fees, `duplicate`, or `rejected` with a stable code).
-//! - `POST /v1/quote` prices one event without accepting it.
+//! - `POST /v1/quote` prices one event without accepting it ([`crate::pricing::Quote`]).
+//! - Amounts in every JSON answer are decimal strings (`"0.50"`), never JSON numbers.
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
 
+pub mod body;
+pub mod conn;
 pub mod finish;
 pub mod pipeline;
 pub mod problem;
@@ -20,16 +24,16 @@ use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::config::Settings;
 use crate::domain::Fee;
 use crate::identity::{Identity, Tenants};
 use crate::outcome::{Outcome, Rejection};
-use crate::pricing::Pricing;
+use crate::pricing::{Pricing, Quote};
 use crate::telemetry::metrics::{Endpoint, Metrics};
 
+use body::read_body;
 use pipeline::Mode;
 use problem::ApiError;
 use sink::Sink;
@@ -128,43 +132,6 @@ fn api_key(req: &HttpRequest) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Reads the body within the configured limit, checking the content type first.
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::BytesMut, ApiError> {
-    let json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            let essence = v.split(';').next().unwrap_or("").trim();
-            essence.eq_ignore_ascii_case("application/json")
-        })
-        .unwrap_or(false);
-    if !json {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadJson(format!("body could not be read: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 async fn run(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -257,15 +224,8 @@ async fn v1_events(
     Ok(HttpResponse::Ok().json(resp))
 }
 
-#[derive(Serialize)]
-struct QuoteResponse {
-    pricing_version: String,
-    pricing_hash: String,
-    fees: Vec<Fee>,
-}
-
 /// `POST /v1/quote`: the price breakdown of one event (a Credyt usage event object), without
-/// accepting it.
+/// accepting it; the same [`Quote`] shape `credyt-proxy quote` prints.
 async fn post_quote(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -293,16 +253,6 @@ async fn quote(
         .ok_or_else(|| ApiError::BadJson("no event".into()))?
         .map_err(|r| ApiError::Validation(vec![r]))?;
     let pricing = state.pricing.current();
-    let fees = pricing.price(tenant.id.as_str(), &event).map_err(|e| {
-        ApiError::Validation(vec![Rejection {
-            code: e.code(),
-            field: "event".into(),
-            message: e.to_string(),
-        }])
-    })?;
-    Ok(HttpResponse::Ok().json(QuoteResponse {
-        pricing_version: pricing.version().to_string(),
-        pricing_hash: pricing.hash().to_string(),
-        fees,
-    }))
+    let quote = Quote::build(&pricing, tenant.id.as_str(), &event)?;
+    Ok(HttpResponse::Ok().json(quote))
 }

@@ -138,9 +138,9 @@ async fn accept(
     drop(body);
     let n = parsed.events.len();
     state.metrics.http.observe_events(n);
-    if let Err(limited) = tenant.limiter.check(n as u32) {
+    if let Err(limited) = tenant.limiter.check(u32::try_from(n).unwrap_or(u32::MAX)) {
         state.metrics.events.ratelimited(tenant_label, n as u64);
-        return Err(ApiError::RateLimited(limited));
+        return Err(limited.into());
     }
 
     // Judge every event before any I/O, so an invalid /events batch costs no lookup.

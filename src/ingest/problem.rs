@@ -14,7 +14,8 @@ use serde::Serialize;
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::outcome::Rejection;
-use crate::ratelimit::RateLimited;
+use crate::pricing::QuoteError;
+use crate::ratelimit::{RateLimited, Refusal};
 use crate::upstream::UpstreamError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -28,12 +29,19 @@ pub enum ApiError {
     BadJson(String),
     #[error("content type must be application/json")]
     UnsupportedMediaType,
+    #[error("content encoding `{0}` is not supported; send gzip or identity")]
+    UnsupportedEncoding(String),
+    #[error("request body is not valid gzip: {0}")]
+    BadEncoding(String),
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("one or more events are invalid")]
     Validation(Vec<Rejection>),
     #[error("rate limit exceeded")]
     RateLimited(RateLimited),
+    /// More events in one request than the tenant's burst: it can never pass, so not a 429.
+    #[error("the request has {events} events, more than this tenant's burst of {burst}; send at most {burst} events per request")]
+    ExceedsBurst { events: u32, burst: u32 },
     #[error("{0}")]
     Identity(#[from] IdentityError),
     #[error("credyt is unavailable")]
@@ -46,6 +54,30 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Too many header fields, or too many bytes of them (ours, or actix's HTTP/1 codec's).
+    #[error("request header fields are too large: at most {max_fields} fields of at most {max_bytes} bytes in all")]
+    HeadersTooLarge { max_fields: usize, max_bytes: usize },
+    /// The request is not HTTP/1.1 the codec could parse (answered by actix's codec).
+    #[error("the request is not valid HTTP/1.1")]
+    MalformedRequest,
+    /// The request head did not arrive in time (answered by actix's codec).
+    #[error("the request head did not arrive in time")]
+    RequestTimeout,
+    /// An error the HTTP layer answered without saying more.
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::RateLimited(r) => ApiError::RateLimited(r),
+            Refusal::ExceedsBurst { events, burst } => ApiError::ExceedsBurst {
+                events,
+                burst: burst.get(),
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -86,9 +118,12 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadJson(_) => "invalid_json",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedEncoding(_) => "unsupported_encoding",
+            ApiError::BadEncoding(_) => "invalid_encoding",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Validation(_) => "validation_failed",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::ExceedsBurst { .. } => "exceeds_burst",
             ApiError::Identity(e) => e.code(),
             ApiError::Upstream(e) if e.is_retryable() => "upstream_unavailable",
             ApiError::Upstream(_) => "upstream_rejected",
@@ -96,6 +131,10 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
+            ApiError::MalformedRequest => "malformed_request",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::Internal => "internal_error",
         }
     }
 
@@ -103,10 +142,14 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => "Unauthorized",
             ApiError::BadJson(_) => "Bad Request",
-            ApiError::UnsupportedMediaType => "Unsupported Media Type",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
+                "Unsupported Media Type"
+            }
+            ApiError::BadEncoding(_) => "Bad Request",
             ApiError::PayloadTooLarge { .. } => "Payload Too Large",
             ApiError::Validation(_) => "One or more validation errors occurred.",
             ApiError::RateLimited(_) => "Too Many Requests",
+            ApiError::ExceedsBurst { .. } => "Unprocessable Content",
             ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => {
                 "Service Unavailable"
             }
@@ -119,6 +162,10 @@ impl ApiError {
             ApiError::Unavailable(_) => "Service Unavailable",
             ApiError::NotFound => "Not Found",
             ApiError::MethodNotAllowed => "Method Not Allowed",
+            ApiError::HeadersTooLarge { .. } => "Request Header Fields Too Large",
+            ApiError::MalformedRequest => "Bad Request",
+            ApiError::RequestTimeout => "Request Timeout",
+            ApiError::Internal => "Internal Server Error",
         }
     }
 
@@ -145,15 +192,34 @@ impl ApiError {
     }
 }
 
+/// A failed quote, as `POST /v1/quote` answers it: unparseable JSON is 400 `invalid_json`;
+/// anything else is 422 `validation_failed` naming the field and the specific code.
+impl From<QuoteError> for ApiError {
+    fn from(e: QuoteError) -> Self {
+        match e {
+            QuoteError::InvalidJson(m) => ApiError::BadJson(m),
+            other => ApiError::Validation(vec![Rejection {
+                code: other.code(),
+                field: "event".into(),
+                message: other.to_string(),
+            }]),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            ApiError::BadEncoding(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ExceedsBurst { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Identity(IdentityError::Upstream(e)) if e.is_retryable() => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -166,6 +232,10 @@ impl ResponseError for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::MalformedRequest => StatusCode::BAD_REQUEST,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -174,6 +244,27 @@ impl ResponseError for ApiError {
         if status.is_server_error() {
             tracing::warn!(code = self.code(), error = %self, cause = ?std::error::Error::source(self), "request failed");
         }
+        let mut resp = HttpResponse::build(status);
+        resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
+        if let Some(secs) = self.retry_after() {
+            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let ApiError::UnsupportedEncoding(_) = self {
+            // RFC 9110 15.5.16: a 415 about the content coding says which codings are accepted.
+            resp.insert_header((header::ACCEPT_ENCODING, super::body::ACCEPTED_ENCODINGS));
+        }
+        if let ApiError::RateLimited(r) = self {
+            resp.insert_header(("RateLimit-Policy", r.policy_header()));
+            resp.insert_header(("RateLimit", r.ratelimit_header()));
+        }
+        resp.body(self.problem_json())
+    }
+}
+
+impl ApiError {
+    /// The problem+json body of this error.
+    pub fn problem_json(&self) -> Vec<u8> {
+        let status = self.status_code();
         let detail = match self {
             ApiError::Upstream(_) | ApiError::Identity(IdentityError::Upstream(_)) => {
                 "the billing service did not confirm the request; retry with the same event ids"
@@ -205,15 +296,6 @@ impl ResponseError for ApiError {
             code: self.code(),
             errors,
         };
-        let mut resp = HttpResponse::build(status);
-        resp.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
-        if let Some(secs) = self.retry_after() {
-            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
-        }
-        if let ApiError::RateLimited(r) = self {
-            resp.insert_header(("RateLimit-Policy", r.policy_header()));
-            resp.insert_header(("RateLimit", r.ratelimit_header()));
-        }
-        resp.body(serde_json::to_vec(&body).unwrap_or_default())
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! Submodules: `book` (validated model), `load` (read + parse + validate), `money` (exact
 //! decimals, assets, the rounding rule), `engine` (rate an event), `reload` (hot reload),
-//! `quote` (CLI helpers).
+//! `quote` (the one quote shape of `credyt-proxy quote` and `POST /v1/quote`; `check-pricing`).
 
 pub mod book;
 pub mod engine;
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub use engine::PricingError;
 pub use load::{LoadError, LoadErrors};
-pub use quote::{check_dir, quote_json, QuoteError};
+pub use quote::{check_dir, parse_event, quote_json, Quote, QuoteError};
 pub use reload::Pricing;
 
 use crate::domain::{Fee, UsageEvent};

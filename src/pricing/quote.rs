@@ -1,106 +1,136 @@
-//! Library side of the CLI commands `credyt-proxy quote` and `credyt-proxy check-pricing`.
+//! The price quote: one shape for `credyt-proxy quote` and `POST /v1/quote`, and the library
+//! side of `credyt-proxy check-pricing`.
 //!
-//! Contract: `quote_json` parses a Credyt-shaped event (`{id, event_type, occurred_at, data,
-//! ...}`) exactly (JSON numbers become `Decimal` from their literal text, never `f64`), prices it
-//! with the same engine as the server, and returns the breakdown with every decimal as an exact
-//! JSON number. `check_dir` validates a directory and summarises it. No printing, no exit codes:
-//! the CLI does that.
+//! Contract: [`Quote::build`] prices one parsed event with the same engine as the server and
+//! returns the breakdown; both the CLI and the tenant API serialize that one struct, so they
+//! answer in the same shape. Amounts are decimal strings (`"0.50"`), as in every JSON answer
+//! of the proxy (`/v1/events` fees included), never JSON numbers. `quote_json` parses the
+//! event text exactly (JSON numbers become `Decimal` from their literal text, never `f64`).
+//! `check_dir` validates a directory and summarises it. No printing, no exit codes: the CLI
+//! does that.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
-use serde_json::{json, Map, Number, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::{LoadErrors, PricingError, PricingSet};
-use crate::domain::{UsageEvent, UsageType};
+use crate::domain::{Fee, UsageEvent};
 
 /// Why a quote failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuoteError {
-    #[error("invalid event JSON: {0}")]
+    /// The input is not JSON at all.
+    #[error("invalid event json: {0}")]
+    InvalidJson(String),
+    /// JSON, but not a usage event (a field is missing or of the wrong type).
+    #[error("invalid event: {0}")]
     InvalidEvent(String),
     #[error(transparent)]
     Pricing(#[from] PricingError),
 }
 
 impl QuoteError {
+    /// The stable code, the one the tenant API uses for the same problem.
     pub fn code(&self) -> &'static str {
         match self {
+            QuoteError::InvalidJson(_) => "invalid_json",
             QuoteError::InvalidEvent(_) => "invalid_event",
             QuoteError::Pricing(e) => e.code(),
         }
     }
 }
 
-/// An exact JSON number for a decimal (serde_json keeps the literal: `arbitrary_precision`).
-pub fn decimal_json(d: Decimal) -> Value {
-    Number::from_str(&d.to_string()).map_or_else(|_| Value::String(d.to_string()), Value::Number)
+/// Which price book priced the event, and why that one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotedBook {
+    /// The book's name, e.g. `standard`.
+    pub name: Arc<str>,
+    /// The version in force at `occurred_at` (its `effective_from` label); `null` when the
+    /// book has none yet.
+    pub version: Option<Arc<str>>,
+    /// `assigned` (the tenant's own assignment) or `default` (the default book).
+    pub source: &'static str,
 }
 
-fn opt_decimal(d: Option<Decimal>) -> Value {
-    d.map_or(Value::Null, decimal_json)
+/// The price breakdown of one event, as the CLI prints it and `POST /v1/quote` answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quote {
+    pub tenant: String,
+    pub event_id: String,
+    pub event_type: String,
+    /// RFC 3339, as given.
+    pub occurred_at: String,
+    pub book: QuotedBook,
+    /// The pricing set's label and content hash (stamped on every debit).
+    pub pricing_version: String,
+    pub pricing_hash: String,
+    /// The same fee objects `/v1/events` answers for an accepted event.
+    pub fees: Vec<Fee>,
+    /// Sum of the fees per asset, as decimal strings.
+    pub totals: BTreeMap<Arc<str>, Decimal>,
 }
 
-fn usage_str(u: UsageType) -> &'static str {
-    match u {
-        UsageType::Unit => "unit",
-        UsageType::Volume => "volume",
-        UsageType::UnitAndVolume => "unit_and_volume",
+impl Quote {
+    /// Prices `event` for `tenant` with `set` (the tenant's book, else the default book).
+    pub fn build(set: &PricingSet, tenant: &str, event: &UsageEvent) -> Result<Quote, QuoteError> {
+        let assigned = set.tenants.get(tenant);
+        let book =
+            assigned
+                .or(set.default.as_ref())
+                .ok_or_else(|| PricingError::UnknownTenant {
+                    tenant: tenant.to_owned(),
+                })?;
+        let fees = super::engine::price_event(book, &set.hash, event)?;
+        let mut totals: BTreeMap<Arc<str>, Decimal> = BTreeMap::new();
+        for fee in &fees {
+            let total = totals.entry(fee.asset.clone()).or_default();
+            *total = total
+                .checked_add(fee.amount)
+                .ok_or_else(|| PricingError::AmountOverflow {
+                    price_id: fee.price_id.to_string(),
+                })?;
+        }
+        Ok(Quote {
+            tenant: tenant.to_owned(),
+            event_id: event.id.as_str().to_owned(),
+            event_type: event.event_type.clone(),
+            occurred_at: event.occurred_at.to_rfc3339(),
+            book: QuotedBook {
+                name: book.name.clone(),
+                version: book.version_at(event.occurred_at).map(|v| v.label.clone()),
+                source: if assigned.is_some() {
+                    "assigned"
+                } else {
+                    "default"
+                },
+            },
+            pricing_version: set.version().to_owned(),
+            pricing_hash: set.hash().to_owned(),
+            fees,
+            totals,
+        })
     }
 }
 
-/// Prices one event for `tenant` and returns the breakdown:
-/// `{tenant, event_id, event_type, occurred_at, book, book_version, pricing_version,
-/// pricing_hash, fees: [{price_id, price_name, usage_type, dimensions, volume_field, volume,
-/// unit_price, volume_rate, package_size, amount, asset, book, book_version}], totals: {asset: sum}}`.
+/// Parses one Credyt usage event from its JSON text, exactly.
+pub fn parse_event(event_json: &str) -> Result<UsageEvent, QuoteError> {
+    serde_json::from_str(event_json).map_err(|e| {
+        if e.is_data() {
+            QuoteError::InvalidEvent(e.to_string())
+        } else {
+            QuoteError::InvalidJson(e.to_string())
+        }
+    })
+}
+
+/// Parses and prices one event for `tenant`: the [`Quote`] as a JSON value.
 pub fn quote_json(set: &PricingSet, tenant: &str, event_json: &str) -> Result<Value, QuoteError> {
-    let event: UsageEvent =
-        serde_json::from_str(event_json).map_err(|e| QuoteError::InvalidEvent(e.to_string()))?;
-    let fees = set.price(tenant, &event)?;
-    let mut totals: BTreeMap<&str, Decimal> = BTreeMap::new();
-    let mut out = Vec::with_capacity(fees.len());
-    for fee in &fees {
-        let total = totals.entry(&*fee.asset).or_default();
-        *total = total
-            .checked_add(fee.amount)
-            .ok_or_else(|| PricingError::AmountOverflow {
-                price_id: fee.price_id.to_string(),
-            })?;
-        out.push(json!({
-            "price_id": fee.price_id,
-            "price_name": fee.price_name,
-            "usage_type": usage_str(fee.usage_type),
-            "dimensions": fee.dimensions,
-            "volume_field": fee.volume_field,
-            "volume": opt_decimal(fee.volume),
-            "unit_price": opt_decimal(fee.unit_price),
-            "volume_rate": opt_decimal(fee.volume_rate),
-            "package_size": opt_decimal(fee.package_size),
-            "amount": decimal_json(fee.amount),
-            "asset": fee.asset,
-            "book": fee.book,
-            "book_version": fee.book_version,
-        }));
-    }
-    let totals: Map<String, Value> = totals
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), decimal_json(v)))
-        .collect();
-    let book = set.book_for(tenant).map(|b| b.name.clone());
-    Ok(json!({
-        "tenant": tenant,
-        "event_id": event.id.as_str(),
-        "event_type": event.event_type,
-        "occurred_at": event.occurred_at.to_rfc3339(),
-        "book": book,
-        "book_version": fees.first().map(|f| f.book_version.clone()),
-        "pricing_version": set.version(),
-        "pricing_hash": set.hash(),
-        "fees": out,
-        "totals": totals,
-    }))
+    let quote = Quote::build(set, tenant, &parse_event(event_json)?)?;
+    serde_json::to_value(&quote).map_err(|e| QuoteError::InvalidEvent(e.to_string()))
 }
 
 /// Validates a pricing directory. `Ok`: a one-paragraph summary; `Err`: every mistake

@@ -2,9 +2,10 @@
 //!
 //! Contract: each tenant has its own limiter, so one tenant exhausting its quota never affects
 //! another. A request for `n` events takes `n` cells; when the tenant is over its quota the
-//! answer is [`RateLimited`], which says when to come back (`Retry-After`) and carries the
-//! values of the `RateLimit` / `RateLimit-Policy` headers. Checking is a few atomic operations:
-//! no lock, no I/O.
+//! answer is [`Refusal::RateLimited`], which says when to come back (`Retry-After`) and carries
+//! the values of the `RateLimit` / `RateLimit-Policy` headers. A request of more events than
+//! the burst can never pass, however long the client waits: that is [`Refusal::ExceedsBurst`],
+//! not retryable. Checking is a few atomic operations: no lock, no I/O.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -27,8 +28,17 @@ pub struct TenantQuota {
 pub struct RateLimited {
     pub retry_after: Duration,
     pub quota: TenantQuota,
-    /// True when the request alone is larger than the burst: it can never pass as one request.
-    pub too_large: bool,
+}
+
+/// Why a limiter refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Over the quota now; the same request passes later.
+    #[error(transparent)]
+    RateLimited(RateLimited),
+    /// The request alone takes more cells than the burst: it can never pass as one request.
+    #[error("the request has {events} events, more than the burst of {burst}")]
+    ExceedsBurst { events: u32, burst: NonZeroU32 },
 }
 
 impl RateLimited {
@@ -79,20 +89,18 @@ impl<C: Clock + Clone> TenantLimiter<C> {
         self.quota
     }
 
-    /// Takes `n` cells (one per event) or says when to retry.
-    pub fn check(&self, n: u32) -> Result<(), RateLimited> {
-        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        match self.limiter.check_n(n) {
+    /// Takes `n` cells (one per event), or says when to retry, or that it never will pass.
+    pub fn check(&self, n: u32) -> Result<(), Refusal> {
+        let cells = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        match self.limiter.check_n(cells) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(RateLimited {
+            Ok(Err(not_until)) => Err(Refusal::RateLimited(RateLimited {
                 retry_after: not_until.wait_time_from(self.clock.now()),
                 quota: self.quota,
-                too_large: false,
-            }),
-            Err(_insufficient) => Err(RateLimited {
-                retry_after: Duration::from_secs(1),
-                quota: self.quota,
-                too_large: true,
+            })),
+            Err(_insufficient) => Err(Refusal::ExceedsBurst {
+                events: n,
+                burst: self.quota.burst,
             }),
         }
     }
@@ -117,7 +125,9 @@ mod tests {
         for _ in 0..5 {
             l.check(1).unwrap();
         }
-        let err = l.check(1).unwrap_err();
+        let Refusal::RateLimited(err) = l.check(1).unwrap_err() else {
+            panic!("over the quota is rate limited");
+        };
         assert!(err.retry_after <= Duration::from_millis(100));
         assert_eq!(err.retry_after_secs(), 1);
         assert_eq!(err.ratelimit_header(), "\"tenant\";r=0;t=1");
@@ -133,8 +143,24 @@ mod tests {
         l.check(60).unwrap();
         assert!(l.check(60).is_err());
         assert!(l.check(40).is_ok());
-        let too_big = l.check(101).unwrap_err();
-        assert!(too_big.too_large);
+        assert!(matches!(l.check(60), Err(Refusal::RateLimited(_))));
+    }
+
+    #[test]
+    fn a_request_larger_than_the_burst_is_refused_for_good() {
+        let clock = FakeRelativeClock::default();
+        let l = TenantLimiter::with_clock(quota(100, 100), clock.clone());
+        let refusal = l.check(101).unwrap_err();
+        let burst = NonZeroU32::new(100).unwrap();
+        assert_eq!(refusal, Refusal::ExceedsBurst { events: 101, burst });
+        // However long the client waits, the same request never passes.
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(
+            l.check(101),
+            Err(Refusal::ExceedsBurst { events: 101, burst })
+        );
+        // And the refusal took no cells: the full burst is still there.
+        l.check(100).unwrap();
     }
 
     #[test]

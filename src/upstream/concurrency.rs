@@ -31,6 +31,8 @@ pub enum Signal {
 
 const MIN_WINDOW: Duration = Duration::from_millis(10);
 const MAX_WINDOW: Duration = Duration::from_secs(1);
+/// The least rise of the median over the baseline that counts as queueing.
+const INFLATION_FLOOR: Duration = Duration::from_millis(2);
 /// Latency samples kept per window (enough for a stable median, bounded memory).
 const MAX_SAMPLES: usize = 512;
 
@@ -109,8 +111,10 @@ impl Concurrency {
             });
             self.window = m.clamp(MIN_WINDOW, MAX_WINDOW);
         }
+        // Doubled, and by more than scheduling noise (at sub-millisecond latencies a doubling
+        // alone says little).
         let inflated = match (median, self.baseline) {
-            (Some(m), Some(b)) => m > b * 2 && m > MIN_WINDOW,
+            (Some(m), Some(b)) => m > b * 2 && m > b + INFLATION_FLOOR,
             _ => false,
         };
         if self.backpressure {
@@ -217,6 +221,35 @@ mod tests {
             c.on_response(now, Duration::from_secs(5), Signal::Answered);
         }
         assert_eq!(c.limit(), 1024);
+    }
+
+    /// Near zero latency a doubling is noise unless it is also a rise of a few milliseconds:
+    /// queueing behind a busy core (which more slots only make worse) is.
+    #[test]
+    fn at_sub_millisecond_latency_only_a_real_rise_lowers_the_limit() {
+        let mut now = Instant::now();
+        let fast = Duration::from_micros(300);
+        let mut c = Concurrency::new(8, 1024, 64, now);
+        // Past the first (longer) window, with the baseline at 0.3 ms.
+        play(&mut c, &mut now, 8, fast, Signal::Answered);
+        let before = c.limit();
+        play(
+            &mut c,
+            &mut now,
+            2,
+            Duration::from_millis(1),
+            Signal::Answered,
+        );
+        assert!(c.limit() >= before, "{} < {before}", c.limit());
+        let before = c.limit();
+        play(
+            &mut c,
+            &mut now,
+            2,
+            Duration::from_millis(6),
+            Signal::Answered,
+        );
+        assert!(c.limit() < before, "{} !< {before}", c.limit());
     }
 
     #[test]

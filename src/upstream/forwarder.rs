@@ -22,8 +22,9 @@
 //!   body, which retrying cannot fix).
 //! - **A refused platform key** (401/403) is never a reason to give a record up: the record
 //!   waits, delivery pauses while the key is checked (see [`super::credentials`]) and stays
-//!   paused while Credyt refuses it; every record stays pending. A 403 while the key was just
-//!   found valid is about the account, and retries like a transient failure.
+//!   paused while Credyt refuses it; every record stays pending. A record refused again after
+//!   the check it caused found the key valid is refused for its account, and retries like a
+//!   transient failure.
 //! - On start it resumes: every undelivered record is still in the outbox. On stop it sends
 //!   nothing new and returns once the calls in flight have settled.
 //!
@@ -56,12 +57,12 @@ use super::credentials::{Credentials, KeyState, KeyStatus};
 use super::forward::Backoff;
 use super::{CredytClient, UpstreamError};
 
+/// Records leased from the outbox at once at the least (they wait in `ready` for a slot).
+const LEASE_MIN: usize = 32;
+
 /// Attempts this process makes of a record before `max_age` can turn it into a dead letter
 /// (a replayed dead letter, or a record found at start, gets a few tries of its own).
 pub const MIN_ATTEMPTS: u32 = 3;
-
-/// A 401/403 this soon after Credyt accepted the key is about the account, not the key.
-const KEY_RECENTLY_VALID: Duration = Duration::from_secs(10);
 
 /// Tuning of the forwarder.
 #[derive(Debug, Clone)]
@@ -191,24 +192,42 @@ async fn call(client: &CredytClient, unit: &Unit) -> Result<(), UpstreamError> {
     }
 }
 
+/// A unit and what the pipeline knows about its delivery so far.
+struct Job {
+    unit: Unit,
+    /// Attempts of this unit before the next call.
+    attempts: u32,
+    /// Set when a 401/403 of this unit made the forwarder check the key: the number of the
+    /// check that answers it. A unit refused again once that check found the key valid is
+    /// refused for its account, not for the key, and is not worth another check.
+    key_check: Option<u64>,
+}
+
+impl Job {
+    fn new(unit: Unit, attempts: u32) -> Job {
+        Job {
+            unit,
+            attempts,
+            key_check: None,
+        }
+    }
+}
+
 /// A settled call.
 struct Done {
-    unit: Unit,
-    /// Attempts of this unit before this call.
-    attempts: u32,
+    job: Job,
     latency: Duration,
     result: Result<(), UpstreamError>,
 }
 
 type InFlight = Pin<Box<dyn Future<Output = Done> + Send>>;
 
-fn send(client: CredytClient, unit: Unit, attempts: u32) -> InFlight {
+fn send(client: CredytClient, job: Job) -> InFlight {
     Box::pin(async move {
         let started = Instant::now();
-        let result = call(&client, &unit).await;
+        let result = call(&client, &job.unit).await;
         Done {
-            unit,
-            attempts,
+            job,
             latency: started.elapsed(),
             result,
         }
@@ -241,6 +260,9 @@ struct Forwarder {
     /// earlier process (perhaps running without coalescing) may have sent them alone under
     /// their own transaction ids, so they are only ever sent alone (as batches of one).
     alone: HashSet<u64>,
+    /// Open batches handed to the pipeline (in flight, waiting for a retry, or about to be
+    /// sent): never leased again, dissolved or sent twice meanwhile.
+    sending: HashSet<Uuid>,
 }
 
 impl Forwarder {
@@ -272,15 +294,21 @@ impl Forwarder {
     /// The units to send this round, at most `limit`.
     async fn next_units(&mut self, limit: usize) -> Vec<Unit> {
         let mut units = Vec::new();
-        // Open batches first, exactly as persisted.
-        let open: Vec<(Uuid, Vec<u64>)> =
-            self.open.iter().map(|(id, m)| (*id, m.clone())).collect();
-        for (id, members) in open {
-            if units.len() >= limit {
-                break;
-            }
+        // Open batches first, exactly as persisted (those not already in the pipeline).
+        let waiting: Vec<Uuid> = self
+            .open
+            .keys()
+            .filter(|id| !self.sending.contains(id))
+            .take(limit)
+            .copied()
+            .collect();
+        for id in waiting {
+            let Some(members) = self.open.get(&id).cloned() else {
+                continue;
+            };
             let leased = self.outbox.lease(&members);
             if leased.len() == members.len() {
+                self.sending.insert(id);
                 units.push(Unit::Batch {
                     id,
                     members: leased,
@@ -326,6 +354,7 @@ impl Forwarder {
             match self.persist(std::slice::from_ref(&p)).await {
                 Some(id) => {
                     self.alone.remove(&p.seq);
+                    self.sending.insert(id);
                     units.push(Unit::Batch {
                         id,
                         members: vec![p],
@@ -341,7 +370,10 @@ impl Forwarder {
                 // must not let the next process coalesce it into a batch under another id
                 // (Credyt would charge it twice).
                 match self.persist(&chunk).await {
-                    Some(id) => units.push(Unit::Batch { id, members: chunk }),
+                    Some(id) => {
+                        self.sending.insert(id);
+                        units.push(Unit::Batch { id, members: chunk })
+                    }
                     None => self.outbox.release(&seqs(&chunk)),
                 }
             }
@@ -394,6 +426,9 @@ impl Forwarder {
     }
 
     async fn delivered(&mut self, unit: Unit, done: &mut Vec<u64>) {
+        if let Unit::Batch { id, .. } = &unit {
+            self.sending.remove(id);
+        }
         match unit {
             Unit::Single(p) => done.push(p.seq),
             Unit::Batch { id, members } => match self.outbox.complete_batch(id).await {
@@ -415,6 +450,9 @@ impl Forwarder {
     /// Dead-letters the record of `unit` with `code`; a coalesced batch is dissolved instead
     /// and its records (pushed to `retry`) go out one by one.
     async fn dead(&mut self, unit: Unit, code: DeadCode, e: UpstreamError, retry: &mut Vec<u64>) {
+        if let Unit::Batch { id, .. } = &unit {
+            self.sending.remove(id);
+        }
         let p = match unit {
             Unit::Batch { id, members } if members.len() > 1 => {
                 tracing::warn!(class = e.class(), status = ?e.status(), members = members.len(), "credyt refused a coalesced charge; sending its records one by one");
@@ -469,19 +507,19 @@ fn chunk_owned(mut items: Vec<Pending>, size: usize) -> Vec<Vec<Pending>> {
 #[derive(Default)]
 struct Retries {
     due: BinaryHeap<Reverse<(Instant, u64)>>,
-    units: HashMap<u64, (Unit, u32)>,
+    units: HashMap<u64, Job>,
     next_id: u64,
 }
 
 impl Retries {
-    fn push(&mut self, at: Instant, unit: Unit, attempts: u32) {
+    fn push(&mut self, at: Instant, job: Job) {
         let id = self.next_id;
         self.next_id += 1;
         self.due.push(Reverse((at, id)));
-        self.units.insert(id, (unit, attempts));
+        self.units.insert(id, job);
     }
 
-    fn pop_due(&mut self, now: Instant) -> Option<(Unit, u32)> {
+    fn pop_due(&mut self, now: Instant) -> Option<Job> {
         let Reverse((at, id)) = *self.due.peek()?;
         if at > now {
             return None;
@@ -500,9 +538,16 @@ impl Retries {
 
     fn drain(&mut self) -> impl Iterator<Item = Unit> + '_ {
         self.due.clear();
-        self.units.drain().map(|(_, (unit, _))| unit)
+        self.units.drain().map(|(_, job)| job.unit)
     }
 }
+
+/// How long the first delivered mark waits for others to share its write. A mark only frees
+/// memory (the record stays leased meanwhile), so batching costs nothing but this much of it;
+/// one write per delivery was a log frame and a wake-up of the commit thread per charge.
+const MARK_BATCH_WAIT: Duration = Duration::from_millis(10);
+/// Most delivered marks in one write.
+const MARK_BATCH_MAX: usize = 8192;
 
 /// Writes delivered marks in batches, off the pipeline; a failed write gives the records back
 /// (a resend is a no-op at Credyt: the ids are deterministic).
@@ -510,10 +555,12 @@ async fn mark_delivered(outbox: Outbox, mut rx: mpsc::UnboundedReceiver<u64>) {
     let mut seqs = Vec::new();
     while let Some(first) = rx.recv().await {
         seqs.push(first);
-        while seqs.len() < 8192 {
-            match rx.try_recv() {
-                Ok(seq) => seqs.push(seq),
-                Err(_) => break,
+        let deadline = tokio::time::Instant::now() + MARK_BATCH_WAIT;
+        while seqs.len() < MARK_BATCH_MAX {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(seq)) => seqs.push(seq),
+                // The pipeline is gone (write what is here, then end) or the wait is over.
+                Ok(None) | Err(_) => break,
             }
         }
         if let Err(e) = outbox.mark_delivered(&seqs).await {
@@ -538,7 +585,7 @@ struct Pipeline {
     in_flight: FuturesUnordered<InFlight>,
     retries: Retries,
     /// Units taken from the outbox, not sent yet.
-    ready: VecDeque<(Unit, u32)>,
+    ready: VecDeque<Job>,
     /// With coalescing: not before this instant is the outbox read again.
     next_refill: Instant,
     delivered: mpsc::UnboundedSender<u64>,
@@ -562,7 +609,7 @@ impl Pipeline {
 
     /// The next unit to send: a due retry, then what was taken from the outbox, then more
     /// from the outbox.
-    async fn next_unit(&mut self, now: Instant) -> Option<(Unit, u32)> {
+    async fn next_job(&mut self, now: Instant) -> Option<Job> {
         if let Some(due) = self.retries.pop_due(now) {
             return Some(due);
         }
@@ -572,11 +619,12 @@ impl Pipeline {
         if self.f.settings.coalesce_window.is_some() && now < self.next_refill {
             return None;
         }
+        // Lease a few more than the free slots: one trip to the queue's lock per many records.
         let want = self
             .concurrency
             .limit()
             .saturating_sub(self.in_flight.len())
-            .clamp(1, 256);
+            .clamp(LEASE_MIN, 256);
         let units = self.f.next_units(want).await;
         if let Some(window) = self.f.settings.coalesce_window {
             self.next_refill = now + window;
@@ -586,7 +634,7 @@ impl Pipeline {
                 Unit::Single(p) => p.attempts,
                 Unit::Batch { .. } => 0,
             };
-            (u, attempts)
+            Job::new(u, attempts)
         }));
         self.ready.pop_front()
     }
@@ -601,19 +649,18 @@ impl Pipeline {
             if matches!(self.breaker.state(now), BreakerState::Open) {
                 return;
             }
-            let Some((unit, attempts)) = self.next_unit(now).await else {
+            let Some(job) = self.next_job(now).await else {
                 return;
             };
             let probe = match self.breaker.permit(now) {
                 Permit::All => false,
                 Permit::Probe => true,
                 Permit::WaitUntil(_) => {
-                    self.ready.push_front((unit, attempts));
+                    self.ready.push_front(job);
                     return;
                 }
             };
-            self.in_flight
-                .push(send(self.client.clone(), unit, attempts));
+            self.in_flight.push(send(self.client.clone(), job));
             self.concurrency.on_dispatch(self.in_flight.len());
             if probe {
                 return;
@@ -647,8 +694,7 @@ impl Pipeline {
     async fn settle(&mut self, done: Done) {
         let now = Instant::now();
         let Done {
-            unit,
-            attempts,
+            mut job,
             latency,
             result,
         } = done;
@@ -657,7 +703,7 @@ impl Pipeline {
                 self.concurrency.on_response(now, latency, Signal::Answered);
                 self.breaker.on_success();
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                match unit {
+                match job.unit {
                     Unit::Single(p) => {
                         // The receiver lives as long as the pipeline.
                         let _ = self.delivered.send(p.seq);
@@ -682,43 +728,51 @@ impl Pipeline {
         }
         if e.is_auth_refused() {
             let key = *self.key.borrow();
-            let key_just_valid = key
-                .valid_at
-                .is_some_and(|at| now.saturating_duration_since(at) < KEY_RECENTLY_VALID);
-            if !key_just_valid {
-                // Hold everything until the key is checked; this record goes first after.
-                tracing::warn!(status = ?e.status(), "credyt refused a charge's credentials; checking the platform key");
-                self.retries.push(now, unit, attempts);
+            let answered_valid = job
+                .key_check
+                .is_some_and(|check| key.checks >= check && key.status == KeyStatus::Valid);
+            if !answered_valid {
+                // Hold everything until the key is checked (or, refused, until it works);
+                // this record goes first after.
+                if job.key_check.is_none() {
+                    tracing::warn!(status = ?e.status(), "credyt refused a charge's credentials; checking the platform key");
+                }
+                let check = key.checks + 1;
+                job.key_check = Some(check);
+                self.retries.push(now, job);
                 if self.paused_until_check.is_none() {
-                    self.paused_until_check = Some(key.checks + 1);
+                    self.paused_until_check = Some(check);
                     self.credentials.suspect();
                 }
                 return;
             }
+            // The key works: Credyt refuses this account (e.g. not connected to the platform
+            // yet). Retry like a transient failure, up to the maximum age.
         } else if !e.is_retryable() {
             let code = if e.status() == Some(reqwest::StatusCode::CONFLICT) {
                 DeadCode::Conflict
             } else {
                 DeadCode::Refused
             };
-            self.give_up(unit, code, e).await;
+            self.give_up(job.unit, code, e).await;
             return;
         }
-        self.retry_later(now, unit, attempts, e).await;
+        self.retry_later(now, job, e).await;
     }
 
     /// Schedules the unit's next attempt, or dead-letters it once it is too old.
-    async fn retry_later(&mut self, now: Instant, unit: Unit, attempts: u32, e: UpstreamError) {
+    async fn retry_later(&mut self, now: Instant, mut job: Job, e: UpstreamError) {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        let attempts = attempts.saturating_add(1);
-        let too_old = unit.accepted_at().is_some_and(|at| {
+        job.attempts = job.attempts.saturating_add(1);
+        let attempts = job.attempts;
+        let too_old = job.unit.accepted_at().is_some_and(|at| {
             Utc::now()
                 .signed_duration_since(at)
                 .to_std()
                 .is_ok_and(|age| age >= self.f.settings.max_age)
         });
         if too_old && attempts >= MIN_ATTEMPTS {
-            self.give_up(unit, DeadCode::RetriesExhausted, e).await;
+            self.give_up(job.unit, DeadCode::RetriesExhausted, e).await;
             return;
         }
         tracing::debug!(class = e.class(), attempts, "delivery failed, will retry");
@@ -727,7 +781,7 @@ impl Pipeline {
             .settings
             .backoff
             .delay(attempts.saturating_sub(1), e.retry_after());
-        self.retries.push(now + wait, unit, attempts);
+        self.retries.push(now + wait, job);
     }
 
     async fn give_up(&mut self, unit: Unit, code: DeadCode, e: UpstreamError) {
@@ -784,7 +838,7 @@ impl Pipeline {
         // Leases die with the process anyway; give them back for a forwarder started again on
         // this outbox in the same process.
         let mut left: Vec<u64> = self.retries.drain().flat_map(|u| u.seqs()).collect();
-        left.extend(self.ready.drain(..).flat_map(|(u, _)| u.seqs()));
+        left.extend(self.ready.drain(..).flat_map(|job| job.unit.seqs()));
         self.f.outbox.release(&left);
         self.publish();
     }
@@ -813,6 +867,7 @@ pub async fn run(
         open: HashMap::new(),
         in_open: HashSet::new(),
         alone: HashSet::new(),
+        sending: HashSet::new(),
     };
     f.recover();
     let (delivered, rx) = mpsc::unbounded_channel();

@@ -125,3 +125,63 @@ async fn a_zero_priced_event_is_accepted_remembered_and_not_charged() {
     .await;
     w.stop().await;
 }
+
+/// A coalesced charge that waits for its retry (Credyt answered 429) while later windows take
+/// new records is neither dissolved nor sent twice: once Credyt takes it, every fee is charged
+/// exactly once and the outbox drains.
+#[actix_web::test]
+async fn a_coalesced_charge_waiting_for_its_retry_is_kept_whole() {
+    let w = World::start_with(Options {
+        ack: "durable",
+        outbox_config: "coalesce_window_ms = 100".into(),
+        ..Default::default()
+    })
+    .await;
+    let cust = w.customer(&w.a.account, "waiting-user", "100").await;
+    w.set_faults(Some(json!({"rules": [{
+        "path_prefix": format!("/customers/{cust}/wallet/charges"),
+        "rate_429": 1.0,
+        "retry_after_secs": 2
+    }]})))
+    .await;
+    let post = |wave: usize| {
+        let events: Vec<_> = (0..10)
+            .map(|e| json!({"id": format!("wait-{wave}-{e}"), "event_type": "video_promoted", "occurred_at": ago(5)}))
+            .collect();
+        let body = json!({"customer_external_id": "waiting-user", "events": events});
+        let w = &w;
+        async move { w.post("/events", &w.a.key, &body).await.status().as_u16() }
+    };
+    assert_eq!(post(0).await, 204);
+    // Several windows pass while the first batch waits for its Retry-After.
+    eventually(Duration::from_secs(5), "the first 429", || async {
+        w.requests()
+            .await
+            .iter()
+            .any(|r| r["status"] == 429)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(post(1).await, 204);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.set_faults(None).await;
+    let admin = w.admin_url();
+    eventually(Duration::from_secs(20), "the outbox to drain", || async {
+        (super::proxy::metric(&w.http, &admin, "credyt_proxy_outbox_depth").await? == 0)
+            .then_some(())
+    })
+    .await;
+    let state = w.state().await;
+    let (_, count, total) = wallet(&state, &cust, "USD").unwrap();
+    assert_eq!(total, dec!(10.00), "20 fees of 0.50, each once");
+    assert!(
+        count <= 4,
+        "{count} charges for two waves of coalesced fees"
+    );
+    assert_eq!(
+        super::proxy::metric(&w.http, &admin, "credyt_proxy_outbox_dead_letters").await,
+        Some(0)
+    );
+    w.stop().await;
+}

@@ -5,15 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rust_decimal::Decimal;
-use rust_decimal_macros::dec;
 use serde_json::{json, Value};
 
 use super::proxy::{
-    ago, emu_customer, eventually, metric, usd_charges, Options, World, PLATFORM_KEY,
+    ago, assert_charged_exactly, drained, emu_customer, eventually, metric, usd_charges, Options,
+    World, PLATFORM_KEY,
 };
 
-const PRICE: Decimal = dec!(0.50);
 const DEPTH: &str = "credyt_proxy_outbox_depth";
 const DEAD: &str = "credyt_proxy_outbox_dead_letters";
 const LIMIT: &str = "credyt_proxy_forwarder_concurrency_limit";
@@ -42,31 +40,6 @@ async fn post_events(w: &World, user: &str, prefix: &str, n: usize) {
 
 async fn gauge(w: &World, name: &str) -> u64 {
     metric(&w.http, &w.admin_url(), name).await.unwrap_or(0)
-}
-
-async fn drained(w: &World, limit: Duration) {
-    let admin = w.admin_url();
-    eventually(limit, "the outbox to drain", || async {
-        (metric(&w.http, &admin, DEPTH).await? == 0).then_some(())
-    })
-    .await;
-}
-
-/// Every customer in `expected` was charged exactly that many events at 0.50, nothing else.
-async fn assert_charged_exactly(w: &World, expected: &BTreeMap<String, u64>) {
-    let state = w.state().await;
-    for (customer, n) in expected {
-        assert_eq!(
-            usd_charges(&state, customer),
-            (*n, PRICE * Decimal::from(*n)),
-            "charges of {customer}"
-        );
-    }
-    assert_eq!(
-        super::proxy::total_charges(&state),
-        expected.values().sum::<u64>(),
-        "charges outside the acknowledged events"
-    );
 }
 
 fn charges_path(customer: &str) -> String {

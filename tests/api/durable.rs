@@ -8,17 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rust_decimal::Decimal;
-use rust_decimal_macros::dec;
 use serde_json::{json, Value};
 
 use super::proxy::{
-    ago, emu_clear_faults, emu_customer, emu_faults, emu_requests, eventually, metric,
-    total_charges, usd_charges, Options, World,
+    ago, assert_charged_exactly, drained, emu_clear_faults, emu_customer, emu_faults, emu_requests,
+    eventually, metric, total_charges, Options, World,
 };
-
-/// `video_promoted` costs 0.50 USD per event, one fee (pricing/standard.toml).
-const PRICE: Decimal = dec!(0.50);
 
 const DEPTH: &str = "credyt_proxy_outbox_depth";
 const DEAD: &str = "credyt_proxy_outbox_dead_letters";
@@ -41,34 +36,6 @@ fn events(user: &str, ids: &[String]) -> Value {
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-/// Waits until the outbox is empty (nothing pending or leased).
-async fn drained(w: &World, limit: Duration) {
-    let admin = w.admin_url();
-    eventually(limit, "the outbox to drain", || async {
-        (metric(&w.http, &admin, DEPTH).await? == 0).then_some(())
-    })
-    .await;
-}
-
-/// Asserts that each customer was charged exactly `expected[customer]` events at 0.50 and
-/// that nothing else was charged anywhere.
-async fn assert_charged_exactly(w: &World, expected: &BTreeMap<String, u64>) {
-    let state = w.state().await;
-    for (customer, n) in expected {
-        let (count, total) = usd_charges(&state, customer);
-        assert_eq!(
-            (count, total),
-            (*n, PRICE * Decimal::from(*n)),
-            "charges of {customer}"
-        );
-    }
-    assert_eq!(
-        total_charges(&state),
-        expected.values().sum::<u64>(),
-        "charges outside the acknowledged events"
-    );
 }
 
 async fn v1_statuses(w: &World, body: &Value) -> Vec<String> {

@@ -678,6 +678,124 @@ async fn faults_are_injected_and_cleared() {
     emu.em.stop().await;
 }
 
+#[actix_web::test]
+async fn slow_tail_conflict_unauthorized_and_http_date_faults() {
+    let emu = spawn().await;
+
+    // Every call to /accounts/self is in the slow tail; the one worker must go on answering
+    // other requests while it sleeps.
+    set_faults(
+        &emu,
+        json!([{ "path_prefix": "/accounts/self", "latency_ms": 0, "slow_rate": 1.0, "slow_latency_ms": 1500 }]),
+    )
+    .await;
+    let (_, v) = emu.call(Method::GET, "/_emulator/faults", None, None).await;
+    assert_eq!(v["rules"][0]["slow_rate"], 1.0);
+    assert_eq!(v["rules"][0]["slow_latency_ms"], 1500);
+    assert_eq!(v["rules"][0]["retry_after_form"], "seconds");
+    let started = Instant::now();
+    let slow = emu.request(Method::GET, "/accounts/self", None).send();
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fast_started = Instant::now();
+    let (s, _) = emu.call(Method::GET, "/customers", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        fast_started.elapsed() < Duration::from_millis(1000),
+        "a slow request blocked another one: {:?}",
+        fast_started.elapsed()
+    );
+    assert!(!slow.is_finished(), "the slow request is still sleeping");
+    let res = slow.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // 409 Conflict with a problem body.
+    set_faults(
+        &emu,
+        json!([{ "path_prefix": "/customers", "rate_409": 1.0 }]),
+    )
+    .await;
+    let res = emu
+        .request(Method::GET, "/customers", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert!(res.headers().get("retry-after").is_none());
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        (v["status"].as_u64(), v["title"].as_str()),
+        (Some(409), Some("Conflict"))
+    );
+
+    // 401 with an empty body, as for a refused key.
+    set_faults(
+        &emu,
+        json!([{ "path_prefix": "/customers", "rate_401": 1.0 }]),
+    )
+    .await;
+    let res = emu
+        .request(Method::GET, "/customers", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(res.bytes().await.unwrap().is_empty());
+
+    // Retry-After as an HTTP-date (IMF-fixdate), now + retry_after_secs rounded up.
+    set_faults(
+        &emu,
+        json!([{ "path_prefix": "/customers", "rate_429": 1.0, "retry_after_secs": 2,
+                 "retry_after_form": "http-date" }]),
+    )
+    .await;
+    let before = chrono::Utc::now();
+    let res = emu
+        .request(Method::GET, "/customers", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let header = res.headers()["retry-after"].to_str().unwrap().to_owned();
+    assert!(header.ends_with(" GMT") && header.len() == 29, "{header}");
+    let at = chrono::DateTime::parse_from_rfc2822(&header).unwrap();
+    let ahead = at.signed_duration_since(before).num_milliseconds();
+    assert!(
+        (1_000..=3_100).contains(&ahead),
+        "{header} is {ahead} ms ahead"
+    );
+
+    // Validation: the new status rates count in the sum; slow_rate is checked on its own.
+    for rules in [
+        json!([{ "path_prefix": "/", "rate_409": 0.6, "rate_401": 0.6 }]),
+        json!([{ "path_prefix": "/", "slow_rate": 1.5, "slow_latency_ms": 10 }]),
+        json!([{ "path_prefix": "/", "slow_rate": 0.5 }]),
+        json!([{ "path_prefix": "/", "retry_after_form": "minutes" }]),
+    ] {
+        let (s, v) = emu
+            .call(
+                Method::PUT,
+                "/_emulator/faults",
+                None,
+                Some(&json!({ "rules": rules }).to_string()),
+            )
+            .await;
+        assert!(s.is_client_error(), "{rules} was accepted: {v}");
+    }
+    set_faults(
+        &emu,
+        json!([{ "path_prefix": "/", "rate_429": 1.0, "slow_rate": 1.0, "slow_latency_ms": 10 }]),
+    )
+    .await;
+    emu.em.stop().await;
+}
+
 // ---- wallet ---------------------------------------------------------------------------------
 
 #[actix_web::test]

@@ -618,3 +618,134 @@ async fn a_client_that_gives_up_mid_request_still_has_its_event_charged_and_coun
     assert_eq!(events_total(&w, "duplicate").await, Some(1));
     w.stop().await;
 }
+
+#[actix_web::test]
+async fn more_events_than_the_burst_is_a_422_never_a_429_to_retry() {
+    let w = World::start_with(Options {
+        rate_a: (1, 3),
+        ..Default::default()
+    })
+    .await;
+    let events: Vec<Value> = (0..4)
+        .map(|i| json!({"id": format!("big{i}"), "event_type": "video_promoted", "occurred_at": ago(5)}))
+        .collect();
+    let r = w
+        .post(
+            "/events",
+            &w.a.key,
+            &json!({"customer_external_id": "a-user", "events": events}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert!(
+        !r.headers().contains_key("retry-after"),
+        "waiting never helps"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "exceeds_burst");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("burst of 3"), "{detail}");
+    assert!(detail.contains("4 events"), "{detail}");
+    // It took none of the quota: a request within the burst passes at once.
+    let r = w
+        .post(
+            "/events",
+            &w.a.key,
+            &json!({"customer_external_id": "a-user", "events": &events[..3]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(total_charges(&w.state().await), 3);
+    w.stop().await;
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// POSTs raw `body` to `/events` as tenant A with `Content-Encoding: encoding`.
+async fn post_encoded(w: &World, encoding: &str, body: Vec<u8>) -> reqwest::Response {
+    w.http
+        .post(format!("{}/events", w.proxy_url()))
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", encoding)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[actix_web::test]
+async fn a_gzip_body_is_accepted_and_charged() {
+    let w = World::start().await;
+    let cust = w.customer(&w.a.account, "gz-user", "200").await;
+    // A full batch, gzipped (what an SDK sends for large batches).
+    let events: Vec<Value> = (0..100)
+        .map(|i| json!({"id": format!("gz{i}"), "event_type": "video_promoted", "occurred_at": ago(5)}))
+        .collect();
+    let json =
+        serde_json::to_vec(&json!({"customer_external_id": "gz-user", "events": events})).unwrap();
+    let r = post_encoded(&w, "gzip", gzip(&json)).await;
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let r = post_encoded(
+        &w,
+        "identity",
+        serde_json::to_vec(&one("gz-plain")).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    let (count, total) = super::proxy::usd_charges(&w.state().await, &cust);
+    assert_eq!((count, total), (101, dec!(50.50)));
+    // A body that says gzip and is not: 400, not parsed as JSON anyway.
+    let r = post_encoded(&w, "gzip", serde_json::to_vec(&one("gz-liar")).unwrap()).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_encoding");
+    w.stop().await;
+}
+
+fn one(id: &str) -> Value {
+    json!({"customer_external_id": "gz-user", "events": [
+        {"id": id, "event_type": "video_promoted", "occurred_at": ago(5)}]})
+}
+
+#[actix_web::test]
+async fn a_decompression_bomb_gets_413_and_an_unknown_encoding_415() {
+    let w = World::start().await;
+    // 64 MiB of JSON whitespace inside a valid batch: ~64 KiB gzipped, 64 times the limit.
+    let bomb = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(b"{\"customer_external_id\": \"gz-user\", \"events\": [")
+            .unwrap();
+        let blanks = vec![b' '; 1 << 20];
+        for _ in 0..64 {
+            e.write_all(&blanks).unwrap();
+        }
+        e.write_all(b"]}").unwrap();
+        e.finish().unwrap()
+    };
+    assert!(bomb.len() < 200_000, "{}", bomb.len());
+    let r = post_encoded(&w, "gzip", bomb).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+
+    // Brotli (or anything but gzip and identity) is refused, never parsed as plain JSON.
+    let plain = serde_json::to_vec(&one("br-1")).unwrap();
+    let r = post_encoded(&w, "br", plain).await;
+    assert_eq!(r.status(), 415);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(r.headers()["accept-encoding"], "gzip, identity");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unsupported_encoding");
+    assert!(body["detail"].as_str().unwrap().contains("`br`"), "{body}");
+    assert_eq!(total_charges(&w.state().await), 0);
+    w.stop().await;
+}

@@ -254,6 +254,38 @@ impl World {
         self._dir.path()
     }
 
+    /// The tenants file the proxy serves (hot reloaded).
+    pub fn tenants_file(&self) -> PathBuf {
+        self._dir.path().join("tenants.toml")
+    }
+
+    /// Edits the tenants file with `edit` (which must change it) and waits until the proxy
+    /// serves the new version (its watcher polls every `tenants.reload_interval_ms`).
+    pub async fn edit_tenants(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.tenants_file();
+        let old = std::fs::read_to_string(&path).unwrap();
+        let new = edit(old.clone());
+        assert_ne!(old, new, "the edit must change the tenants file");
+        let tenants = self.app.state().tenants.clone();
+        let before = tenants.current().content_hash().to_string();
+        let tmp = path.with_extension("toml.new");
+        std::fs::write(&tmp, &new).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        eventually(
+            std::time::Duration::from_secs(10),
+            "the tenants reload",
+            || {
+                let tenants = tenants.clone();
+                let before = before.clone();
+                async move {
+                    assert!(tenants.last_error().is_none(), "{:?}", tenants.last_error());
+                    (tenants.current().content_hash() != before).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// `http://` + the proxy's admin address.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.app.admin_addr())
@@ -487,6 +519,34 @@ pub async fn metric(http: &reqwest::Client, admin_url: &str, name: &str) -> Opti
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok())?
     })
+}
+
+/// Waits until the outbox is empty (nothing pending or leased).
+pub async fn drained(w: &World, limit: std::time::Duration) {
+    let admin = w.admin_url();
+    eventually(limit, "the outbox to drain", || async {
+        (metric(&w.http, &admin, "credyt_proxy_outbox_depth").await? == 0).then_some(())
+    })
+    .await;
+}
+
+/// Asserts that each customer was charged exactly `expected[customer]` events at 0.50 USD
+/// (`video_promoted`, one fee) and that nothing else was charged anywhere.
+pub async fn assert_charged_exactly(w: &World, expected: &std::collections::BTreeMap<String, u64>) {
+    let price = Decimal::new(50, 2);
+    let state = w.state().await;
+    for (customer, n) in expected {
+        assert_eq!(
+            usd_charges(&state, customer),
+            (*n, price * Decimal::from(*n)),
+            "charges of {customer}"
+        );
+    }
+    assert_eq!(
+        total_charges(&state),
+        expected.values().sum::<u64>(),
+        "charges outside the acknowledged events"
+    );
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
