@@ -21,6 +21,7 @@ use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
 use crate::outcome::OutcomeCounters;
 use crate::pricing::Pricing;
 use crate::ratelimit::TenantQuota;
+use crate::telemetry::traces::Traces;
 use crate::upstream::credentials::{Credentials, KeyStatus};
 use crate::upstream::forward::Forwarder;
 use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
@@ -38,6 +39,7 @@ pub struct Application {
     grace: std::time::Duration,
     outbox: Option<Outbox>,
     forwarder: Option<ForwarderHandle>,
+    traces: Option<Traces>,
 }
 
 /// Opens (and recovers) the outbox before anything is accepted.
@@ -68,6 +70,12 @@ impl Application {
     /// Loads everything, binds both ports and starts serving.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
+        // Traces first: the forwarder and the tenant server below run under their dispatch.
+        let traces = match &settings.telemetry.traces {
+            Some(t) => Some(Traces::start(t, &settings.log).context("starting traces")?),
+            None => None,
+        };
+        let dispatch = traces.as_ref().map(|t| t.dispatch().clone());
         let quota = TenantQuota {
             per_second: settings.rate_limit.per_second,
             burst: settings.rate_limit.burst,
@@ -122,6 +130,7 @@ impl Application {
                             ..ForwarderSettings::default()
                         },
                         Arc::clone(&credentials),
+                        dispatch.clone(),
                     )
                 });
                 if forwarder.is_none() {
@@ -140,6 +149,7 @@ impl Application {
             sink,
             outbox: outbox.clone(),
             counters: Arc::new(OutcomeCounters::default()),
+            traces: dispatch,
         });
         tasks.push(tenants.spawn_watcher(settings.tenants.reload_interval));
         tasks.push(pricing.spawn_watcher(settings.pricing.reload_interval));
@@ -209,7 +219,13 @@ impl Application {
             grace: settings.server.shutdown_grace,
             outbox,
             forwarder,
+            traces,
         })
+    }
+
+    /// The application's trace pipeline, when traces are configured.
+    pub fn traces(&self) -> Option<&Traces> {
+        self.traces.as_ref()
     }
 
     pub fn tenant_addr(&self) -> SocketAddr {
@@ -263,6 +279,10 @@ impl Application {
             tracing::info!(undelivered = depth, "outbox closed");
         }
         self.admin_server.stop(true).await;
+        // After the forwarder: its last spans go out too.
+        if let Some(traces) = self.traces {
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
         release(self.state).await;
         tracing::info!("credyt-proxy stopped");
     }

@@ -9,6 +9,7 @@
 //! falls back to a default.
 
 pub mod raw;
+pub mod traces;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -177,6 +178,14 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// `[telemetry]`: what the proxy reports about itself besides its logs.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetrySettings {
+    /// OTLP trace export; `None` (no exporter, nothing buffered) unless an endpoint is
+    /// configured. See [`traces`].
+    pub traces: Option<traces::TraceSettings>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -190,6 +199,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub rate_limit: RateLimitDefaults,
     pub admin: AdminSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 impl Settings {
@@ -213,7 +223,8 @@ impl Settings {
         Self::from_toml(&text, base, env)
     }
 
-    /// Parses and validates TOML text; relative paths in it are taken relative to `base`.
+    /// Parses and validates TOML text; relative paths in it are taken relative to `base`. `env`
+    /// (the process environment when `None`) also supplies the standard `OTEL_*` variables.
     pub fn from_toml(
         text: &str,
         base: &Path,
@@ -223,6 +234,7 @@ impl Settings {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true);
+        let otel = traces::otel_vars(env.as_ref());
         if let Some(env) = env {
             environment = environment.source(Some(env));
         }
@@ -237,7 +249,7 @@ impl Settings {
                     message: e.to_string(),
                 }])
             })?;
-        raw.validate(base)
+        raw.validate(base, &otel)
     }
 }
 

@@ -4,6 +4,7 @@
 //! are kept as plain strings and numbers here so that validation can report all problems
 //! together instead of stopping at the first serde error.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use serde::Deserialize;
 use super::{
     AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
     LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
-    ServerSettings, Settings, SyncMode, TenantsSettings,
+    ServerSettings, Settings, SyncMode, TelemetrySettings, TenantsSettings,
 };
 
 #[derive(Debug, Deserialize, Default)]
@@ -29,6 +30,7 @@ pub struct RawSettings {
     pub outbox: RawOutbox,
     pub rate_limit: RawRateLimit,
     pub admin: RawAdmin,
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +248,36 @@ pub struct RawAdmin {
     pub token: Option<String>,
 }
 
+/// `[telemetry]`: what the proxy reports about itself besides its logs.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    // Traces over OTLP (see `config::traces`): each key, when set, wins over its standard
+    // `OTEL_*` variable; all unset (and no variable) means no traces.
+    /// Base URL of an OTLP/HTTP receiver; `/v1/traces` is appended (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// Full URL spans are posted to (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
+    pub traces_endpoint: Option<String>,
+    /// `http/protobuf`, the only one built in (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub protocol: Option<String>,
+    /// `OTEL_SERVICE_NAME`; default `credyt-proxy`.
+    pub service_name: Option<String>,
+    /// `key=value,key2=value2` (`OTEL_RESOURCE_ATTRIBUTES`, merged; these win per key).
+    pub resource_attributes: Option<String>,
+    /// `OTEL_TRACES_SAMPLER`; default `parentbased_always_on`.
+    pub traces_sampler: Option<String>,
+    /// `OTEL_TRACES_SAMPLER_ARG`: the ratio of the `*traceidratio` samplers.
+    pub traces_sampler_arg: Option<f64>,
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`; default 2048.
+    pub traces_max_queue_size: Option<u64>,
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`; default 512.
+    pub traces_max_export_batch_size: Option<u64>,
+    /// `OTEL_BSP_SCHEDULE_DELAY`; default 5000.
+    pub traces_schedule_delay_ms: Option<u64>,
+    /// `OTEL_BSP_EXPORT_TIMEOUT`; default 10000.
+    pub traces_export_timeout_ms: Option<u64>,
+}
+
 /// Shortest admin token accepted: a guessable token would guard the replay of money.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
@@ -276,8 +308,13 @@ fn nonzero_u32(p: &mut Problems, key: &str, v: u32) -> NonZeroU32 {
 }
 
 impl RawSettings {
-    /// Validates everything, collecting every problem; relative paths resolve against `base`.
-    pub fn validate(self, base: &Path) -> Result<Settings, ConfigErrors> {
+    /// Validates everything, collecting every problem; relative paths resolve against `base`;
+    /// `otel` holds the `OTEL_*` environment variables (see `config::traces`).
+    pub fn validate(
+        self,
+        base: &Path,
+        otel: &HashMap<String, String>,
+    ) -> Result<Settings, ConfigErrors> {
         let mut p = Problems::default();
         let resolve = |s: &str| {
             let path = Path::new(s);
@@ -476,6 +513,10 @@ impl RawSettings {
             token: admin_token(&mut p, self.admin.token),
         };
 
+        let telemetry = TelemetrySettings {
+            traces: super::traces::resolve(&mut p, &self.telemetry, otel),
+        };
+
         p.into_result(Settings {
             server,
             log: LogSettings {
@@ -490,6 +531,7 @@ impl RawSettings {
             outbox,
             rate_limit,
             admin,
+            telemetry,
         })
     }
 }

@@ -5,11 +5,14 @@ use std::sync::Arc;
 
 use actix_web::web;
 use chrono::Utc;
+use tracing::instrument::WithSubscriber;
+use tracing::Instrument;
 
 use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage, UsageEvent};
 use crate::identity::{ForwardMode, Tenant};
 use crate::outcome::{Outcome, Rejection};
 use crate::pricing::PricingError;
+use crate::telemetry::traces;
 
 use super::finish::Finish;
 use super::problem::ApiError;
@@ -65,11 +68,25 @@ pub async fn process(
     // the client goes away (see the finish module).
     let sink = state.sink.clone();
     let counters = state.counters.clone();
-    Finish::new(async move {
+    let stage = if accepted.is_empty() || !traces::active() {
+        tracing::Span::none()
+    } else {
+        let records = accepted.iter().map(|e| e.deliveries.len()).sum();
+        let name = match sink {
+            super::sink::Sink::Durable(_) => "outbox commit",
+            super::sink::Sink::Upstream(_) => "upstream delivery",
+        };
+        traces::stage_span(name, accepted.len(), records)
+    };
+    let work = async move {
         let submitted = if accepted.is_empty() {
             Vec::new()
         } else {
-            sink.submit(accepted).await?
+            let submitted = sink.submit(accepted).instrument(stage.clone()).await;
+            if let Err(e) = &submitted {
+                traces::record_error(&stage, e.code());
+            }
+            submitted?
         };
         // The sink answers once per submitted event, in order; an accepted event's fees move
         // from the plan into its outcome (no copy).
@@ -89,9 +106,13 @@ pub async fn process(
             counters.record(o);
         }
         Ok(outcomes)
-    })
-    .await
-    .unwrap_or(Err(ApiError::Unavailable(
+    };
+    // Traced, the work keeps its dispatch also if it has to finish as a task of its own.
+    let finished = match traces::current_dispatch() {
+        Some(dispatch) => Finish::new(work.with_subscriber(dispatch)).await,
+        None => Finish::new(work).await,
+    };
+    finished.unwrap_or(Err(ApiError::Unavailable(
         "the request's outcome was already taken",
     )))
 }
@@ -107,6 +128,7 @@ async fn accept(
     let now = Utc::now();
     let parsed = parse_request(&body, &state.settings.ingest, now)?;
     drop(body);
+    traces::record_current(traces::attr::EVENTS, parsed.events.len());
     tenant
         .limiter
         .check(parsed.events.len() as u32)
@@ -157,6 +179,12 @@ async fn accept(
         }
     };
 
+    // A durable record keeps the request's trace context, for its delivery to link back to
+    // (with `ack = "upstream"` the charges are children of this request's span already).
+    let trace = match state.sink {
+        super::sink::Sink::Durable(_) => traces::current_context(),
+        super::sink::Sink::Upstream(_) => None,
+    };
     let mut accepted = Vec::new();
     let mut plan = Vec::with_capacity(judged.len());
     for j in judged {
@@ -175,6 +203,7 @@ async fn accept(
                 customer: customer.clone(),
                 event,
                 accepted_at: now,
+                trace,
             })],
             ForwardMode::Charges => fees
                 .iter()
@@ -190,6 +219,7 @@ async fn accept(
                         description: event.description.clone(),
                         fee: fee.clone(),
                         accepted_at: now,
+                        trace,
                     })
                 })
                 .collect(),

@@ -13,3 +13,4 @@ mod outbox;
 mod pricing;
 mod proxy;
 mod sdk;
+mod traces;

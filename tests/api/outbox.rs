@@ -53,6 +53,7 @@ fn event(tenant: &str, id: &str) -> AcceptedEvent {
             pricing_hash: "h".into(),
         },
         accepted_at: chrono::Utc::now(),
+        trace: None,
     });
     AcceptedEvent {
         tenant,
