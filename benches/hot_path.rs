@@ -142,7 +142,6 @@ async fn fixture() -> Fixture {
         sink: Sink::Durable(outbox.clone()),
         outbox: Some(outbox),
         counters: Arc::new(OutcomeCounters::default()),
-        traces: None,
     });
     Fixture {
         state,
@@ -210,9 +209,11 @@ fn pieces(c: &mut Criterion) {
     });
 
     // One whole request through the real routes, no network: fresh event id per iteration.
+    // As `Application::build` assembles it: the trace middleware is there, without a dispatch.
     let app = sys.block_on(test::init_service(
         App::new()
             .app_data(web::Data::from(state.clone()))
+            .wrap(ingest::TraceRequests::new(None))
             .configure(ingest::routes),
     ));
     let seq = AtomicU64::new(0);
@@ -264,19 +265,10 @@ fn pieces(c: &mut Criterion) {
             },
         )
         .unwrap();
-        let traced = Arc::new(AppState {
-            settings: state.settings.clone(),
-            tenants: state.tenants.clone(),
-            identity: state.identity.clone(),
-            pricing: state.pricing.clone(),
-            sink: state.sink.clone(),
-            outbox: state.outbox.clone(),
-            counters: state.counters.clone(),
-            traces: Some(traces.dispatch().clone()),
-        });
         let traced_app = sys.block_on(test::init_service(
             App::new()
-                .app_data(web::Data::from(traced))
+                .app_data(web::Data::from(state.clone()))
+                .wrap(ingest::TraceRequests::new(Some(traces.dispatch().clone())))
                 .configure(ingest::routes),
         ));
         g.bench_function(format!("whole_request_1_event_traced_{label}"), |b| {

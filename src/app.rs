@@ -149,7 +149,6 @@ impl Application {
             sink,
             outbox: outbox.clone(),
             counters: Arc::new(OutcomeCounters::default()),
-            traces: dispatch,
         });
         tasks.push(tenants.spawn_watcher(settings.tenants.reload_interval));
         tasks.push(pricing.spawn_watcher(settings.pricing.reload_interval));
@@ -158,9 +157,11 @@ impl Application {
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let tenant_addr = tenant_listener.local_addr()?;
         let data = web::Data::from(state.clone());
+        let trace_requests = ingest::TraceRequests::new(dispatch);
         let tenant_server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .wrap(trace_requests.clone())
                 .configure(ingest::routes)
                 .default_service(web::to(ingest::not_found))
         })

@@ -9,17 +9,17 @@
 //!   (`accepted` with its fees, `duplicate`, or `rejected` with a stable code).
 //! - `POST /v1/quote` prices one event without accepting it.
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
-//! - With traces on, each request to these three routes is a server span that continues the
-//!   caller's trace (`traceparent`), with the tenant, the event and outcome counts and the
-//!   status as attributes (see `telemetry::traces`).
+//! - With traces on, each request to these three routes is a server span ([`trace`]) that
+//!   continues the caller's trace (`traceparent`), with the tenant, the event and outcome
+//!   counts and the status as attributes.
 
 pub mod finish;
 pub mod pipeline;
 pub mod problem;
 pub mod sink;
+pub mod trace;
 pub mod wire;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use actix_web::http::header;
@@ -38,6 +38,8 @@ use pipeline::Mode;
 use problem::ApiError;
 use sink::Sink;
 
+pub use trace::TraceRequests;
+
 /// Everything a request needs, shared by all workers.
 pub struct AppState {
     pub settings: Arc<Settings>,
@@ -48,9 +50,6 @@ pub struct AppState {
     /// The outbox, when `ack = "durable"` (for the admin port).
     pub outbox: Option<crate::outbox::Outbox>,
     pub counters: Arc<OutcomeCounters>,
-    /// The application's trace dispatch, when traces are on: each tenant request is a server
-    /// span run under it (see `telemetry::traces`).
-    pub traces: Option<tracing::Dispatch>,
 }
 
 pub type State = Arc<AppState>;
@@ -143,43 +142,9 @@ async fn run(
     // are being accepted runs to its end anyway (see `finish`).
     let outcomes = pipeline::process(&state, &tenant, body, mode).await?;
     if traces::active() {
-        let mut counts = [0u64; 3];
-        for o in &outcomes {
-            counts[match o {
-                Outcome::Accepted { .. } => 0,
-                Outcome::Duplicate => 1,
-                Outcome::Rejected(_) => 2,
-            }] += 1;
-        }
-        traces::record_current(traces::attr::ACCEPTED, counts[0]);
-        traces::record_current(traces::attr::DUPLICATES, counts[1]);
-        traces::record_current(traces::attr::REJECTED, counts[2]);
+        trace::record_outcomes(&outcomes);
     }
     Ok(outcomes)
-}
-
-/// Runs a handler's work inside its server span, under the application's trace dispatch, when
-/// traces are on (`dispatch`); as it is otherwise.
-async fn serve(
-    dispatch: Option<tracing::Dispatch>,
-    span: tracing::Span,
-    work: impl Future<Output = Result<HttpResponse, ApiError>>,
-) -> Result<HttpResponse, ApiError> {
-    use actix_web::ResponseError;
-    use tracing::instrument::WithSubscriber;
-    use tracing::Instrument;
-    let Some(dispatch) = dispatch else {
-        return work.await;
-    };
-    let result = work
-        .instrument(span.clone())
-        .with_subscriber(dispatch)
-        .await;
-    match &result {
-        Ok(resp) => traces::record_response(&span, resp.status().as_u16(), None),
-        Err(e) => traces::record_response(&span, e.status_code().as_u16(), Some(e.code())),
-    }
-    result
 }
 
 async fn post_events(
@@ -187,18 +152,8 @@ async fn post_events(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let span = traces::server_span(
-        state.traces.as_ref(),
-        "POST /events",
-        "/events",
-        req.headers(),
-    );
-    let dispatch = state.traces.clone();
-    let work = async move {
-        run(state, req, payload, Mode::Atomic).await?;
-        Ok(HttpResponse::NoContent().finish())
-    };
-    serve(dispatch, span, work).await
+    run(state, req, payload, Mode::Atomic).await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 #[derive(Serialize)]
@@ -220,21 +175,6 @@ struct BatchResponse<'a> {
 }
 
 async fn post_v1_events(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let span = traces::server_span(
-        state.traces.as_ref(),
-        "POST /v1/events",
-        "/v1/events",
-        req.headers(),
-    );
-    let dispatch = state.traces.clone();
-    serve(dispatch, span, v1_events(state, req, payload)).await
-}
-
-async fn v1_events(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -281,21 +221,6 @@ struct QuoteResponse {
 /// `POST /v1/quote`: the price breakdown of one event (a Credyt usage event object), without
 /// accepting it.
 async fn post_quote(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let span = traces::server_span(
-        state.traces.as_ref(),
-        "POST /v1/quote",
-        "/v1/quote",
-        req.headers(),
-    );
-    let dispatch = state.traces.clone();
-    serve(dispatch, span, quote(state, req, payload)).await
-}
-
-async fn quote(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,

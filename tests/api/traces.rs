@@ -310,6 +310,40 @@ async fn a_traced_request_continues_the_callers_trace_and_its_delivery_links_bac
         sent,
         vec![format!("00-{}-{}-01", charge.trace_id, charge.span_id)]
     );
+
+    // A refused request and a quote are server spans too: the status and the problem code,
+    // and a 4xx is not the server's error.
+    let (traceparent, refused_trace, _) = caller();
+    let refused = w
+        .http
+        .post(format!("{}/events", w.proxy_url()))
+        .header("X-CREDYT-API-KEY", "cpk_not_a_tenant")
+        .header("traceparent", &traceparent)
+        .json(&body("x", "x-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let (traceparent, quote_trace, _) = caller();
+    let quote = json!({"id": "q", "event_type": "video_promoted", "occurred_at": ago(5)});
+    assert_eq!(
+        post_traced(&w, "/v1/quote", &traceparent, &quote).await,
+        200
+    );
+    let (refused, quote) = receiver
+        .wait("the refused request and the quote", |s| {
+            Some((
+                server_span(s, &refused_trace)?,
+                server_span(s, &quote_trace)?,
+            ))
+        })
+        .await;
+    assert_eq!(refused.attr("http.response.status_code"), Some("401"));
+    assert_eq!(refused.attr("error.type"), Some("unauthorized"));
+    assert_eq!(refused.attr("credyt_proxy.tenant"), None);
+    assert_eq!(quote.name, "POST /v1/quote");
+    assert_eq!(quote.attr("credyt_proxy.tenant"), Some("tenant-a"));
+    assert_eq!(quote.attr("http.response.status_code"), Some("200"));
     w.stop().await;
     receiver.stop().await;
 }
@@ -487,7 +521,6 @@ async fn with_no_endpoint_no_exporter_runs_and_nothing_is_propagated() {
     })
     .await;
     assert!(w.app.traces().is_none());
-    assert!(w.app.state().traces.is_none());
     assert!(!credyt_proxy::telemetry::traces::active());
     let (traceparent, _, _) = caller();
     assert_eq!(
