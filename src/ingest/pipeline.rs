@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use actix_web::web;
 use chrono::Utc;
-use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 
 use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage, UsageEvent};
@@ -78,41 +77,48 @@ pub async fn process(
         };
         traces::stage_span(name, accepted.len(), records)
     };
-    let work = async move {
-        let submitted = if accepted.is_empty() {
-            Vec::new()
-        } else {
-            let submitted = sink.submit(accepted).instrument(stage.clone()).await;
-            if let Err(e) = &submitted {
-                traces::record_error(&stage, e.code());
-            }
-            submitted?
-        };
-        // The sink answers once per submitted event, in order; an accepted event's fees move
-        // from the plan into its outcome (no copy).
-        let mut submitted = submitted.into_iter();
-        let mut outcomes = Vec::with_capacity(plan.len());
-        for p in plan {
-            outcomes.push(match p {
-                Err(rejection) => Outcome::Rejected(rejection),
-                Ok(fees) => match submitted.next() {
-                    Some(Submitted::Accepted) => Outcome::Accepted { fees },
-                    Some(Submitted::Duplicate) => Outcome::Duplicate,
-                    None => return Err(ApiError::Unavailable("the sink lost track of an event")),
-                },
-            });
-        }
-        for o in &outcomes {
-            counters.record(o);
-        }
-        Ok(outcomes)
-    };
     // Traced, the work keeps its dispatch also if it has to finish as a task of its own.
-    let finished = match traces::current_dispatch() {
-        Some(dispatch) => Finish::new(work.with_subscriber(dispatch)).await,
-        None => Finish::new(work).await,
-    };
-    finished.unwrap_or(Err(ApiError::Unavailable(
+    Finish::new(
+        async move {
+            let submitted = if accepted.is_empty() {
+                Vec::new()
+            } else if stage.is_disabled() {
+                sink.submit(accepted).await?
+            } else {
+                // Boxed: the untraced future stays the size it was (it is moved on every request).
+                let submitted = Box::pin(sink.submit(accepted))
+                    .instrument(stage.clone())
+                    .await;
+                if let Err(e) = &submitted {
+                    traces::record_error(&stage, e.code());
+                }
+                submitted?
+            };
+            // The sink answers once per submitted event, in order; an accepted event's fees move
+            // from the plan into its outcome (no copy).
+            let mut submitted = submitted.into_iter();
+            let mut outcomes = Vec::with_capacity(plan.len());
+            for p in plan {
+                outcomes.push(match p {
+                    Err(rejection) => Outcome::Rejected(rejection),
+                    Ok(fees) => match submitted.next() {
+                        Some(Submitted::Accepted) => Outcome::Accepted { fees },
+                        Some(Submitted::Duplicate) => Outcome::Duplicate,
+                        None => {
+                            return Err(ApiError::Unavailable("the sink lost track of an event"))
+                        }
+                    },
+                });
+            }
+            for o in &outcomes {
+                counters.record(o);
+            }
+            Ok(outcomes)
+        },
+        traces::current_dispatch(),
+    )
+    .await
+    .unwrap_or(Err(ApiError::Unavailable(
         "the request's outcome was already taken",
     )))
 }

@@ -170,7 +170,7 @@ impl Traces {
             .with(otel)
             .with(TracesOn);
         tracing::info!(
-            endpoint = %settings.endpoint,
+            endpoint = %without_userinfo(&settings.endpoint),
             service_name = %settings.service_name,
             sampler = ?settings.sampler,
             "exporting traces over otlp"
@@ -210,6 +210,18 @@ impl Traces {
             failed_batches = s.failed_batches.load(Ordering::Relaxed),
             "trace exporter stopped"
         );
+    }
+}
+
+/// The endpoint for a log line: a user or password in the URL is a credential.
+fn without_userinfo(endpoint: &str) -> String {
+    match reqwest::Url::parse(endpoint) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Err(_) => "(unparsable)".into(),
     }
 }
 
@@ -695,6 +707,14 @@ mod tests {
             format: crate::config::LogFormat::Pretty,
             filter: "off".into(),
         }
+    }
+
+    #[test]
+    fn the_logged_endpoint_has_no_credentials() {
+        assert_eq!(
+            without_userinfo("https://user:secret@otel.example:4318/v1/traces"),
+            "https://otel.example:4318/v1/traces"
+        );
     }
 
     #[test]

@@ -22,9 +22,11 @@ pub mod forwarder;
 pub mod wire;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::Either;
 use reqwest::StatusCode;
 use tracing::Instrument;
 
@@ -186,23 +188,35 @@ mod calls {
     };
 }
 
-/// Runs one call inside its client span (when traces are on; otherwise just the call).
-async fn traced<'a, T>(
+/// A call to Credyt run inside its client span.
+type TracedCall<'f, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'f>>;
+
+/// One call inside its client span when traces are on; otherwise the call itself, unwrapped.
+/// Not an `async fn`: the untraced call is returned as it is and the traced one boxed, so a
+/// call's future (which sits inside the request path's future, also when the identity cache
+/// answers) is no larger than before (an extra layer moved it on every request).
+fn traced<'l, 'f, F, T>(
     call: Call,
     tenant: Option<&str>,
     records: usize,
-    links: impl Iterator<Item = &'a TraceContext>,
-    fut: impl Future<Output = Result<T, UpstreamError>>,
-) -> Result<T, UpstreamError> {
+    links: impl Iterator<Item = &'l TraceContext>,
+    fut: F,
+) -> Either<F, TracedCall<'f, T>>
+where
+    F: Future<Output = Result<T, UpstreamError>> + Send + 'f,
+    T: Send + 'f,
+{
     let span = traces::client_span(call, tenant, records, links);
     if span.is_disabled() {
-        return fut.await;
+        return Either::Left(fut);
     }
-    let result = fut.instrument(span.clone()).await;
-    if let Err(e) = &result {
-        traces::record_error(&span, e.class());
-    }
-    result
+    Either::Right(Box::pin(async move {
+        let result = fut.instrument(span.clone()).await;
+        if let Err(e) = &result {
+            traces::record_error(&span, e.class());
+        }
+        result
+    }))
 }
 
 const API_KEY: &str = "X-CREDYT-API-KEY";
