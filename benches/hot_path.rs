@@ -7,6 +7,8 @@
 //! (`sync = interval`, one appender: page-cache write + group-commit hand-off), and one whole
 //! request through the real routes (`actix_web::test`, `ingest::routes`, durable sink, warm
 //! identity cache; identity misses go to an in-process Credyt emulator, warmed before timing).
+//! The whole request again with traces on (`whole_request_1_event_traced_*`: sampled at 100%
+//! and 1%, exported over OTLP/HTTP to a receiver on a thread of its own that answers 200).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{test, web, App};
+use credyt_proxy::config::traces::{SamplerSetting, TraceSettings};
 use credyt_proxy::config::Settings;
 use credyt_proxy::domain::AccountId;
 use credyt_proxy::emulator::{EmulatorConfig, Seed, SeedAccount};
@@ -33,6 +36,7 @@ use credyt_proxy::outbox::{Outbox, OutboxSettings, SyncPolicy};
 use credyt_proxy::pricing::Pricing;
 use credyt_proxy::ratelimit::{TenantLimiter, TenantQuota};
 use credyt_proxy::telemetry::metrics::Metrics;
+use credyt_proxy::telemetry::traces::Traces;
 use credyt_proxy::upstream::CredytClient;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -210,9 +214,11 @@ fn pieces(c: &mut Criterion) {
     });
 
     // One whole request through the real routes, no network: fresh event id per iteration.
+    // As `Application::build` assembles it: the trace middleware is there, without a dispatch.
     let app = sys.block_on(test::init_service(
         App::new()
             .app_data(web::Data::from(state.clone()))
+            .wrap(ingest::TraceRequests::new(None))
             .configure(ingest::routes),
     ));
     let seq = AtomicU64::new(0);
@@ -242,6 +248,50 @@ fn pieces(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements(1));
+
+    // The same request with traces on: a server span and its `outbox commit` child per
+    // request, exported to a local OTLP receiver (which answers 200 without decoding).
+    let receiver = otlp_receiver();
+    for (label, ratio) in [("100pct", 1.0), ("1pct", 0.01)] {
+        let traces = Traces::start(
+            &TraceSettings {
+                endpoint: format!("http://{receiver}/v1/traces"),
+                service_name: "bench".into(),
+                resource_attributes: Vec::new(),
+                sampler: SamplerSetting::ParentBasedTraceIdRatio(ratio),
+                max_queue_size: 2048,
+                max_export_batch_size: 512,
+                schedule_delay: Duration::from_secs(5),
+                export_timeout: Duration::from_secs(10),
+            },
+            &credyt_proxy::config::LogSettings {
+                format: credyt_proxy::config::LogFormat::Pretty,
+                filter: "off".into(),
+            },
+        )
+        .unwrap();
+        let traced_app = sys.block_on(test::init_service(
+            App::new()
+                .app_data(web::Data::from(state.clone()))
+                .wrap(ingest::TraceRequests::new(Some(traces.dispatch().clone())))
+                .configure(ingest::routes),
+        ));
+        g.bench_function(format!("whole_request_1_event_traced_{label}"), |b| {
+            b.iter(|| {
+                let resp = sys.block_on(test::call_service(&traced_app, request(1)));
+                assert_eq!(resp.status(), 204);
+            })
+        });
+        let stats = traces.stats().clone();
+        traces.shutdown();
+        eprintln!(
+            "traces {label}: queued={} exported={} dropped={} failed_batches={}",
+            stats.queued.load(Ordering::Relaxed),
+            stats.exported.load(Ordering::Relaxed),
+            stats.dropped.load(Ordering::Relaxed),
+            stats.failed_batches.load(Ordering::Relaxed),
+        );
+    }
 
     // One outbox append (a whole accepted event with its debit), one appender, interval sync.
     let outbox = state.outbox.clone().unwrap();
@@ -273,6 +323,35 @@ fn pieces(c: &mut Criterion) {
         stats.syncs,
         outbox.depth()
     );
+}
+
+/// An OTLP/HTTP receiver on a thread (and actix system) of its own: reads each export and
+/// answers 200.
+fn otlp_receiver() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            actix_web::HttpServer::new(|| {
+                App::new()
+                    .app_data(web::PayloadConfig::new(64 << 20))
+                    .default_service(web::to(|body: web::Bytes| async move {
+                        black_box(body.len());
+                        actix_web::HttpResponse::Ok()
+                            .content_type("application/x-protobuf")
+                            .finish()
+                    }))
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap()
+            .run()
+            .await
+            .unwrap();
+        });
+    });
+    addr
 }
 
 criterion_group!(benches, pieces);

@@ -52,6 +52,7 @@ fn event(n: u64) -> AcceptedEvent {
             pricing_hash: "0123456789abcdef".into(),
         },
         accepted_at: chrono::Utc::now(),
+        trace: None,
     });
     AcceptedEvent {
         tenant,

@@ -25,6 +25,7 @@ use crate::outbox::{Outbox, OutboxSettings, SyncPolicy};
 use crate::pricing::Pricing;
 use crate::ratelimit::TenantQuota;
 use crate::telemetry::metrics::{LiveState, Metrics};
+use crate::telemetry::traces::Traces;
 use crate::upstream::credentials::{Credentials, KeyStatus};
 use crate::upstream::forward::Forwarder;
 use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
@@ -42,6 +43,7 @@ pub struct Application {
     grace: std::time::Duration,
     outbox: Option<Outbox>,
     forwarder: Option<ForwarderHandle>,
+    traces: Option<Traces>,
 }
 
 /// The tenant port's server. Built from actix-server and actix-http rather than `HttpServer`
@@ -51,6 +53,7 @@ fn tenant_server(
     settings: &Settings,
     state: Arc<AppState>,
     listener: TcpListener,
+    trace_requests: ingest::TraceRequests,
 ) -> anyhow::Result<actix_server::Server> {
     let addr = listener.local_addr()?;
     let data = web::Data::from(state);
@@ -66,6 +69,8 @@ fn tenant_server(
             let app = App::new()
                 .app_data(data.clone())
                 .wrap(actix_web::middleware::from_fn(ingest::conn::header_limits))
+                // Outermost: the server span covers every answer, refusals included.
+                .wrap(trace_requests.clone())
                 .configure(ingest::routes)
                 .default_service(web::to(ingest::not_found))
                 .into_factory()
@@ -121,6 +126,12 @@ impl Application {
     /// Loads everything, binds both ports and starts serving.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
+        // Traces first: the forwarder and the tenant server below run under their dispatch.
+        let traces = match &settings.telemetry.traces {
+            Some(t) => Some(Traces::start(t, &settings.log).context("starting traces")?),
+            None => None,
+        };
+        let dispatch = traces.as_ref().map(|t| t.dispatch().clone());
         let quota = TenantQuota {
             per_second: settings.rate_limit.per_second,
             burst: settings.rate_limit.burst,
@@ -180,6 +191,7 @@ impl Application {
                             ..ForwarderSettings::default()
                         },
                         Arc::clone(&credentials),
+                        dispatch.clone(),
                     )
                 });
                 if forwarder.is_none() {
@@ -213,7 +225,9 @@ impl Application {
         let tenant_listener = TcpListener::bind(settings.server.listen)
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let tenant_addr = tenant_listener.local_addr()?;
-        let tenant_server = tenant_server(&settings, state.clone(), tenant_listener)?;
+        let trace_requests = ingest::TraceRequests::new(dispatch);
+        let tenant_server =
+            tenant_server(&settings, state.clone(), tenant_listener, trace_requests)?;
         let tenant_handle = tenant_server.handle();
         tokio::spawn(tenant_server);
 
@@ -262,7 +276,13 @@ impl Application {
             grace: settings.server.shutdown_grace,
             outbox,
             forwarder,
+            traces,
         })
+    }
+
+    /// The application's trace pipeline, when traces are configured.
+    pub fn traces(&self) -> Option<&Traces> {
+        self.traces.as_ref()
     }
 
     pub fn tenant_addr(&self) -> SocketAddr {
@@ -316,6 +336,10 @@ impl Application {
             tracing::info!(undelivered = depth, "outbox closed");
         }
         self.admin_server.stop(true).await;
+        // After the forwarder: its last spans go out too.
+        if let Some(traces) = self.traces {
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
         release(self.state).await;
         tracing::info!("credyt-proxy stopped");
     }

@@ -160,6 +160,10 @@ pub struct Debit {
     pub description: Option<String>,
     pub fee: Fee,
     pub accepted_at: DateTime<Utc>,
+    /// The tenant request that accepted it, when that request was traced and sampled: the
+    /// forwarder's call to Credyt links to it. Advisory only, never part of the charge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 /// A usage event forwarded as-is to Credyt's `POST /events` (tenants with `forward = "events"`:
@@ -171,6 +175,83 @@ pub struct ForwardedUsage {
     pub customer: CustomerId,
     pub event: UsageEvent,
     pub accepted_at: DateTime<Utc>,
+    /// As [`Debit::trace`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+}
+
+/// A W3C trace context (`traceparent` without its version): the span of the tenant request that
+/// accepted a record. Kept with the record (the outbox's `CHARGE_V2` form, or the JSON form's
+/// `trace` field) so the call that delivers it can link to that request, also after a restart.
+///
+/// Serialized as a `traceparent` string (`00-<trace id>-<span id>-<flags>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The W3C trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// A context is valid when neither id is all zeros (W3C Trace Context §3.2.2).
+    pub fn is_valid(&self) -> bool {
+        self.trace_id != [0; 16] && self.span_id != [0; 8]
+    }
+
+    pub fn is_sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The `traceparent` header value (version `00`).
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.span_id),
+            self.flags
+        )
+    }
+
+    /// Parses a version-`00` `traceparent` (lowercase hex, as the specification requires);
+    /// `None` for anything else or for an invalid (all-zero) id.
+    pub fn from_traceparent(value: &str) -> Option<TraceContext> {
+        let mut parts = value.split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if parts.next().is_some()
+            || version != "00"
+            || ![trace, span, flags].iter().all(|s| lower_hex(s))
+        {
+            return None;
+        }
+        let mut cx = TraceContext {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            flags: 0,
+        };
+        hex::decode_to_slice(trace, &mut cx.trace_id).ok()?;
+        hex::decode_to_slice(span, &mut cx.span_id).ok()?;
+        let mut f = [0u8; 1];
+        hex::decode_to_slice(flags, &mut f).ok()?;
+        cx.flags = f[0];
+        cx.is_valid().then_some(cx)
+    }
+}
+
+impl Serialize for TraceContext {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.traceparent())
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceContext {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        TraceContext::from_traceparent(&s)
+            .ok_or_else(|| serde::de::Error::custom("not a valid traceparent"))
+    }
 }
 
 /// One unit of work for the forwarder: what the outbox stores and delivers exactly once.
@@ -287,6 +368,34 @@ mod tests {
                 transaction_id(&TenantId::from(tenant.as_str()), &EventId::from(event.as_str()), &price),
                 Uuid::new_v5(&TRANSACTION_NAMESPACE, &name)
             );
+        }
+    }
+
+    #[test]
+    fn trace_contexts_round_trip_as_traceparent() {
+        let cx = TraceContext {
+            trace_id: [0x4b; 16],
+            span_id: [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
+            flags: 1,
+        };
+        let text = cx.traceparent();
+        assert_eq!(
+            text,
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-00f067aa0ba902b7-01"
+        );
+        assert_eq!(TraceContext::from_traceparent(&text), Some(cx));
+        let json = serde_json::to_string(&cx).unwrap();
+        assert_eq!(serde_json::from_str::<TraceContext>(&json).unwrap(), cx);
+        for bad in [
+            "",
+            "01-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-00f067aa0ba902b7-01",
+            "00-4B4B4B4B4B4B4B4B4B4B4B4B4B4B4B4B-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0000000000000000-01",
+            "00-4b4b-00f067aa0ba902b7-01",
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-00f067aa0ba902b7-01-x",
+        ] {
+            assert_eq!(TraceContext::from_traceparent(bad), None, "{bad}");
         }
     }
 

@@ -38,6 +38,11 @@
 //! 8. Every event gets exactly one [`outcome::Outcome`]: accepted (with its fees), duplicate, or
 //!    rejected with a stable code; `/events` answers 204, `/v1/events` 200 with the results.
 //!
+//! With traces configured ([`telemetry::traces`], off by default), the request is a server
+//! span continuing the caller's `traceparent`; its identity lookups, commit wait and (upstream
+//! mode) charges are child spans; a record keeps the request's trace context, and the
+//! forwarder's call that delivers it is a client span linked back to the request.
+//!
 //! Errors of every stage are typed and mapped to HTTP in one table ([`ingest::problem`]):
 //! RFC 7807 problem+json with a stable `code`. The operator port ([`admin`]) serves `/livez`,
 //! `/readyz`, `/metrics` (every metric defined in [`telemetry::metrics`]; each stage only

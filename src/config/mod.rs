@@ -10,6 +10,7 @@
 //! (`deny_unknown_fields`), so a typo never silently falls back to a default.
 
 pub mod raw;
+pub mod traces;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -178,13 +179,16 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
-/// `[telemetry]`: what the metrics may be labelled by.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[telemetry]`: what the proxy reports about itself besides its logs.
+#[derive(Debug, Clone)]
 pub struct TelemetrySettings {
     /// Label event, fee and rate-limit counters with the tenant id (from the tenants file).
     pub per_tenant_metrics: bool,
     /// Tenants with a label of their own; the others share `tenant="other"`.
     pub max_tenant_labels: usize,
+    /// OTLP trace export; `None` (no exporter, nothing buffered) unless an endpoint is
+    /// configured. See [`traces`].
+    pub traces: Option<traces::TraceSettings>,
 }
 
 impl Default for TelemetrySettings {
@@ -192,6 +196,7 @@ impl Default for TelemetrySettings {
         TelemetrySettings {
             per_tenant_metrics: false,
             max_tenant_labels: 100,
+            traces: None,
         }
     }
 }
@@ -233,7 +238,8 @@ impl Settings {
         Self::from_toml(&text, base, env)
     }
 
-    /// Parses and validates TOML text; relative paths in it are taken relative to `base`.
+    /// Parses and validates TOML text; relative paths in it are taken relative to `base`. `env`
+    /// (the process environment when `None`) also supplies the standard `OTEL_*` variables.
     pub fn from_toml(
         text: &str,
         base: &Path,
@@ -243,6 +249,7 @@ impl Settings {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true);
+        let otel = traces::otel_vars(env.as_ref());
         if let Some(env) = env {
             environment = environment.source(Some(env));
         }
@@ -258,7 +265,7 @@ impl Settings {
                 }])
             })?;
         let (raw, problems) = raw::RawSettings::from_config(config);
-        raw.validate_with(base, problems)
+        raw.validate_with(base, problems, &otel)
     }
 }
 
@@ -442,8 +449,9 @@ mod tests {
     #[test]
     fn telemetry_per_tenant_metrics_are_off_by_default_and_capped() {
         let s = Settings::from_toml(MINIMAL, Path::new("."), Some(HashMap::new())).unwrap();
-        assert_eq!(s.telemetry, TelemetrySettings::default());
         assert!(!s.telemetry.per_tenant_metrics);
+        assert_eq!(s.telemetry.max_tenant_labels, 100);
+        assert!(s.telemetry.traces.is_none());
         let text =
             format!("{MINIMAL}\n[telemetry]\nper_tenant_metrics = true\nmax_tenant_labels = 5\n");
         let s = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap();

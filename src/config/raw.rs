@@ -11,6 +11,7 @@
 //! (its struct with `#[serde(deny_unknown_fields, default)]` and a `Default`, so that each key
 //! can be read alone) plus one line in `from_config`; a test fails if the line is missing.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
@@ -256,7 +257,7 @@ pub struct RawAdmin {
     pub token: Option<String>,
 }
 
-/// `[telemetry]`: labels of the metrics.
+/// `[telemetry]`: what the proxy reports about itself besides its logs.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTelemetry {
@@ -264,6 +265,30 @@ pub struct RawTelemetry {
     pub per_tenant_metrics: bool,
     /// Tenants labelled by their own id; the rest share `other` (default 100, at most 10000).
     pub max_tenant_labels: u64,
+    // Traces over OTLP (see `config::traces`): each key, when set, wins over its standard
+    // `OTEL_*` variable; all unset (and no variable) means no traces.
+    /// Base URL of an OTLP/HTTP receiver; `/v1/traces` is appended (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// Full URL spans are posted to (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
+    pub traces_endpoint: Option<String>,
+    /// `http/protobuf`, the only one built in (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub protocol: Option<String>,
+    /// `OTEL_SERVICE_NAME`; default `credyt-proxy`.
+    pub service_name: Option<String>,
+    /// `key=value,key2=value2` (`OTEL_RESOURCE_ATTRIBUTES`, merged; these win per key).
+    pub resource_attributes: Option<String>,
+    /// `OTEL_TRACES_SAMPLER`; default `parentbased_always_on`.
+    pub traces_sampler: Option<String>,
+    /// `OTEL_TRACES_SAMPLER_ARG`: the ratio of the `*traceidratio` samplers.
+    pub traces_sampler_arg: Option<f64>,
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`; default 2048.
+    pub traces_max_queue_size: Option<u64>,
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`; default 512.
+    pub traces_max_export_batch_size: Option<u64>,
+    /// `OTEL_BSP_SCHEDULE_DELAY`; default 5000.
+    pub traces_schedule_delay_ms: Option<u64>,
+    /// `OTEL_BSP_EXPORT_TIMEOUT`; default 10000.
+    pub traces_export_timeout_ms: Option<u64>,
 }
 
 impl Default for RawTelemetry {
@@ -272,6 +297,17 @@ impl Default for RawTelemetry {
         Self {
             per_tenant_metrics: d.per_tenant_metrics,
             max_tenant_labels: d.max_tenant_labels as u64,
+            endpoint: None,
+            traces_endpoint: None,
+            protocol: None,
+            service_name: None,
+            resource_attributes: None,
+            traces_sampler: None,
+            traces_sampler_arg: None,
+            traces_max_queue_size: None,
+            traces_max_export_batch_size: None,
+            traces_schedule_delay_ms: None,
+            traces_export_timeout_ms: None,
         }
     }
 }
@@ -489,9 +525,14 @@ fn nonzero_u32(p: &mut Problems, key: &str, v: u32) -> NonZeroU32 {
 }
 
 impl RawSettings {
-    /// Validates everything, collecting every problem; relative paths resolve against `base`.
-    pub fn validate(self, base: &Path) -> Result<Settings, ConfigErrors> {
-        self.validate_with(base, Problems::default())
+    /// Validates everything, collecting every problem; relative paths resolve against `base`;
+    /// `otel` holds the `OTEL_*` environment variables (see `config::traces`).
+    pub fn validate(
+        self,
+        base: &Path,
+        otel: &HashMap<String, String>,
+    ) -> Result<Settings, ConfigErrors> {
+        self.validate_with(base, Problems::default(), otel)
     }
 
     /// Like [`RawSettings::validate`], adding to the problems already found while reading (a
@@ -500,6 +541,7 @@ impl RawSettings {
         self,
         base: &Path,
         mut p: Problems,
+        otel: &HashMap<String, String>,
     ) -> Result<Settings, ConfigErrors> {
         let resolve = |s: &str| {
             let path = Path::new(s);
@@ -719,6 +761,7 @@ impl RawSettings {
         let telemetry = TelemetrySettings {
             per_tenant_metrics: self.telemetry.per_tenant_metrics,
             max_tenant_labels: max_tenant_labels as usize,
+            traces: super::traces::resolve(&mut p, &self.telemetry, otel),
         };
 
         p.into_result(Settings {

@@ -245,6 +245,9 @@ pub(crate) struct RequestRecord {
     /// `METHOD route-pattern`, the counter key.
     pub kind: String,
     pub time: DateTime<Utc>,
+    /// The request's W3C `traceparent` header, when it carried one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 pub(crate) struct RequestLog {

@@ -233,6 +233,11 @@ where
         .get("x-credyt-account")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let (latency, action) = shared.faults.decide(&method, &path);
     let record = move |status: u16, pattern: Option<&str>| RequestRecord {
         kind: faults::request_kind(&method, pattern, &query),
@@ -242,6 +247,7 @@ where
         account,
         status,
         time: chrono::Utc::now(),
+        traceparent,
     };
     match action {
         Action::Pass => {

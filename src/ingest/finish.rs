@@ -20,6 +20,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tracing::instrument::WithSubscriber;
+use tracing::Dispatch;
+
 /// See the module docs.
 pub struct Finish<F>
 where
@@ -27,6 +30,7 @@ where
     F::Output: Send + 'static,
 {
     inner: Option<Pin<Box<F>>>,
+    dispatch: Option<Dispatch>,
 }
 
 impl<F> Finish<F>
@@ -34,9 +38,11 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    pub fn new(inner: F) -> Self {
+    /// `dispatch`: the trace dispatch to poll `inner` under (`None` when traces are off).
+    pub fn new(inner: F, dispatch: Option<Dispatch>) -> Self {
         Finish {
             inner: Some(Box::pin(inner)),
+            dispatch,
         }
     }
 }
@@ -50,11 +56,18 @@ where
 
     /// `None` only if polled again after it completed.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(inner) = self.inner.as_mut() else {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let output = std::task::ready!(inner.as_mut().poll(cx));
-        self.inner = None;
+        let polled = match &this.dispatch {
+            None => inner.as_mut().poll(cx),
+            Some(dispatch) => {
+                tracing::dispatcher::with_default(dispatch, || inner.as_mut().poll(cx))
+            }
+        };
+        let output = std::task::ready!(polled);
+        this.inner = None;
         Poll::Ready(Some(output))
     }
 }
@@ -67,7 +80,10 @@ where
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(inner);
+                match self.dispatch.take() {
+                    Some(dispatch) => drop(runtime.spawn(inner.with_subscriber(dispatch))),
+                    None => drop(runtime.spawn(inner)),
+                }
             }
         }
     }
@@ -84,7 +100,7 @@ mod tests {
     async fn completed_inline_it_returns_the_output_and_spawns_nothing() {
         let runs = Arc::new(AtomicUsize::new(0));
         let r = runs.clone();
-        let out = Finish::new(async move { r.fetch_add(1, Ordering::SeqCst) + 41 }).await;
+        let out = Finish::new(async move { r.fetch_add(1, Ordering::SeqCst) + 41 }, None).await;
         assert_eq!(out, Some(41));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -94,10 +110,13 @@ mod tests {
     async fn dropped_midway_it_still_runs_to_the_end() {
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<&str>();
-        let work = Finish::new(async move {
-            let _ = go_rx.await;
-            let _ = done_tx.send("finished");
-        });
+        let work = Finish::new(
+            async move {
+                let _ = go_rx.await;
+                let _ = done_tx.send("finished");
+            },
+            None,
+        );
         // The caller gives up while the work waits (as actix drops a handler on disconnect).
         let gave_up = tokio::time::timeout(Duration::from_millis(20), work).await;
         assert!(gave_up.is_err());
@@ -121,10 +140,13 @@ mod tests {
         let runs = Arc::new(AtomicUsize::new(0));
         let drops = Arc::new(AtomicUsize::new(0));
         let (r, flag) = (runs.clone(), DropFlag(drops.clone()));
-        let work = Finish::new(async move {
-            let _owned = flag;
-            r.fetch_add(1, Ordering::SeqCst);
-        });
+        let work = Finish::new(
+            async move {
+                let _owned = flag;
+                r.fetch_add(1, Ordering::SeqCst);
+            },
+            None,
+        );
         // No runtime to spawn on: the drop neither panics nor runs the work inline...
         drop(work);
         assert_eq!(runs.load(Ordering::SeqCst), 0, "the work must not run");

@@ -11,6 +11,9 @@
 //! - `POST /v1/quote` prices one event without accepting it ([`crate::pricing::Quote`]).
 //! - Amounts in every JSON answer are decimal strings (`"0.50"`), never JSON numbers.
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
+//! - With traces on, each request to these three routes is a server span ([`trace`]) that
+//!   continues the caller's trace (`traceparent`), with the tenant, the event and outcome
+//!   counts and the status as attributes.
 
 pub mod body;
 pub mod conn;
@@ -18,6 +21,7 @@ pub mod finish;
 pub mod pipeline;
 pub mod problem;
 pub mod sink;
+pub mod trace;
 pub mod wire;
 
 use std::sync::Arc;
@@ -32,11 +36,14 @@ use crate::identity::{Identity, Tenants};
 use crate::outcome::{Outcome, Rejection};
 use crate::pricing::{Pricing, Quote};
 use crate::telemetry::metrics::{Endpoint, Metrics};
+use crate::telemetry::traces;
 
 use body::read_body;
 use pipeline::Mode;
 use problem::ApiError;
 use sink::Sink;
+
+pub use trace::TraceRequests;
 
 /// Everything a request needs, shared by all workers.
 pub struct AppState {
@@ -140,11 +147,16 @@ async fn run(
 ) -> Result<Vec<Outcome>, ApiError> {
     let state: State = state.into_inner();
     let tenant = pipeline::authenticate(&state, api_key(&req))?;
+    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
     drop(req);
     // If the client disconnects, actix drops this future; what must still happen once events
     // are being accepted runs to its end anyway (see `finish`).
-    pipeline::process(&state, &tenant, body, mode).await
+    let outcomes = pipeline::process(&state, &tenant, body, mode).await?;
+    if traces::active() {
+        trace::record_outcomes(&outcomes);
+    }
+    Ok(outcomes)
 }
 
 async fn post_events(
@@ -240,6 +252,7 @@ async fn quote(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let tenant = pipeline::authenticate(state, api_key(&req))?;
+    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
     let event: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;

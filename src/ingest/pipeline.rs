@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use actix_web::web;
 use chrono::Utc;
+use tracing::Instrument;
 
 use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage, UsageEvent};
 use crate::identity::{ForwardMode, Tenant};
 use crate::outcome::{Outcome, Rejection};
 use crate::pricing::PricingError;
 use crate::telemetry::metrics::{EventOutcome, TenantLabel};
+use crate::telemetry::traces;
 
 use super::finish::Finish;
 use super::problem::ApiError;
@@ -67,29 +69,54 @@ pub async fn process(
     // the client goes away (see the finish module).
     let sink = state.sink.clone();
     let metrics = state.metrics.clone();
-    Finish::new(async move {
-        let submitted = if accepted.is_empty() {
-            Vec::new()
-        } else {
-            sink.submit(accepted).await?
+    let stage = if accepted.is_empty() || !traces::active() {
+        tracing::Span::none()
+    } else {
+        let records = accepted.iter().map(|e| e.deliveries.len()).sum();
+        let name = match sink {
+            super::sink::Sink::Durable(_) => "outbox commit",
+            super::sink::Sink::Upstream(_) => "upstream delivery",
         };
-        // The sink answers once per submitted event, in order; an accepted event's fees move
-        // from the plan into its outcome (no copy).
-        let mut submitted = submitted.into_iter();
-        let mut outcomes = Vec::with_capacity(plan.len());
-        for p in plan {
-            outcomes.push(match p {
-                Err(rejection) => Outcome::Rejected(rejection),
-                Ok(fees) => match submitted.next() {
-                    Some(Submitted::Accepted) => Outcome::Accepted { fees },
-                    Some(Submitted::Duplicate) => Outcome::Duplicate,
-                    None => return Err(ApiError::Unavailable("the sink lost track of an event")),
-                },
-            });
-        }
-        count(&metrics.events, &tenant_label, &outcomes);
-        Ok(outcomes)
-    })
+        traces::stage_span(name, accepted.len(), records)
+    };
+    // Traced, the work keeps its dispatch also if it has to finish as a task of its own.
+    Finish::new(
+        async move {
+            let submitted = if accepted.is_empty() {
+                Vec::new()
+            } else if stage.is_disabled() {
+                sink.submit(accepted).await?
+            } else {
+                // Boxed: the untraced future stays the size it was (it is moved on every request).
+                let submitted = Box::pin(sink.submit(accepted))
+                    .instrument(stage.clone())
+                    .await;
+                if let Err(e) = &submitted {
+                    traces::record_error(&stage, e.code());
+                }
+                submitted?
+            };
+            // The sink answers once per submitted event, in order; an accepted event's fees move
+            // from the plan into its outcome (no copy).
+            let mut submitted = submitted.into_iter();
+            let mut outcomes = Vec::with_capacity(plan.len());
+            for p in plan {
+                outcomes.push(match p {
+                    Err(rejection) => Outcome::Rejected(rejection),
+                    Ok(fees) => match submitted.next() {
+                        Some(Submitted::Accepted) => Outcome::Accepted { fees },
+                        Some(Submitted::Duplicate) => Outcome::Duplicate,
+                        None => {
+                            return Err(ApiError::Unavailable("the sink lost track of an event"))
+                        }
+                    },
+                });
+            }
+            count(&metrics.events, &tenant_label, &outcomes);
+            Ok(outcomes)
+        },
+        traces::current_dispatch(),
+    )
     .await
     .unwrap_or(Err(ApiError::Unavailable(
         "the request's outcome was already taken",
@@ -137,6 +164,7 @@ async fn accept(
     let parsed = parse_request(&body, &state.settings.ingest, now)?;
     drop(body);
     let n = parsed.events.len();
+    traces::record_current(traces::attr::EVENTS, n);
     state.metrics.http.observe_events(n);
     if let Err(limited) = tenant.limiter.check(u32::try_from(n).unwrap_or(u32::MAX)) {
         state.metrics.events.ratelimited(tenant_label, n as u64);
@@ -193,6 +221,12 @@ async fn accept(
         }
     };
 
+    // A durable record keeps the request's trace context, for its delivery to link back to
+    // (with `ack = "upstream"` the charges are children of this request's span already).
+    let trace = match state.sink {
+        super::sink::Sink::Durable(_) => traces::current_context(),
+        super::sink::Sink::Upstream(_) => None,
+    };
     let mut accepted = Vec::new();
     let mut plan = Vec::with_capacity(judged.len());
     for j in judged {
@@ -211,6 +245,7 @@ async fn accept(
                 customer: customer.clone(),
                 event,
                 accepted_at: now,
+                trace,
             })],
             ForwardMode::Charges => fees
                 .iter()
@@ -226,6 +261,7 @@ async fn accept(
                         description: event.description.clone(),
                         fee: fee.clone(),
                         accepted_at: now,
+                        trace,
                     })
                 })
                 .collect(),

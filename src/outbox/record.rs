@@ -8,10 +8,17 @@
 //! size and a fraction of its encoding time; the bytes go through the journal, the memtable,
 //! the flush and the compactions, so size is CPU too.
 //!
+//! A charge whose tenant request was traced (and sampled) is written as tag `0x02`
+//! (`CHARGE_V2`): the 25 bytes of its trace context (trace id 16, span id 8, trace flags 1)
+//! and then exactly the fields of `0x01`. A charge without one is still written as `0x01`, byte
+//! for byte as before, so a record does not grow when tracing is off; both tags are read.
+//! A trace context with an all-zero id (never written) decodes as none: it is advisory, never
+//! a reason to refuse a charge.
+//!
 //! Anything starting with `{` is JSON (`StoredRecord`): usage records (`forward = "events"`,
-//! which carry the tenant's free-form event) and records written before this encoding. A new
-//! field of a charge needs a new tag; the decoder refuses trailing bytes and unknown tags
-//! rather than guess.
+//! which carry the tenant's free-form event, and since `CHARGE_V2` an optional `trace` field:
+//! the `traceparent` string) and records written before this encoding. A new field of a charge
+//! needs a new tag; the decoder refuses trailing bytes and unknown tags rather than guess.
 
 use std::collections::BTreeMap;
 
@@ -21,9 +28,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::OutboxError;
-use crate::domain::{AccountId, CustomerId, Debit, Delivery, EventId, Fee, TenantId, UsageType};
+use crate::domain::{
+    AccountId, CustomerId, Debit, Delivery, EventId, Fee, TenantId, TraceContext, UsageType,
+};
 
 const CHARGE_V1: u8 = 0x01;
+/// `CHARGE_V1` preceded by the tenant request's trace context.
+const CHARGE_V2: u8 = 0x02;
 const JSON: u8 = b'{';
 
 /// The JSON form. Versioned by field presence: new optional fields only.
@@ -44,7 +55,15 @@ pub(crate) fn encode_into(delivery: &Delivery, out: &mut Vec<u8>) -> Result<(), 
     match delivery {
         Delivery::Charge(debit) => {
             let mut w = Writer(out);
-            w.0.push(CHARGE_V1);
+            match &debit.trace {
+                None => w.0.push(CHARGE_V1),
+                Some(cx) => {
+                    w.0.push(CHARGE_V2);
+                    w.0.extend_from_slice(&cx.trace_id);
+                    w.0.extend_from_slice(&cx.span_id);
+                    w.0.push(cx.flags);
+                }
+            }
             w.debit(debit);
             Ok(())
         }
@@ -64,12 +83,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Delivery, OutboxError> {
         what,
     };
     match bytes.first() {
-        Some(&CHARGE_V1) => {
+        Some(&tag @ (CHARGE_V1 | CHARGE_V2)) => {
             let mut r = Reader(&bytes[1..]);
-            let debit = r.debit().ok_or_else(|| malformed("truncated charge"))?;
+            let trace = if tag == CHARGE_V2 {
+                r.trace().ok_or_else(|| malformed("truncated charge"))?
+            } else {
+                None
+            };
+            let mut debit = r.debit().ok_or_else(|| malformed("truncated charge"))?;
             if !r.0.is_empty() {
                 return Err(malformed("trailing bytes after a charge"));
             }
+            debit.trace = trace;
             Ok(Delivery::Charge(debit))
         }
         Some(&JSON) => serde_json::from_slice::<StoredRecord>(bytes)
@@ -225,6 +250,16 @@ impl<'a> Reader<'a> {
         Some(Decimal::deserialize(b))
     }
 
+    /// The 25 bytes of a trace context: `None` inside when either id is all zeros.
+    fn trace(&mut self) -> Option<Option<TraceContext>> {
+        let cx = TraceContext {
+            trace_id: self.bytes::<16>()?,
+            span_id: self.bytes::<8>()?,
+            flags: self.byte()?,
+        };
+        Some(cx.is_valid().then_some(cx))
+    }
+
     fn debit(&mut self) -> Option<Debit> {
         let transaction_id = Uuid::from_bytes(self.bytes::<16>()?);
         let tenant = TenantId::new(self.text()?);
@@ -281,6 +316,7 @@ impl<'a> Reader<'a> {
                 pricing_hash: pricing_hash.into(),
             },
             accepted_at,
+            trace: None,
         })
     }
 }
@@ -311,6 +347,7 @@ mod tests {
                 decimal(),
             ),
             (0i64..4_000_000_000, 0u32..1_000_000_000),
+            proptest::option::of(trace()),
         )
             .prop_map(
                 |(
@@ -318,6 +355,7 @@ mod tests {
                     (name, dims, ut),
                     (vol, rate, amount),
                     (secs, nanos),
+                    trace,
                 )| {
                     let tenant = TenantId::new(tenant);
                     let event_id = EventId::new(event);
@@ -346,9 +384,104 @@ mod tests {
                             pricing_hash: "h".into(),
                         },
                         accepted_at: DateTime::from_timestamp(secs, nanos).unwrap(),
+                        trace,
                     }
                 },
             )
+    }
+
+    /// Valid contexts only: an all-zero id is never written (and reads back as none).
+    fn trace() -> impl Strategy<Value = TraceContext> {
+        (any::<[u8; 16]>(), any::<[u8; 8]>(), any::<u8>())
+            .prop_map(|(trace_id, span_id, flags)| TraceContext {
+                trace_id,
+                span_id,
+                flags,
+            })
+            .prop_filter("valid", TraceContext::is_valid)
+    }
+
+    /// A fixed charge for the golden encodings below.
+    fn golden_debit(trace: Option<TraceContext>) -> Delivery {
+        let mut d = match crate::outbox::tests::debit("tenant-a", "evt-1", "p0") {
+            Delivery::Charge(d) => d,
+            Delivery::Usage(_) => unreachable!(),
+        };
+        d.accepted_at = DateTime::from_timestamp(1_790_000_000, 123_456_789).unwrap();
+        d.trace = trace;
+        Delivery::Charge(d)
+    }
+
+    const GOLDEN_TRACE: TraceContext = TraceContext {
+        trace_id: [
+            0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+            0x47, 0x36,
+        ],
+        span_id: [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
+        flags: 0x01,
+    };
+
+    /// The `0x01` form as every earlier version wrote it (pinned: outboxes written before must
+    /// keep opening), and what a charge without a trace context is still written as.
+    const GOLDEN_V1: &str = include_str!("../../tests/golden/records/charge_v1.hex");
+    /// The `0x02` form: the trace context, then the `0x01` fields.
+    const GOLDEN_V2: &str = include_str!("../../tests/golden/records/charge_v2.hex");
+
+    #[test]
+    fn golden_encodings_of_both_charge_forms() {
+        let v1 = encode(&golden_debit(None)).unwrap();
+        let v2 = encode(&golden_debit(Some(GOLDEN_TRACE))).unwrap();
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/records");
+            std::fs::write(format!("{dir}/charge_v1.hex"), hex::encode(&v1) + "\n").unwrap();
+            std::fs::write(format!("{dir}/charge_v2.hex"), hex::encode(&v2) + "\n").unwrap();
+            return;
+        }
+        assert_eq!(hex::encode(&v1), GOLDEN_V1.trim());
+        assert_eq!(hex::encode(&v2), GOLDEN_V2.trim());
+        assert_eq!(
+            decode(&hex::decode(GOLDEN_V1.trim()).unwrap()).unwrap(),
+            golden_debit(None)
+        );
+        assert_eq!(
+            decode(&hex::decode(GOLDEN_V2.trim()).unwrap()).unwrap(),
+            golden_debit(Some(GOLDEN_TRACE))
+        );
+        // The context costs 25 bytes when present, nothing when absent.
+        assert_eq!(v2.len(), v1.len() + 25);
+        assert_eq!(v2[0], CHARGE_V2);
+        assert_eq!(&v2[26..], &v1[1..]);
+    }
+
+    #[test]
+    fn an_all_zero_trace_context_reads_as_none() {
+        let mut bytes = encode(&golden_debit(Some(GOLDEN_TRACE))).unwrap();
+        bytes[1..17].fill(0);
+        assert_eq!(decode(&bytes).unwrap(), golden_debit(None));
+    }
+
+    #[test]
+    fn a_usage_record_carries_its_trace_context_only_when_it_has_one() {
+        let usage = |trace| {
+            Delivery::Usage(crate::domain::ForwardedUsage {
+                tenant: TenantId::from("t"),
+                account: AccountId::from("acc_1"),
+                customer: CustomerId::from("cust_1"),
+                event: serde_json::from_value(serde_json::json!({
+                    "id": "e1", "event_type": "x", "occurred_at": "2026-01-01T00:00:00Z"
+                }))
+                .unwrap(),
+                accepted_at: DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
+                trace,
+            })
+        };
+        let plain = encode(&usage(None)).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("trace"));
+        assert_eq!(decode(&plain).unwrap(), usage(None));
+        let traced = encode(&usage(Some(GOLDEN_TRACE))).unwrap();
+        assert!(String::from_utf8_lossy(&traced)
+            .contains(r#""trace":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01""#));
+        assert_eq!(decode(&traced).unwrap(), usage(Some(GOLDEN_TRACE)));
     }
 
     proptest! {
@@ -356,7 +489,8 @@ mod tests {
         fn charges_round_trip_exactly(d in debit()) {
             let d = Delivery::Charge(d);
             let bytes = encode(&d).unwrap();
-            prop_assert_eq!(bytes[0], CHARGE_V1);
+            let traced = matches!(&d, Delivery::Charge(c) if c.trace.is_some());
+            prop_assert_eq!(bytes[0], if traced { CHARGE_V2 } else { CHARGE_V1 });
             let back = decode(&bytes).unwrap();
             // Exact decimals: same value and same scale (0.50 stays 0.50, not 0.5).
             if let (Delivery::Charge(a), Delivery::Charge(b)) = (&d, &back) {

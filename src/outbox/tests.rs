@@ -60,6 +60,7 @@ pub(crate) fn debit(tenant: &str, event: &str, price: &str) -> Delivery {
             pricing_hash: "h".into(),
         },
         accepted_at: chrono::Utc::now(),
+        trace: None,
     })
 }
 

@@ -972,6 +972,7 @@ mod tests {
         TelemetrySettings {
             per_tenant_metrics: per_tenant,
             max_tenant_labels: cap,
+            traces: None,
         }
     }
 

@@ -25,6 +25,9 @@
 //!   paused while Credyt refuses it; every record stays pending. A record refused again after
 //!   the check it caused found the key valid is refused for its account, and retries like a
 //!   transient failure.
+//! - **Traces** (when on): each call is a client span carrying its `traceparent` and linked to
+//!   the tenant request of every record it delivers (the link is read from the record, so it
+//!   survives a restart; a coalesced charge links to every request it carries).
 //! - On start it resumes: every undelivered record is still in the outbox. On stop it sends
 //!   nothing new and returns once the calls in flight have settled.
 //!
@@ -900,22 +903,30 @@ pub struct ForwarderHandle {
 }
 
 impl ForwarderHandle {
+    /// Starts the forwarder; under `traces` (an application's trace dispatch), each call to
+    /// Credyt is a client span linked to the tenant requests of its records.
     pub fn spawn(
         outbox: Outbox,
         client: CredytClient,
         settings: ForwarderSettings,
         credentials: Arc<Credentials>,
+        traces: Option<tracing::Dispatch>,
     ) -> Self {
+        use tracing::instrument::WithSubscriber;
         let (stop, rx) = watch::channel(false);
         let stats = Arc::new(ForwarderStats::default());
-        let task = tokio::spawn(run(
+        let forwarder = run(
             outbox,
             client,
             settings,
             credentials,
             Arc::clone(&stats),
             rx,
-        ));
+        );
+        let task = match traces {
+            Some(dispatch) => tokio::spawn(forwarder.with_subscriber(dispatch)),
+            None => tokio::spawn(forwarder),
+        };
         ForwarderHandle { stop, task, stats }
     }
 

@@ -7,6 +7,10 @@
 //! ([`UpstreamError::retry_after`]). Charges and usage posts are idempotent at Credyt (on
 //! `transaction_id` / event `id`), so a retry of the same record can never move money twice.
 //!
+//! When traces are on, every call is a client span (see `crate::telemetry::traces`) and carries
+//! its `traceparent`; a call that delivers records links to the tenant requests that accepted
+//! them.
+//!
 //! This module shares no code with `crate::emulator`: the emulator is the independent fake that
 //! checks what this client sends.
 
@@ -17,14 +21,19 @@ pub mod forward;
 pub mod forwarder;
 pub mod wire;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::Either;
 use reqwest::StatusCode;
+use tracing::Instrument;
 
 use crate::config::CredytSettings;
-use crate::domain::{AccountId, CustomerId, Debit, ForwardedUsage};
+use crate::domain::{AccountId, CustomerId, Debit, ForwardedUsage, TraceContext};
 use crate::telemetry::metrics::{Operation, UpstreamMetrics};
+use crate::telemetry::traces::{self, Call};
 
 /// Why the client could not be built (at startup).
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +141,83 @@ impl UpstreamError {
             UpstreamError::Decode(_) => "decode",
         }
     }
+}
+
+/// The calls this client makes, as their client spans name them.
+mod calls {
+    use super::Call;
+
+    pub const ACCOUNT_CONTEXT: Call = Call {
+        name: "GET /accounts/self",
+        method: "GET",
+        operation: "account_context",
+    };
+    pub const FIND_ACCOUNT: Call = Call {
+        name: "GET /accounts",
+        method: "GET",
+        operation: "find_account",
+    };
+    pub const FIND_CUSTOMER: Call = Call {
+        name: "GET /customers",
+        method: "GET",
+        operation: "find_customer",
+    };
+    pub const CUSTOMER_EXISTS: Call = Call {
+        name: "GET /customers/{id}",
+        method: "GET",
+        operation: "customer_exists",
+    };
+    pub const CREATE_CUSTOMER: Call = Call {
+        name: "POST /customers",
+        method: "POST",
+        operation: "create_customer",
+    };
+    pub const CHARGE: Call = Call {
+        name: "POST /customers/{id}/wallet/charges",
+        method: "POST",
+        operation: "charge",
+    };
+    pub const CHARGE_COALESCED: Call = Call {
+        name: "POST /customers/{id}/wallet/charges",
+        method: "POST",
+        operation: "charge_coalesced",
+    };
+    pub const SEND_USAGE: Call = Call {
+        name: "POST /events",
+        method: "POST",
+        operation: "send_usage",
+    };
+}
+
+/// A call to Credyt run inside its client span.
+type TracedCall<'f, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'f>>;
+
+/// One call inside its client span when traces are on; otherwise the call itself, unwrapped.
+/// Not an `async fn`: the untraced call is returned as it is and the traced one boxed, so a
+/// call's future (which sits inside the request path's future, also when the identity cache
+/// answers) is no larger than before (an extra layer moved it on every request).
+fn traced<'l, 'f, F, T>(
+    call: Call,
+    tenant: Option<&str>,
+    records: usize,
+    links: impl Iterator<Item = &'l TraceContext>,
+    fut: F,
+) -> Either<F, TracedCall<'f, T>>
+where
+    F: Future<Output = Result<T, UpstreamError>> + Send + 'f,
+    T: Send + 'f,
+{
+    let span = traces::client_span(call, tenant, records, links);
+    if span.is_disabled() {
+        return Either::Left(fut);
+    }
+    Either::Right(Box::pin(async move {
+        let result = fut.instrument(span.clone()).await;
+        if let Err(e) = &result {
+            traces::record_error(&span, e.class());
+        }
+        result
+    }))
 }
 
 const API_KEY: &str = "X-CREDYT-API-KEY";
@@ -252,8 +338,16 @@ impl CredytClient {
     async fn send_unobserved(
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, UpstreamError> {
+        let req = if traces::active() {
+            let mut headers = reqwest::header::HeaderMap::new();
+            traces::inject(&mut headers);
+            req.headers(headers)
+        } else {
+            req
+        };
         let resp = req.send().await.map_err(UpstreamError::Transport)?;
         let status = resp.status();
+        traces::record_current(traces::attr::STATUS, status.as_u16());
         if status.is_success() {
             return Ok(resp);
         }
@@ -279,13 +373,16 @@ impl CredytClient {
 
     /// `GET /accounts/self`: validates the platform key.
     pub async fn account_context(&self) -> Result<wire::AccountContext, UpstreamError> {
-        let resp = self
-            .send(
-                Operation::AccountContext,
-                self.request(reqwest::Method::GET, "/accounts/self", None),
-            )
-            .await?;
-        Self::json(resp).await
+        let call = async {
+            let resp = self
+                .send(
+                    Operation::AccountContext,
+                    self.request(reqwest::Method::GET, "/accounts/self", None),
+                )
+                .await?;
+            Self::json(resp).await
+        };
+        traced(calls::ACCOUNT_CONTEXT, None, 0, std::iter::empty(), call).await
     }
 
     /// `GET /accounts?external_id=`: the connected account of a tenant, if it exists.
@@ -293,16 +390,19 @@ impl CredytClient {
         &self,
         external_id: &str,
     ) -> Result<Option<AccountId>, UpstreamError> {
-        let req = self
-            .request(reqwest::Method::GET, "/accounts", None)
-            .query(&[("external_id", external_id), ("limit", "1")]);
-        let page: wire::Page<wire::ConnectedAccount> =
-            Self::json(self.send(Operation::FindAccount, req).await?).await?;
-        Ok(page
-            .items
-            .into_iter()
-            .find(|a| a.external_id.as_deref() == Some(external_id))
-            .map(|a| AccountId::new(a.id)))
+        let call = async {
+            let req = self
+                .request(reqwest::Method::GET, "/accounts", None)
+                .query(&[("external_id", external_id), ("limit", "1")]);
+            let page: wire::Page<wire::ConnectedAccount> =
+                Self::json(self.send(Operation::FindAccount, req).await?).await?;
+            Ok(page
+                .items
+                .into_iter()
+                .find(|a| a.external_id.as_deref() == Some(external_id))
+                .map(|a| AccountId::new(a.id)))
+        };
+        traced(calls::FIND_ACCOUNT, None, 0, std::iter::empty(), call).await
     }
 
     /// `GET /customers?external_id=` on `account`, following its 303 to the customer.
@@ -311,19 +411,22 @@ impl CredytClient {
         account: &AccountId,
         external_id: &str,
     ) -> Result<Option<CustomerId>, UpstreamError> {
-        let req = self
-            .request(reqwest::Method::GET, "/customers", Some(account))
-            .query(&[("external_id", external_id)]);
-        match self.send(Operation::FindCustomer, req).await {
-            Ok(resp) => {
-                let customer: wire::Customer = Self::json(resp).await?;
-                Ok(Some(CustomerId::new(customer.id)))
+        let call = async {
+            let req = self
+                .request(reqwest::Method::GET, "/customers", Some(account))
+                .query(&[("external_id", external_id)]);
+            match self.send(Operation::FindCustomer, req).await {
+                Ok(resp) => {
+                    let customer: wire::Customer = Self::json(resp).await?;
+                    Ok(Some(CustomerId::new(customer.id)))
+                }
+                Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                    Ok(None)
+                }
+                Err(e) => Err(e),
             }
-            Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        };
+        traced(calls::FIND_CUSTOMER, None, 0, std::iter::empty(), call).await
     }
 
     /// `GET /customers/{id}` on `account`: whether the customer belongs to that account.
@@ -332,23 +435,26 @@ impl CredytClient {
         account: &AccountId,
         customer: &CustomerId,
     ) -> Result<bool, UpstreamError> {
-        let path = format!("/customers/{}", urlencode(customer.as_str()));
-        match self
-            .send(
-                Operation::CustomerExists,
-                self.request(reqwest::Method::GET, &path, Some(account)),
-            )
-            .await
-        {
-            Ok(resp) => {
-                let found: wire::Customer = Self::json(resp).await?;
-                Ok(found.id == customer.as_str())
+        let call = async {
+            let path = format!("/customers/{}", urlencode(customer.as_str()));
+            match self
+                .send(
+                    Operation::CustomerExists,
+                    self.request(reqwest::Method::GET, &path, Some(account)),
+                )
+                .await
+            {
+                Ok(resp) => {
+                    let found: wire::Customer = Self::json(resp).await?;
+                    Ok(found.id == customer.as_str())
+                }
+                Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
             }
-            Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
+        };
+        traced(calls::CUSTOMER_EXISTS, None, 0, std::iter::empty(), call).await
     }
 
     /// `POST /customers` on `account`. A 409 (created meanwhile by another replica) is answered
@@ -358,38 +464,51 @@ impl CredytClient {
         account: &AccountId,
         external_id: &str,
     ) -> Result<CustomerId, UpstreamError> {
-        let body = wire::CreateCustomer {
-            name: external_id,
-            external_id,
-        };
-        let req = self
-            .request(reqwest::Method::POST, "/customers", Some(account))
-            .json(&body);
-        match self.send(Operation::CreateCustomer, req).await {
-            Ok(resp) => {
-                let created: wire::Created = Self::json(resp).await?;
-                Ok(CustomerId::new(created.id))
+        let call = async {
+            let body = wire::CreateCustomer {
+                name: external_id,
+                external_id,
+            };
+            let req = self
+                .request(reqwest::Method::POST, "/customers", Some(account))
+                .json(&body);
+            match self.send(Operation::CreateCustomer, req).await {
+                Ok(resp) => {
+                    let created: wire::Created = Self::json(resp).await?;
+                    Ok(CustomerId::new(created.id))
+                }
+                Err(UpstreamError::Status { status, .. }) if status == StatusCode::CONFLICT => self
+                    .find_customer(account, external_id)
+                    .await?
+                    .ok_or_else(|| UpstreamError::Decode("customer conflict but not found".into())),
+                Err(e) => Err(e),
             }
-            Err(UpstreamError::Status { status, .. }) if status == StatusCode::CONFLICT => self
-                .find_customer(account, external_id)
-                .await?
-                .ok_or_else(|| UpstreamError::Decode("customer conflict but not found".into())),
-            Err(e) => Err(e),
-        }
+        };
+        traced(calls::CREATE_CUSTOMER, None, 0, std::iter::empty(), call).await
     }
 
     /// `POST /customers/{id}/wallet/charges`: one fee. Success means Credyt has it (a replayed
     /// `transaction_id` answers the original 201).
     pub async fn charge(&self, debit: &Debit) -> Result<(), UpstreamError> {
-        let path = format!(
-            "/customers/{}/wallet/charges",
-            urlencode(debit.customer.as_str())
-        );
-        let body = wire::ChargeRequest::from_debit(debit);
-        let req = self
-            .request(reqwest::Method::POST, &path, Some(&debit.account))
-            .json(&body);
-        self.send(Operation::Charge, req).await.map(drop)
+        let call = async {
+            let path = format!(
+                "/customers/{}/wallet/charges",
+                urlencode(debit.customer.as_str())
+            );
+            let body = wire::ChargeRequest::from_debit(debit);
+            let req = self
+                .request(reqwest::Method::POST, &path, Some(&debit.account))
+                .json(&body);
+            self.send(Operation::Charge, req).await.map(drop)
+        };
+        traced(
+            calls::CHARGE,
+            Some(debit.tenant.as_str()),
+            1,
+            debit.trace.iter(),
+            call,
+        )
+        .await
     }
 
     /// One charge for several fees of one customer and asset (coalescing): the exact sum, under
@@ -399,30 +518,50 @@ impl CredytClient {
         batch: uuid::Uuid,
         debits: &[&Debit],
     ) -> Result<(), UpstreamError> {
-        let Some(first) = debits.first() else {
-            return Ok(());
+        let call = async {
+            let Some(first) = debits.first() else {
+                return Ok(());
+            };
+            let path = format!(
+                "/customers/{}/wallet/charges",
+                urlencode(first.customer.as_str())
+            );
+            let body = wire::ChargeRequest::coalesced(batch, debits);
+            let req = self
+                .request(reqwest::Method::POST, &path, Some(&first.account))
+                .json(&body);
+            self.send(Operation::ChargeCoalesced, req).await.map(drop)
         };
-        let path = format!(
-            "/customers/{}/wallet/charges",
-            urlencode(first.customer.as_str())
-        );
-        let body = wire::ChargeRequest::coalesced(batch, debits);
-        let req = self
-            .request(reqwest::Method::POST, &path, Some(&first.account))
-            .json(&body);
-        self.send(Operation::ChargeCoalesced, req).await.map(drop)
+        traced(
+            calls::CHARGE_COALESCED,
+            debits.first().map(|d| d.tenant.as_str()),
+            debits.len(),
+            debits.iter().filter_map(|d| d.trace.as_ref()),
+            call,
+        )
+        .await
     }
 
     /// `POST /events`: usage events of one customer, priced by Credyt itself.
     pub async fn send_usage(&self, usage: &[&ForwardedUsage]) -> Result<(), UpstreamError> {
-        let Some(first) = usage.first() else {
-            return Ok(());
+        let call = async {
+            let Some(first) = usage.first() else {
+                return Ok(());
+            };
+            let body = wire::UsageRequest::new(&first.customer, usage.iter().map(|u| &u.event));
+            let req = self
+                .request(reqwest::Method::POST, "/events", Some(&first.account))
+                .json(&body);
+            self.send(Operation::Usage, req).await.map(drop)
         };
-        let body = wire::UsageRequest::new(&first.customer, usage.iter().map(|u| &u.event));
-        let req = self
-            .request(reqwest::Method::POST, "/events", Some(&first.account))
-            .json(&body);
-        self.send(Operation::Usage, req).await.map(drop)
+        traced(
+            calls::SEND_USAGE,
+            usage.first().map(|u| u.tenant.as_str()),
+            usage.len(),
+            usage.iter().filter_map(|u| u.trace.as_ref()),
+            call,
+        )
+        .await
     }
 }
 

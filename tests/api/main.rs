@@ -16,3 +16,4 @@ mod pricing;
 mod protocol;
 mod proxy;
 mod sdk;
+mod traces;

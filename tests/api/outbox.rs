@@ -54,6 +54,7 @@ fn event(tenant: &str, id: &str) -> AcceptedEvent {
             pricing_hash: "h".into(),
         },
         accepted_at: chrono::Utc::now(),
+        trace: None,
     });
     AcceptedEvent {
         tenant,
