@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::proxy::{
-    ago, assert_charged_exactly, drained, emu_customer, eventually, metric, usd_charges, Options,
-    World, PLATFORM_KEY,
+    ago, assert_charged_exactly, drained, emu_customer, eventually, metric, scrape, usd_charges,
+    Options, World, PLATFORM_KEY,
 };
 
 const DEPTH: &str = "credyt_proxy_outbox_depth";
@@ -361,15 +361,7 @@ async fn a_record_older_than_the_max_age_becomes_retries_exhausted() {
     assert_eq!(dead[0].upstream_status, Some(429));
     let attempts = calls_to(&w, &charges_path(&c)).await.len();
     assert!(attempts >= 3, "{attempts} attempts");
-    let metrics = w
-        .http
-        .get(format!("{}/metrics", w.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&w).await;
     assert!(
         metrics
             .contains("credyt_proxy_forwarder_dead_lettered_total{reason=\"retries_exhausted\"} 1"),

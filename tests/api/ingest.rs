@@ -471,15 +471,7 @@ async fn bad_requests_get_precise_problems() {
             .status(),
         200
     );
-    let metrics = w
-        .http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = super::proxy::scrape(&w).await;
     assert!(
         metrics.contains("credyt_proxy_events_total{outcome=\"accepted\"} 0"),
         "{metrics}"

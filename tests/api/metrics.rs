@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use super::proxy::{ago, eventually, metric, repo, Options, World};
+use super::proxy::{ago, eventually, metric, repo, scrape, Options, World};
 
 /// `promtool`, if installed. Missing under CI is a failure, not a skip.
 fn promtool() -> Option<PathBuf> {
@@ -61,19 +61,6 @@ fn run_promtool(promtool: &PathBuf, args: &[&str], stdin: Option<&str>) -> Strin
     );
     assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
     text
-}
-
-async fn scrape(w: &World) -> String {
-    let resp = w
-        .http
-        .get(format!("{}/metrics", w.admin_url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
-    resp.text().await.unwrap()
 }
 
 /// Names of the histogram families of a scrape.

@@ -505,6 +505,20 @@ pub fn usd_charges(state: &Value, customer: &str) -> (u64, Decimal) {
     wallet(state, customer, "USD").map_or((0, Decimal::ZERO), |(_, n, t)| (n, t))
 }
 
+/// The proxy's `/metrics` (admin port), in the Prometheus text format.
+pub async fn scrape(w: &World) -> String {
+    let resp = w
+        .http
+        .get(format!("{}/metrics", w.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    resp.text().await.unwrap()
+}
+
 /// One unlabelled sample of the proxy's `/metrics` (admin port), if present.
 pub async fn metric(http: &reqwest::Client, admin_url: &str, name: &str) -> Option<u64> {
     let text = http
