@@ -198,6 +198,27 @@ impl Operation {
             Operation::AccountContext => "account_context",
         }
     }
+
+    /// The call as its client span names it (the span's `operation` attribute is
+    /// [`Operation::as_str`], the label of the upstream metrics).
+    pub fn call(self) -> super::traces::Call {
+        let (name, method) = match self {
+            Operation::Charge | Operation::ChargeCoalesced => {
+                ("POST /customers/{id}/wallet/charges", "POST")
+            }
+            Operation::Usage => ("POST /events", "POST"),
+            Operation::FindAccount => ("GET /accounts", "GET"),
+            Operation::FindCustomer => ("GET /customers", "GET"),
+            Operation::CreateCustomer => ("POST /customers", "POST"),
+            Operation::CustomerExists => ("GET /customers/{id}", "GET"),
+            Operation::AccountContext => ("GET /accounts/self", "GET"),
+        };
+        super::traces::Call {
+            name,
+            method,
+            operation: self.as_str(),
+        }
+    }
 }
 
 /// What an identity lookup resolves.

@@ -143,52 +143,6 @@ impl UpstreamError {
     }
 }
 
-/// The calls this client makes, as their client spans name them.
-mod calls {
-    use super::Call;
-
-    pub const ACCOUNT_CONTEXT: Call = Call {
-        name: "GET /accounts/self",
-        method: "GET",
-        operation: "account_context",
-    };
-    pub const FIND_ACCOUNT: Call = Call {
-        name: "GET /accounts",
-        method: "GET",
-        operation: "find_account",
-    };
-    pub const FIND_CUSTOMER: Call = Call {
-        name: "GET /customers",
-        method: "GET",
-        operation: "find_customer",
-    };
-    pub const CUSTOMER_EXISTS: Call = Call {
-        name: "GET /customers/{id}",
-        method: "GET",
-        operation: "customer_exists",
-    };
-    pub const CREATE_CUSTOMER: Call = Call {
-        name: "POST /customers",
-        method: "POST",
-        operation: "create_customer",
-    };
-    pub const CHARGE: Call = Call {
-        name: "POST /customers/{id}/wallet/charges",
-        method: "POST",
-        operation: "charge",
-    };
-    pub const CHARGE_COALESCED: Call = Call {
-        name: "POST /customers/{id}/wallet/charges",
-        method: "POST",
-        operation: "charge_coalesced",
-    };
-    pub const SEND_USAGE: Call = Call {
-        name: "POST /events",
-        method: "POST",
-        operation: "send_usage",
-    };
-}
-
 /// A call to Credyt run inside its client span.
 type TracedCall<'f, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'f>>;
 
@@ -382,7 +336,14 @@ impl CredytClient {
                 .await?;
             Self::json(resp).await
         };
-        traced(calls::ACCOUNT_CONTEXT, None, 0, std::iter::empty(), call).await
+        traced(
+            Operation::AccountContext.call(),
+            None,
+            0,
+            std::iter::empty(),
+            call,
+        )
+        .await
     }
 
     /// `GET /accounts?external_id=`: the connected account of a tenant, if it exists.
@@ -402,7 +363,14 @@ impl CredytClient {
                 .find(|a| a.external_id.as_deref() == Some(external_id))
                 .map(|a| AccountId::new(a.id)))
         };
-        traced(calls::FIND_ACCOUNT, None, 0, std::iter::empty(), call).await
+        traced(
+            Operation::FindAccount.call(),
+            None,
+            0,
+            std::iter::empty(),
+            call,
+        )
+        .await
     }
 
     /// `GET /customers?external_id=` on `account`, following its 303 to the customer.
@@ -426,7 +394,14 @@ impl CredytClient {
                 Err(e) => Err(e),
             }
         };
-        traced(calls::FIND_CUSTOMER, None, 0, std::iter::empty(), call).await
+        traced(
+            Operation::FindCustomer.call(),
+            None,
+            0,
+            std::iter::empty(),
+            call,
+        )
+        .await
     }
 
     /// `GET /customers/{id}` on `account`: whether the customer belongs to that account.
@@ -454,7 +429,14 @@ impl CredytClient {
                 Err(e) => Err(e),
             }
         };
-        traced(calls::CUSTOMER_EXISTS, None, 0, std::iter::empty(), call).await
+        traced(
+            Operation::CustomerExists.call(),
+            None,
+            0,
+            std::iter::empty(),
+            call,
+        )
+        .await
     }
 
     /// `POST /customers` on `account`. A 409 (created meanwhile by another replica) is answered
@@ -484,7 +466,14 @@ impl CredytClient {
                 Err(e) => Err(e),
             }
         };
-        traced(calls::CREATE_CUSTOMER, None, 0, std::iter::empty(), call).await
+        traced(
+            Operation::CreateCustomer.call(),
+            None,
+            0,
+            std::iter::empty(),
+            call,
+        )
+        .await
     }
 
     /// `POST /customers/{id}/wallet/charges`: one fee. Success means Credyt has it (a replayed
@@ -502,7 +491,7 @@ impl CredytClient {
             self.send(Operation::Charge, req).await.map(drop)
         };
         traced(
-            calls::CHARGE,
+            Operation::Charge.call(),
             Some(debit.tenant.as_str()),
             1,
             debit.trace.iter(),
@@ -533,7 +522,7 @@ impl CredytClient {
             self.send(Operation::ChargeCoalesced, req).await.map(drop)
         };
         traced(
-            calls::CHARGE_COALESCED,
+            Operation::ChargeCoalesced.call(),
             debits.first().map(|d| d.tenant.as_str()),
             debits.len(),
             debits.iter().filter_map(|d| d.trace.as_ref()),
@@ -555,7 +544,7 @@ impl CredytClient {
             self.send(Operation::Usage, req).await.map(drop)
         };
         traced(
-            calls::SEND_USAGE,
+            Operation::Usage.call(),
             usage.first().map(|u| u.tenant.as_str()),
             usage.len(),
             usage.iter().filter_map(|u| u.trace.as_ref()),
