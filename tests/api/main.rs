@@ -10,6 +10,7 @@ mod durable;
 mod emulator;
 mod identity;
 mod ingest;
+mod lifecycle;
 mod metrics;
 mod outbox;
 mod pricing;
