@@ -10,6 +10,8 @@ COPY examples ./examples
 COPY loadtest ./loadtest
 # The sandbox's built-in demo files include the shipped price books (include_str!).
 COPY pricing ./pricing
+# The admin port serves the OpenAPI document built into the binary (include_str!).
+COPY docs/openapi.json ./docs/openapi.json
 RUN cargo build --release --locked --bin credyt-proxy
 
 FROM debian:bookworm-slim

@@ -1,11 +1,13 @@
-//! The operator port, separate from tenant traffic: `/livez`, `/readyz`, `/metrics`, and the
-//! dead letters of the running proxy under `/admin/` (bearer token).
+//! The operator port, separate from tenant traffic: `/livez`, `/readyz`, `/metrics`, the
+//! dead letters of the running proxy under `/admin/` (bearer token), and `/openapi.json`.
 //!
 //! Contract: `/livez` answers 200 while the process serves at all. `/readyz` is a latch: 503
 //! until configuration, tenants, pricing (and the outbox, when durable) are loaded, 200 after,
 //! and 503 again once shutdown begins so the sidecar's pod stops receiving traffic first.
 //! `/metrics` is Prometheus text (0.0.4; OpenMetrics when `Accept` asks for it), every metric
-//! defined in `telemetry::metrics`; the reference is `docs/operations.md`.
+//! defined in `telemetry::metrics`; the reference is `docs/operations.md`. `/openapi.json`
+//! answers the OpenAPI 3.1 document of both ports (`application/json`, no token): the committed
+//! `docs/openapi.json`, built into the binary, byte for byte.
 //!
 //! Dead letters (records Credyt refused for good, see [`crate::outbox`]):
 //!
@@ -22,6 +24,9 @@
 //! `unauthorized` (`WWW-Authenticate: Bearer`), 404 `no_outbox` (`ack = "upstream"`), 400
 //! `invalid_request`, and the outbox's own codes (503 with `Retry-After` when a retry may
 //! work). The offline `credyt-proxy dlq` command does the same with the proxy stopped.
+//!
+//! Every path answers its one method; another method is 405 `method_not_allowed` with `Allow`,
+//! an unknown path 404 `not_found` (both problem+json).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -142,22 +147,40 @@ fn bearer_token(req: &HttpRequest) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The OpenAPI document of the tenant API and this port, as committed (`docs/openapi.json`).
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/livez",
-        web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+    // Each path answers its one method; any other is 405 with `Allow` (RFC 9110 15.5.6).
+    cfg.service(
+        web::resource("/livez")
+            .route(web::get().to(|| async { text(StatusCode::OK, "ok") }))
+            .default_service(web::to(|| method_not_allowed("GET"))),
     )
-    .route("/readyz", web::get().to(readyz))
-    .route("/metrics", web::get().to(metrics))
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(readyz))
+            .default_service(web::to(|| method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics))
+            .default_service(web::to(|| method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi))
+            .default_service(web::to(|| method_not_allowed("GET"))),
+    )
     .service(
         web::resource("/admin/dead-letters")
             .route(web::get().to(list_dead_letters))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(|| method_not_allowed("GET"))),
     )
     .service(
         web::resource("/admin/dead-letters/replay")
             .route(web::post().to(replay_dead_letters))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(|| method_not_allowed("POST"))),
     )
     .default_service(web::to(not_found));
 }
@@ -179,8 +202,9 @@ pub enum AdminError {
     Blocking(#[source] tokio::task::JoinError),
     #[error("not found")]
     NotFound,
+    /// A known path asked with another method; `allow` lists the path's methods.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed { allow: &'static str },
 }
 
 impl AdminError {
@@ -194,7 +218,7 @@ impl AdminError {
             AdminError::Outbox(e) => e.code(),
             AdminError::Blocking(_) => "internal",
             AdminError::NotFound => "not_found",
-            AdminError::MethodNotAllowed => "method_not_allowed",
+            AdminError::MethodNotAllowed { .. } => "method_not_allowed",
         }
     }
 }
@@ -208,7 +232,7 @@ impl ResponseError for AdminError {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Outbox(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Outbox(_) | AdminError::Blocking(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            AdminError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -229,6 +253,9 @@ impl ResponseError for AdminError {
                     HeaderValue::from_static("Bearer realm=\"credyt-proxy admin\""),
                 ));
             }
+            AdminError::MethodNotAllowed { allow } => {
+                resp.insert_header((header::ALLOW, *allow));
+            }
             AdminError::Outbox(e) if e.is_retryable() => {
                 let secs = e.retry_after().map_or(1, |d| d.as_secs().max(1));
                 resp.insert_header((header::RETRY_AFTER, secs.to_string()));
@@ -244,8 +271,8 @@ async fn not_found() -> HttpResponse {
     AdminError::NotFound.error_response()
 }
 
-async fn method_not_allowed() -> HttpResponse {
-    AdminError::MethodNotAllowed.error_response()
+async fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    AdminError::MethodNotAllowed { allow }.error_response()
 }
 
 /// The query of `GET /admin/dead-letters`.
@@ -431,15 +458,35 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
         .is_some_and(|o| o.stats().poisoned);
     if poisoned {
         // Writes are refused until a restart: take this replica out of rotation.
-        HttpResponse::ServiceUnavailable().body("outbox stopped after a failed write")
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outbox stopped after a failed write",
+        )
     } else if state.credentials.is_refused() {
         // Nothing could reach Credyt: take this replica out until the key works.
-        HttpResponse::ServiceUnavailable().body("credyt refused the platform key")
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "credyt refused the platform key",
+        )
     } else if state.readiness.is_ready() {
-        HttpResponse::Ok().body("ready")
+        text(StatusCode::OK, "ready")
     } else {
-        HttpResponse::ServiceUnavailable().body("not ready")
+        text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
+}
+
+/// A plain-text answer (the probes'), with its content type.
+fn text(status: StatusCode, body: &'static str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type(header::ContentType::plaintext())
+        .body(body)
+}
+
+/// `GET /openapi.json`: the committed document, as is.
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(header::ContentType::json())
+        .body(OPENAPI_JSON)
 }
 
 /// `GET /metrics`: Prometheus text 0.0.4, or OpenMetrics when the scraper's `Accept` asks for
@@ -462,7 +509,10 @@ async fn metrics(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse
             .body(body),
         Err(e) => {
             tracing::warn!(error = %e, "metrics could not be encoded");
-            HttpResponse::InternalServerError().body("metrics could not be encoded")
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics could not be encoded",
+            )
         }
     }
 }

@@ -98,20 +98,21 @@ async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     .await
 }
 
-/// Answers unknown paths and methods with problem+json. Counted under the endpoint of a
-/// known path (a wrong method), or `other`: never under the path asked for.
+/// Answers unknown paths and methods with problem+json: 404 `not_found`, or for a known path
+/// 405 `method_not_allowed` with `Allow`. Counted under the endpoint of a known path (a wrong
+/// method), or `other`: never under the path asked for.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
     use actix_web::ResponseError;
     let started = std::time::Instant::now();
-    let endpoint = match req.path() {
-        "/events" => Some(Endpoint::Events),
-        "/v1/events" => Some(Endpoint::V1Events),
-        "/v1/quote" => Some(Endpoint::V1Quote),
-        "/healthz" => Some(Endpoint::Healthz),
-        _ => None,
+    let (endpoint, allow) = match req.path() {
+        "/events" => (Some(Endpoint::Events), "POST"),
+        "/v1/events" => (Some(Endpoint::V1Events), "POST"),
+        "/v1/quote" => (Some(Endpoint::V1Quote), "POST"),
+        "/healthz" => (Some(Endpoint::Healthz), "GET"),
+        _ => (None, ""),
     };
     let resp = if endpoint.is_some() {
-        ApiError::MethodNotAllowed.error_response()
+        ApiError::MethodNotAllowed { allow }.error_response()
     } else {
         ApiError::NotFound.error_response()
     };

@@ -52,8 +52,9 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("not found")]
     NotFound,
+    /// A known path asked with another method; `allow` lists the path's methods.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed { allow: &'static str },
     /// Too many header fields, or too many bytes of them (ours, or actix's HTTP/1 codec's).
     #[error("request header fields are too large: at most {max_fields} fields of at most {max_bytes} bytes in all")]
     HeadersTooLarge { max_fields: usize, max_bytes: usize },
@@ -130,7 +131,7 @@ impl ApiError {
             ApiError::Outbox(e) => e.code(),
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::MalformedRequest => "malformed_request",
             ApiError::RequestTimeout => "request_timeout",
@@ -161,7 +162,7 @@ impl ApiError {
             ApiError::Outbox(_) => "Internal Server Error",
             ApiError::Unavailable(_) => "Service Unavailable",
             ApiError::NotFound => "Not Found",
-            ApiError::MethodNotAllowed => "Method Not Allowed",
+            ApiError::MethodNotAllowed { .. } => "Method Not Allowed",
             ApiError::HeadersTooLarge { .. } => "Request Header Fields Too Large",
             ApiError::MalformedRequest => "Bad Request",
             ApiError::RequestTimeout => "Request Timeout",
@@ -231,7 +232,7 @@ impl ResponseError for ApiError {
             ApiError::Outbox(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::MalformedRequest => StatusCode::BAD_REQUEST,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -252,6 +253,18 @@ impl ResponseError for ApiError {
         if let ApiError::UnsupportedEncoding(_) = self {
             // RFC 9110 15.5.16: a 415 about the content coding says which codings are accepted.
             resp.insert_header((header::ACCEPT_ENCODING, super::body::ACCEPTED_ENCODINGS));
+        }
+        if let ApiError::Unauthorized = self {
+            // RFC 9110 15.5.2: a 401 carries a challenge (the key is read from the SDK's
+            // `X-CREDYT-API-KEY` as well).
+            resp.insert_header((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"credyt-proxy\""),
+            ));
+        }
+        if let ApiError::MethodNotAllowed { allow } = self {
+            // RFC 9110 15.5.6: a 405 names the methods the resource has.
+            resp.insert_header((header::ALLOW, *allow));
         }
         if let ApiError::RateLimited(r) = self {
             resp.insert_header(("RateLimit-Policy", r.policy_header()));

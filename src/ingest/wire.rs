@@ -70,10 +70,10 @@ pub fn parse_request(
         ApiError::Validation(vec![reject(code, field.to_string(), msg)])
     };
     let customer = match (root.customer_id, root.customer_external_id) {
-        (Some(Value::String(id)), None | Some(Value::Null)) if valid_text(&id, 128) => {
+        (Some(Value::String(id)), None | Some(Value::Null)) if valid_customer(&id, 128) => {
             CustomerRef::Id(id)
         }
-        (None | Some(Value::Null), Some(Value::String(ext))) if valid_text(&ext, 256) => {
+        (None | Some(Value::Null), Some(Value::String(ext))) if valid_customer(&ext, 256) => {
             CustomerRef::ExternalId(ext)
         }
         (Some(Value::String(_)), Some(Value::String(_))) => {
@@ -94,7 +94,7 @@ pub fn parse_request(
             return Err(whole(
                 "invalid_customer",
                 "customer_external_id",
-                "the customer id must be a non-empty string without control characters",
+                "the customer id must be a non-blank string without control characters",
             ))
         }
     };
@@ -146,6 +146,12 @@ pub fn parse_request(
 
 fn valid_text(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+}
+
+/// A customer id or external id: text that is not only whitespace either. Credyt refuses a
+/// blank customer name, and a customer created for an external id is named after it.
+fn valid_customer(s: &str, max: usize) -> bool {
+    valid_text(s, max) && !s.trim().is_empty()
 }
 
 fn parse_event(
@@ -652,6 +658,11 @@ mod tests {
             (r#"{"customer_id":"c","events":12.50}"#, "invalid_events"),
             (r#"{"customer_id":"c"}"#, "missing_events"),
             (r#"{"customer_id":1,"events":[]}"#, "invalid_customer"),
+            (r#"{"customer_id":" ","events":[{}]}"#, "invalid_customer"),
+            (
+                r#"{"customer_external_id":"\u00a0\u3000","events":[{}]}"#,
+                "invalid_customer",
+            ),
             (r#"{"events":[{}]}"#, "missing_customer"),
         ] {
             match parse_request(body.as_bytes(), &limits(), now()) {

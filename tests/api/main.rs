@@ -13,6 +13,7 @@ mod ingest;
 mod kubernetes;
 mod lifecycle;
 mod metrics;
+mod openapi;
 mod outbox;
 mod pricing;
 mod protocol;
