@@ -40,7 +40,7 @@ pub struct Application {
     readiness: Arc<Readiness>,
     state: Arc<AppState>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    grace: std::time::Duration,
+    shutdown: crate::config::ShutdownSettings,
     outbox: Option<Outbox>,
     forwarder: Option<ForwarderHandle>,
     traces: Option<Traces>,
@@ -60,7 +60,7 @@ fn tenant_server(
     let builder = actix_server::Server::build()
         .workers(settings.server.workers)
         .backlog(4096)
-        .shutdown_timeout(settings.server.shutdown_grace.as_secs().max(1))
+        .shutdown_timeout(settings.shutdown.grace.as_secs().max(1))
         .disable_signals();
     // Idle keep-alive connections close as soon as a graceful stop starts (as HttpServer does).
     let shutdown = builder.graceful_shutdown_signal();
@@ -209,6 +209,8 @@ impl Application {
             identity: Arc::clone(&identity),
             outbox: outbox.clone(),
             forwarder: forwarder.as_ref().map(|f| Arc::clone(f.stats())),
+            tenants: Arc::clone(&tenants),
+            pricing: Arc::clone(&pricing),
         });
         let state = Arc::new(AppState {
             settings: settings.clone(),
@@ -273,7 +275,7 @@ impl Application {
             readiness,
             state,
             tasks,
-            grace: settings.server.shutdown_grace,
+            shutdown: settings.shutdown.clone(),
             outbox,
             forwarder,
             traces,
@@ -297,9 +299,26 @@ impl Application {
         &self.state
     }
 
-    /// Serves until SIGTERM/SIGINT, then drains.
+    /// Serves until SIGTERM/SIGINT, then drains (see [`Application::stop`]).
     pub async fn run_until_stopped(self) {
-        crate::shutdown::signal().await;
+        self.drain_on(crate::shutdown::Signals::new()).await;
+    }
+
+    /// Serves until the first of `signals`, then drains; a second signal during the drain
+    /// exits the process at once (what was acknowledged is in the outbox already).
+    pub async fn drain_on(self, mut signals: crate::shutdown::Signals) {
+        let first = signals.recv().await;
+        tracing::info!(signal = %first, "shutdown started");
+        let outbox = self.outbox.clone();
+        tokio::spawn(async move {
+            let second = signals.recv().await;
+            tracing::warn!(
+                signal = %second,
+                undelivered = outbox.as_ref().map_or(0, |o| o.depth()),
+                "second signal: exiting now; undelivered debits stay in the outbox for the next start"
+            );
+            std::process::exit(i32::from(second.exit_status()));
+        });
         self.stop().await;
     }
 
@@ -308,21 +327,40 @@ impl Application {
         self.outbox.as_ref()
     }
 
-    /// Drains: not ready -> stop accepting and finish in-flight requests -> let the forwarder
-    /// deliver what it can within the grace period -> sync and close the outbox. What is not
-    /// delivered stays on disk for the next start.
+    /// Drains as a pod's shutdown wants, within `server.shutdown_grace_ms` from now:
+    /// 1. not ready at once (`/readyz` 503), still taking requests for `shutdown.drain_delay_ms`
+    ///    while the endpoints that route here are updated;
+    /// 2. stop accepting, finish in-flight requests;
+    /// 3. deliver the outbox until it is empty or the grace is nearly spent, logging progress;
+    /// 4. stop the forwarder, sync and close the outbox. What is left stays on disk for the next
+    ///    start, and the log says how much.
     pub async fn stop(self) {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.shutdown.grace;
+        // Kept back from the delivery phase for in-flight sends to settle and the close.
+        let reserve = (self.shutdown.grace / 10).min(std::time::Duration::from_secs(2));
         self.readiness.set_draining();
+        if !self.shutdown.drain_delay.is_zero() {
+            tracing::info!(
+                drain_delay_ms = self.shutdown.drain_delay.as_millis() as u64,
+                "not ready; still taking requests during the drain delay"
+            );
+            tokio::time::sleep(self.shutdown.drain_delay).await;
+        }
+        tracing::info!("stopped accepting; finishing in-flight requests");
         let graceful = self.tenant_server.stop(true);
-        if tokio::time::timeout(self.grace, graceful).await.is_err() {
-            tracing::warn!(grace = ?self.grace, "in-flight requests did not finish within the grace period");
+        if tokio::time::timeout_at(deadline, graceful).await.is_err() {
+            tracing::warn!(
+                grace_ms = self.shutdown.grace.as_millis() as u64,
+                "in-flight requests did not finish within the grace period"
+            );
         }
         for t in self.tasks {
             t.abort();
         }
-        if let Some(forwarder) = self.forwarder {
-            let left = self.grace.saturating_sub(started.elapsed());
+        if let (Some(forwarder), Some(outbox)) = (self.forwarder, self.outbox.as_ref()) {
+            deliver_outbox(outbox, deadline - reserve).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             forwarder
                 .stop(left.max(std::time::Duration::from_millis(100)))
                 .await;
@@ -333,7 +371,14 @@ impl Application {
             if let Err(e) = outbox.close().await {
                 tracing::error!(error = %e, "closing the outbox failed");
             }
-            tracing::info!(undelivered = depth, "outbox closed");
+            if depth == 0 {
+                tracing::info!(undelivered = 0, "outbox closed, everything delivered");
+            } else {
+                tracing::warn!(
+                    undelivered = depth,
+                    "outbox closed with undelivered debits; they are durable and sent at the next start"
+                );
+            }
         }
         self.admin_server.stop(true).await;
         // After the forwarder: its last spans go out too.
@@ -341,7 +386,52 @@ impl Application {
             let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
         }
         release(self.state).await;
-        tracing::info!("credyt-proxy stopped");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "credyt-proxy stopped"
+        );
+    }
+}
+
+/// The delivery phase of a drain: the forwarder keeps running while this waits for the
+/// outbox to empty, until `until`; progress goes to the log once a second.
+async fn deliver_outbox(outbox: &Outbox, until: tokio::time::Instant) {
+    let at_start = outbox.depth();
+    if at_start == 0 {
+        return;
+    }
+    tracing::info!(
+        undelivered = at_start,
+        budget_ms = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_millis() as u64,
+        "delivering the outbox before exit"
+    );
+    let mut report = tokio::time::interval(std::time::Duration::from_secs(1));
+    report.tick().await;
+    loop {
+        let depth = outbox.depth();
+        if depth == 0 {
+            tracing::info!(delivered = at_start, "outbox delivered");
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            tracing::warn!(
+                delivered = at_start.saturating_sub(depth),
+                undelivered = depth,
+                "grace period spent before the outbox was delivered"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = report.tick() => tracing::info!(
+                delivered = at_start.saturating_sub(depth),
+                undelivered = depth,
+                "delivering the outbox"
+            ),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
     }
 }
 

@@ -42,14 +42,26 @@ pub enum Command {
         /// `credyt-proxy-sandbox-<pid>` in this folder and deletes it on exit.
         #[arg(long, env = SANDBOX_DATA_DIR_ENV, default_value_os_t = std::env::temp_dir())]
         data_dir: PathBuf,
-        /// Tenant port of the proxy.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Tenant port of the proxy (the image sets 0.0.0.0:8080 through the variable).
+        #[arg(
+            long,
+            env = "CREDYT_PROXY_SANDBOX_LISTEN",
+            default_value = "127.0.0.1:8080"
+        )]
         listen: SocketAddr,
         /// Admin port of the proxy.
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(
+            long,
+            env = "CREDYT_PROXY_SANDBOX_ADMIN_LISTEN",
+            default_value = "127.0.0.1:9090"
+        )]
         admin_listen: SocketAddr,
         /// Port of the embedded emulator.
-        #[arg(long, default_value = "127.0.0.1:8081")]
+        #[arg(
+            long,
+            env = "CREDYT_PROXY_SANDBOX_EMULATOR_LISTEN",
+            default_value = "127.0.0.1:8081"
+        )]
         emulator_listen: SocketAddr,
     },
     /// Run the Credyt emulator alone.
@@ -393,7 +405,7 @@ async fn sandbox(
     settings.outbox.dir = data.0.join("outbox");
     let app = Application::build(settings).await?;
     // Listening before the banner: a ctrl-c right after it still cleans up.
-    let stopped = crate::shutdown::listen();
+    let signals = crate::shutdown::Signals::new();
 
     let proxy = format!("http://{}", app.tenant_addr());
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -420,8 +432,7 @@ async fn sandbox(
         emu = emulator.url(),
         data = data.0.display(),
     );
-    stopped.await;
-    app.stop().await;
+    app.drain_on(signals).await;
     emulator.stop().await;
     drop(data);
     Ok(())

@@ -95,7 +95,15 @@ pub struct ServerSettings {
     pub admin_listen: SocketAddr,
     pub workers: usize,
     pub max_body_bytes: usize,
-    pub shutdown_grace: Duration,
+}
+
+/// The pod-shutdown sequence (see `app::Application::stop`).
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// After the first signal: not ready, still serving, for this long.
+    pub drain_delay: Duration,
+    /// From the first signal to the exit (`server.shutdown_grace_ms`), the drain delay included.
+    pub grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +223,7 @@ pub struct Settings {
     pub rate_limit: RateLimitDefaults,
     pub admin: AdminSettings,
     pub telemetry: TelemetrySettings,
+    pub shutdown: ShutdownSettings,
 }
 
 impl Settings {
@@ -556,6 +565,20 @@ mod tests {
         let errs = Settings::from_toml(text, Path::new("."), Some(HashMap::new())).unwrap_err();
         assert_eq!(errs.0.len(), 1, "{errs}");
         assert_eq!(errs.0[0].key, "server");
+    }
+
+    #[test]
+    fn a_drain_delay_must_leave_part_of_the_grace() {
+        let text = format!(
+            "{MINIMAL}\n[server]\nshutdown_grace_ms = 5000\n[shutdown]\ndrain_delay_ms = 5000\n"
+        );
+        let errs = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "shutdown.drain_delay_ms");
+        let text = text.replace("drain_delay_ms = 5000", "drain_delay_ms = 4999");
+        let s = Settings::from_toml(&text, Path::new("."), Some(HashMap::new())).unwrap();
+        assert_eq!(s.shutdown.drain_delay, Duration::from_millis(4999));
+        assert_eq!(s.shutdown.grace, Duration::from_millis(5000));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use super::{
     AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
     LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
-    ServerSettings, Settings, SyncMode, TelemetrySettings, TenantsSettings,
+    ServerSettings, Settings, ShutdownSettings, SyncMode, TelemetrySettings, TenantsSettings,
 };
 
 #[derive(Debug, Deserialize, Default)]
@@ -40,6 +40,7 @@ pub struct RawSettings {
     pub rate_limit: RawRateLimit,
     pub admin: RawAdmin,
     pub telemetry: RawTelemetry,
+    pub shutdown: RawShutdown,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +63,16 @@ impl Default for RawServer {
             shutdown_grace_ms: 20_000,
         }
     }
+}
+
+/// `[shutdown]`: what happens between the first SIGTERM and the exit (`server.shutdown_grace_ms`
+/// is the whole budget).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawShutdown {
+    /// How long the proxy keeps taking requests, not ready, while the endpoints that route to
+    /// it are updated.
+    pub drain_delay_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -486,6 +497,7 @@ impl RawSettings {
             rate_limit: section(&mut p, c, &mut root, "rate_limit"),
             admin: section(&mut p, c, &mut root, "admin"),
             telemetry: section(&mut p, c, &mut root, "telemetry"),
+            shutdown: section(&mut p, c, &mut root, "shutdown"),
         };
         // What is left is not a section of the file.
         let mut unknown: Vec<String> = root.into_keys().collect();
@@ -557,9 +569,24 @@ impl RawSettings {
             admin_listen: p.addr("server.admin_listen", &self.server.admin_listen),
             workers: p.nonzero("server.workers", self.server.workers) as usize,
             max_body_bytes: p.nonzero("server.max_body_bytes", self.server.max_body_bytes) as usize,
-            // 0 would stop accepting and cut in-flight requests at once on SIGTERM.
-            shutdown_grace: p
-                .positive_ms("server.shutdown_grace_ms", self.server.shutdown_grace_ms),
+        };
+        // 0 would stop accepting and cut in-flight requests at once on SIGTERM.
+        let grace = p.positive_ms("server.shutdown_grace_ms", self.server.shutdown_grace_ms);
+        // Judged against a valid grace only (0 is reported above).
+        if self.server.shutdown_grace_ms > 0
+            && self.shutdown.drain_delay_ms >= self.server.shutdown_grace_ms
+        {
+            p.push(
+                "shutdown.drain_delay_ms",
+                format!(
+                    "must be less than server.shutdown_grace_ms ({}), the whole drain budget",
+                    self.server.shutdown_grace_ms
+                ),
+            );
+        }
+        let shutdown = ShutdownSettings {
+            drain_delay: Duration::from_millis(self.shutdown.drain_delay_ms),
+            grace,
         };
 
         let format = match self.log.format.as_str() {
@@ -779,6 +806,7 @@ impl RawSettings {
             rate_limit,
             admin,
             telemetry,
+            shutdown,
         })
     }
 }

@@ -94,8 +94,18 @@ pub struct SourceFile {
     pub text: String,
 }
 
-/// Reads every non-hidden `*.toml` in `dir`, sorted by name.
+/// Reads every non-hidden `*.toml` in `dir`, sorted by name (one version of a ConfigMap
+/// volume whole, see [`read_files`]).
 pub fn read_dir_files(dir: &Path) -> Result<Vec<SourceFile>, LoadErrors> {
+    let first = read_files(dir);
+    if first.is_err() && dir.join("..data").exists() {
+        // The read raced the kubelet's removal of the version it resolved: read the new one.
+        return read_files(dir);
+    }
+    first
+}
+
+fn read_files(dir: &Path) -> Result<Vec<SourceFile>, LoadErrors> {
     let io_err = |file: &str, e: std::io::Error| {
         LoadErrors(vec![LoadError {
             file: file.to_owned(),
@@ -106,6 +116,13 @@ pub fn read_dir_files(dir: &Path) -> Result<Vec<SourceFile>, LoadErrors> {
         }])
     };
     let dir_name = dir.display().to_string();
+    // A Kubernetes ConfigMap volume: every file is a link through `..data`, which the kubelet
+    // swaps atomically to a new timestamped directory. Reading each file through its own link
+    // could mix two versions when the swap lands mid-read; resolving `..data` once reads one
+    // version whole (the kubelet deletes the old directory only after the swap, so a read
+    // that races the deletion fails with an error and the next poll reads the new version).
+    let snapshot = std::fs::canonicalize(dir.join("..data")).ok();
+    let dir = snapshot.as_deref().filter(|d| d.is_dir()).unwrap_or(dir);
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err(&dir_name, e))? {
         let entry = entry.map_err(|e| io_err(&dir_name, e))?;

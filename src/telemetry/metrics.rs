@@ -46,8 +46,9 @@ use prometheus_client::registry::Registry;
 
 use crate::admin::Readiness;
 use crate::config::TelemetrySettings;
-use crate::identity::Identity;
+use crate::identity::{Identity, Tenants};
 use crate::outbox::Outbox;
+use crate::pricing::Pricing;
 use crate::upstream::credentials::Credentials;
 use crate::upstream::forwarder::ForwarderStats;
 
@@ -775,6 +776,8 @@ pub struct LiveState {
     pub identity: Arc<Identity>,
     pub outbox: Option<Outbox>,
     pub forwarder: Option<Arc<ForwarderStats>>,
+    pub tenants: Arc<Tenants>,
+    pub pricing: Arc<Pricing>,
 }
 
 impl fmt::Debug for LiveState {
@@ -789,6 +792,15 @@ struct ReasonLabels(&'static str);
 impl EncodeLabelSet for ReasonLabels {
     fn encode(&self, e: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
         encode_labels(e, &[("reason", Some(self.0))])
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SourceLabels(&'static str);
+
+impl EncodeLabelSet for SourceLabels {
+    fn encode(&self, e: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        encode_labels(e, &[("source", Some(self.0))])
     }
 }
 
@@ -836,6 +848,19 @@ impl Collector for LiveState {
             "1 while credyt refuses the platform key (delivery paused, not ready)",
             ConstGauge::new(i64::from(key_refused)),
         )?;
+        let mut family = e.encode_descriptor(
+            "credyt_proxy_reload_rejected",
+            "1 while the tenants file or pricing directory on disk was rejected at reload (the last good one serves)",
+            None,
+            ConstGauge::<i64>::TYPE,
+        )?;
+        for (source, rejected) in [
+            ("tenants", self.tenants.last_error().is_some()),
+            ("pricing", self.pricing.last_error().is_some()),
+        ] {
+            ConstGauge::new(i64::from(rejected))
+                .encode(family.encode_family(&SourceLabels(source))?)?;
+        }
         one(
             e,
             "credyt_proxy_identity_cached_customers",

@@ -87,6 +87,11 @@ impl PlatformKey {
         HeaderValue::clone(&self.current.load())
     }
 
+    /// Whether the key comes from a file (and can change while the proxy runs).
+    pub fn is_file(&self) -> bool {
+        matches!(self.source, KeySource::File(_))
+    }
+
     /// Reads the key file again; `Ok(true)` when the key changed.
     pub fn reload(&self) -> Result<bool, ClientError> {
         let KeySource::File(path) = &self.source else {
@@ -123,6 +128,9 @@ impl Default for Credentials {
 /// The first wait between checks while the key is refused, and the longest.
 const RECHECK_FIRST: Duration = Duration::from_secs(1);
 const RECHECK_MAX: Duration = Duration::from_secs(30);
+/// How often the key file is read while the key is accepted: a rotated Secret is in use (and
+/// checked) within this, before the platform revokes the old key.
+const KEY_FILE_POLL: Duration = Duration::from_secs(5);
 
 impl Credentials {
     pub fn state(&self) -> KeyState {
@@ -183,11 +191,18 @@ impl Credentials {
         let mut next = Instant::now() + wait;
         loop {
             let refused = self.is_refused();
+            let poll = if refused {
+                RECHECK_FIRST
+            } else {
+                KEY_FILE_POLL
+            };
             tokio::select! {
                 _ = self.suspect.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)), if refused => {
+                _ = tokio::time::sleep(poll), if refused || client.key().is_file() => {
                     let changed = client.key().reload().unwrap_or(false);
-                    if !changed && Instant::now() < next {
+                    if changed {
+                        tracing::info!("the platform key file changed; checking the new key");
+                    } else if !refused || Instant::now() < next {
                         continue;
                     }
                 }

@@ -31,10 +31,10 @@ const PRICE: Decimal = dec!(0.50);
 
 /// The emulator, one tenant (A, creating customers on first sight) and a data directory with
 /// the proxy's config, tenants file and outbox.
-struct Setup {
-    emulator: RunningEmulator,
-    http: reqwest::Client,
-    key: String,
+pub(super) struct Setup {
+    pub(super) emulator: RunningEmulator,
+    pub(super) http: reqwest::Client,
+    pub(super) key: String,
     account: String,
     dir: tempfile::TempDir,
     /// With [`Setup::with_relay`]: while true, Credyt's answers never reach the proxy.
@@ -78,7 +78,9 @@ async fn start_relay(to: std::net::SocketAddr, hold: Arc<AtomicBool>) -> String 
 }
 
 impl Setup {
-    async fn new(outbox_config: &str, grace_ms: u64) -> Setup {
+    /// `outbox_config` goes at the end of the `[outbox]` section (and may open further
+    /// sections, e.g. `[shutdown]`).
+    pub(super) async fn new(outbox_config: &str, grace_ms: u64) -> Setup {
         Self::build(outbox_config, grace_ms, false).await
     }
 
@@ -141,7 +143,7 @@ impl Setup {
         }
     }
 
-    fn config(&self) -> PathBuf {
+    pub(super) fn config(&self) -> PathBuf {
         self.dir.path().join("config.toml")
     }
 
@@ -187,7 +189,7 @@ impl Setup {
 
     /// Asserts that each external id was charged exactly `expected[ext]` events at 0.50, and
     /// nothing else anywhere.
-    async fn assert_charged_exactly(&self, expected: &BTreeMap<String, u64>) {
+    pub(super) async fn assert_charged_exactly(&self, expected: &BTreeMap<String, u64>) {
         let customers = self.customers().await;
         let state = self.state().await;
         for (ext, n) in expected {
@@ -209,10 +211,10 @@ impl Setup {
 }
 
 /// A running `credyt-proxy serve` child; SIGKILLed when dropped.
-struct Proxy {
-    child: Child,
-    url: String,
-    admin: String,
+pub(super) struct Proxy {
+    pub(super) child: Child,
+    pub(super) url: String,
+    pub(super) admin: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -225,7 +227,7 @@ impl Drop for Proxy {
 
 impl Proxy {
     /// Spawns the proxy and waits for its `credyt-proxy ready` log line.
-    async fn start(config: &Path) -> Proxy {
+    pub(super) async fn start(config: &Path) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_credyt-proxy"))
             .arg("serve")
             .arg("--config")
@@ -288,7 +290,7 @@ impl Proxy {
         self.child.wait().unwrap();
     }
 
-    fn sigterm(&self) {
+    pub(super) fn sigterm(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -296,11 +298,31 @@ impl Proxy {
         assert!(ok.success());
     }
 
-    fn log(&self) -> String {
+    /// Waits for the process to exit, at most until `limit` after `since`.
+    pub(super) async fn wait_exit(
+        &mut self,
+        since: Instant,
+        limit: Duration,
+    ) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                since.elapsed() < limit,
+                "still running {:?} after the signal (limit {limit:?})\n{}",
+                since.elapsed(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(super) fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 
-    async fn drained(&self, http: &reqwest::Client, limit: Duration) {
+    pub(super) async fn drained(&self, http: &reqwest::Client, limit: Duration) {
         eventually(limit, "the outbox to drain", || async {
             (metric(http, &self.admin, "credyt_proxy_outbox_depth").await? == 0).then_some(())
         })
@@ -308,7 +330,7 @@ impl Proxy {
     }
 }
 
-fn body(user: &str, ids: &[String]) -> Value {
+pub(super) fn body(user: &str, ids: &[String]) -> Value {
     let events: Vec<Value> = ids
         .iter()
         .map(|id| json!({"id": id, "event_type": "video_promoted", "occurred_at": ago(5)}))
@@ -317,19 +339,31 @@ fn body(user: &str, ids: &[String]) -> Value {
 }
 
 /// Load shared by the client tasks and the killer.
-struct Load {
+pub(super) struct Load {
     /// The current proxy's tenant URL.
-    url: Mutex<String>,
-    stop: AtomicBool,
-    acked: AtomicU64,
-    retries: AtomicU64,
-    duplicates: AtomicU64,
+    pub(super) url: Mutex<String>,
+    pub(super) stop: AtomicBool,
+    pub(super) acked: AtomicU64,
+    pub(super) retries: AtomicU64,
+    pub(super) duplicates: AtomicU64,
+}
+
+impl Load {
+    pub(super) fn new(url: &str) -> Arc<Load> {
+        Arc::new(Load {
+            url: Mutex::new(url.to_string()),
+            stop: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+        })
+    }
 }
 
 /// One client: posts requests of 1 to 4 events with unique ids for a few users, alternating
 /// `/events` and `/v1/events`, and retries a request it got no success for (same ids) until
 /// it gets one. Returns the acknowledged events per user.
-async fn client(
+pub(super) async fn client(
     t: usize,
     users: &'static [&'static str],
     key: String,
@@ -420,13 +454,7 @@ async fn kill_under_load(
         .await;
     }
     let mut proxy = Proxy::start(&setup.config()).await;
-    let load = Arc::new(Load {
-        url: Mutex::new(proxy.url.clone()),
-        stop: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-        retries: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-    });
+    let load = Load::new(&proxy.url);
     let clients: Vec<_> = (0..4)
         .map(|t| tokio::spawn(client(t, users, setup.key.clone(), load.clone())))
         .collect();
@@ -597,18 +625,9 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     }
     assert_eq!(answered, 4);
     let mut proxy = proxy;
-    let status = loop {
-        if let Some(status) = proxy.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < grace + Duration::from_secs(2),
-            "still running {:?} after SIGTERM (grace {grace:?})\n{}",
-            signalled.elapsed(),
-            proxy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = proxy
+        .wait_exit(signalled, grace + Duration::from_secs(2))
+        .await;
     let exited_after = signalled.elapsed();
     assert!(status.success(), "exit status {status:?}\n{}", proxy.log());
     assert!(

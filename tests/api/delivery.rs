@@ -264,6 +264,33 @@ async fn a_refused_key_at_start_is_not_ready_until_the_key_file_is_fixed() {
     w.stop().await;
 }
 
+/// A key file changed while its key is accepted (a rotated Secret) is read and checked within
+/// seconds, with no traffic to trigger it: a wrong new key shows as refused and not ready;
+/// the right one puts the proxy back in service.
+#[actix_web::test]
+async fn a_key_file_changed_while_the_key_is_accepted_is_checked_without_traffic() {
+    let w = World::start_with(Options {
+        credyt_config: "api_key_file = \"platform.key\"\ntimeout_ms = 5000".into(),
+        files: vec![("platform.key", format!("{PLATFORM_KEY}\n"))],
+        ..durable("")
+    })
+    .await;
+    assert_eq!(gauge(&w, KEY_REFUSED).await, 0);
+    std::fs::write(w.dir().join("platform.key"), "a-revoked-key\n").unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the new key to be checked and refused",
+        || async { (gauge(&w, KEY_REFUSED).await == 1).then_some(()) },
+    )
+    .await;
+    std::fs::write(w.dir().join("platform.key"), format!("{PLATFORM_KEY}\n")).unwrap();
+    eventually(Duration::from_secs(15), "the right key back", || async {
+        (gauge(&w, KEY_REFUSED).await == 0).then_some(())
+    })
+    .await;
+    w.stop().await;
+}
+
 /// Credyt starts refusing the platform key (401 everywhere) while tenants keep posting: the
 /// proxy keeps accepting (identities are cached), pauses delivery with every record pending and
 /// no dead letter, reports not ready, and delivers everything once the key works again.
