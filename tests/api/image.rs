@@ -570,6 +570,10 @@ async fn serve_drains_on_docker_stop_and_a_new_container_delivers_the_rest() {
     );
     let state = emu_state(&http, &emulator).await;
     assert_eq!(total_charges(&state), 0, "a charge got through the fault");
+    eprintln!(
+        "image: docker stop took {took:?} (grace {grace_ms} ms), {} undelivered at exit",
+        undelivered.unwrap_or_default()
+    );
 
     // Credyt is back; a new container on the same volume delivers what the first one kept.
     emu_clear_faults(&http, &emulator).await;
