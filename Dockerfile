@@ -22,8 +22,7 @@ ARG RUST_IMAGE=rust:1.89-bookworm
 
 FROM ${RUST_IMAGE} AS chef
 ARG CARGO_CHEF_VERSION=0.1.78
-RUN cargo install cargo-chef --version "${CARGO_CHEF_VERSION}" --locked \
-    && rm -rf "${CARGO_HOME}/registry"
+RUN cargo install cargo-chef --version "${CARGO_CHEF_VERSION}" --locked
 WORKDIR /src
 
 FROM chef AS planner
