@@ -10,6 +10,8 @@
 //! (`deny_unknown_fields`), so a typo never silently falls back to a default.
 
 pub mod raw;
+#[cfg(test)]
+mod reference;
 pub mod traces;
 
 use std::collections::HashMap;

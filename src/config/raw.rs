@@ -10,6 +10,11 @@
 //! [`RawSettings::validate`] checks the values. A new section is one field of [`RawSettings`]
 //! (its struct with `#[serde(deny_unknown_fields, default)]` and a `Default`, so that each key
 //! can be read alone) plus one line in `from_config`; a test fails if the line is missing.
+//!
+//! The `Default` impls are the documented defaults: `docs/configuration.md` states every key
+//! with its default, and the tests of `config::reference` compare the two (through `Serialize`,
+//! derived in test builds only, so no production code can serialize a configuration and its
+//! secrets).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -27,6 +32,7 @@ use super::{
 };
 
 #[derive(Debug, Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSettings {
     pub server: RawServer,
@@ -44,6 +50,7 @@ pub struct RawSettings {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     pub listen: String,
@@ -68,6 +75,7 @@ impl Default for RawServer {
 /// `[shutdown]`: what happens between the first SIGTERM and the exit (`server.shutdown_grace_ms`
 /// is the whole budget).
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawShutdown {
     /// How long the proxy keeps taking requests, not ready, while the endpoints that route to
@@ -76,6 +84,7 @@ pub struct RawShutdown {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     /// `pretty` or `json`.
@@ -94,6 +103,7 @@ impl Default for RawLog {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCredyt {
     pub base_url: String,
@@ -120,6 +130,7 @@ impl Default for RawCredyt {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTenants {
     pub file: String,
@@ -136,6 +147,7 @@ impl Default for RawTenants {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawPricing {
     pub dir: String,
@@ -152,6 +164,7 @@ impl Default for RawPricing {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawIngest {
     /// `durable` (default) or `upstream`.
@@ -181,6 +194,7 @@ impl Default for RawIngest {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawIdentity {
     pub ttl_secs: u64,
@@ -199,6 +213,7 @@ impl Default for RawIdentity {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawOutbox {
     pub dir: String,
@@ -243,6 +258,7 @@ impl Default for RawOutbox {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRateLimit {
     /// Default sustained events per second per tenant (a tenant may override).
@@ -261,6 +277,7 @@ impl Default for RawRateLimit {
 
 /// `[admin]`: the operator API on the admin port.
 #[derive(Debug, Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAdmin {
     /// Bearer token of the dead-letter endpoints (`/admin/...`); unset (the default) disables
@@ -270,6 +287,7 @@ pub struct RawAdmin {
 
 /// `[telemetry]`: what the proxy reports about itself besides its logs.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTelemetry {
     /// Label event, fee and rate-limit counters by tenant (default false).
@@ -350,7 +368,7 @@ fn admin_token(p: &mut Problems, token: Option<String>) -> Option<Secret> {
 
 /// The field names serde knows for a `#[derive(Deserialize)]` struct (its `deserialize_struct`
 /// call carries them), so unknown keys can be found without stopping at the first.
-fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+pub(crate) fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
     use serde::de::{self, Visitor};
 
     #[derive(Debug)]

@@ -348,6 +348,18 @@ pub(super) struct Load {
     pub(super) duplicates: AtomicU64,
 }
 
+impl Load {
+    pub(super) fn new(url: &str) -> Arc<Load> {
+        Arc::new(Load {
+            url: Mutex::new(url.to_string()),
+            stop: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+        })
+    }
+}
+
 /// One client: posts requests of 1 to 4 events with unique ids for a few users, alternating
 /// `/events` and `/v1/events`, and retries a request it got no success for (same ids) until
 /// it gets one. Returns the acknowledged events per user.
@@ -442,13 +454,7 @@ async fn kill_under_load(
         .await;
     }
     let mut proxy = Proxy::start(&setup.config()).await;
-    let load = Arc::new(Load {
-        url: Mutex::new(proxy.url.clone()),
-        stop: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-        retries: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-    });
+    let load = Load::new(&proxy.url);
     let clients: Vec<_> = (0..4)
         .map(|t| tokio::spawn(client(t, users, setup.key.clone(), load.clone())))
         .collect();

@@ -9,8 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -53,6 +52,19 @@ async fn post_events(setup: &Setup, proxy: &Proxy, user: &str, n: usize) {
     }
 }
 
+/// Credyt healthy again, a new process on the same outbox delivers what the last one left:
+/// `user` is charged exactly `n` events, and nothing else is charged.
+async fn restart_and_assert_charged(setup: Setup, user: &str, n: u64) {
+    emu_clear_faults(&setup.http, &setup.emulator).await;
+    let proxy = Proxy::start(&setup.config()).await;
+    proxy.drained(&setup.http, Duration::from_secs(20)).await;
+    setup
+        .assert_charged_exactly(&BTreeMap::from([(user.to_string(), n)]))
+        .await;
+    drop(proxy);
+    setup.emulator.stop().await;
+}
+
 /// Load running, SIGTERM: `/readyz` turns 503 first; requests keep succeeding during the
 /// drain delay; the process exits 0 within the grace period with the outbox delivered, and
 /// every event acknowledged before the exit is charged exactly once before any restart. The
@@ -72,13 +84,7 @@ async fn sigterm_follows_a_pods_shutdown_sequence() {
     .await;
     let http = &setup.http;
     let mut proxy = Proxy::start(&setup.config()).await;
-    let load = Arc::new(Load {
-        url: Mutex::new(proxy.url.clone()),
-        stop: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-        retries: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-    });
+    let load = Load::new(&proxy.url);
     let clients: Vec<_> = (0..4)
         .map(|t| tokio::spawn(client(t, USERS, setup.key.clone(), load.clone())))
         .collect();
@@ -192,14 +198,7 @@ async fn sigterm_with_credyt_down_exits_zero_and_the_next_start_delivers_the_res
     assert_eq!(total_charges(&state), 0);
     drop(proxy);
 
-    emu_clear_faults(&setup.http, &setup.emulator).await;
-    let proxy = Proxy::start(&setup.config()).await;
-    proxy.drained(&setup.http, Duration::from_secs(20)).await;
-    setup
-        .assert_charged_exactly(&BTreeMap::from([("down-0".into(), 12)]))
-        .await;
-    drop(proxy);
-    setup.emulator.stop().await;
+    restart_and_assert_charged(setup, "down-0", 12).await;
 }
 
 /// A second signal during the drain ends the process at once (status 143 for SIGTERM), long
@@ -228,14 +227,7 @@ async fn a_second_signal_exits_at_once_losing_nothing() {
     assert!(proxy.log().contains("second signal"), "{}", proxy.log());
     drop(proxy);
 
-    emu_clear_faults(&setup.http, &setup.emulator).await;
-    let proxy = Proxy::start(&setup.config()).await;
-    proxy.drained(&setup.http, Duration::from_secs(20)).await;
-    setup
-        .assert_charged_exactly(&BTreeMap::from([("twice-0".into(), 7)]))
-        .await;
-    drop(proxy);
-    setup.emulator.stop().await;
+    restart_and_assert_charged(setup, "twice-0", 7).await;
 }
 
 /// A volume as the kubelet writes a ConfigMap or Secret (its atomic writer): the files live in

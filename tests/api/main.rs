@@ -9,6 +9,7 @@ mod delivery;
 mod durable;
 mod emulator;
 mod identity;
+mod image;
 mod ingest;
 mod kubernetes;
 mod lifecycle;
