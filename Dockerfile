@@ -43,7 +43,8 @@ COPY pricing ./pricing
 COPY examples/sandbox ./examples/sandbox
 COPY docs/openapi.json ./docs/openapi.json
 RUN cargo build --release --locked --bin credyt-proxy \
-    && install -D -m 0755 target/release/credyt-proxy /out/credyt-proxy
+    && install -D -m 0755 target/release/credyt-proxy /out/credyt-proxy \
+    && strip --strip-debug /out/credyt-proxy
 
 # tests/api/image.rs builds this stage as written, with the host-built binary in place of the
 # build stage (it takes the text from the next line to the end of this file): everything the
