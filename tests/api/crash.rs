@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::proxy::{
     ago, emu_clear_faults, emu_faults, emu_post, emu_state, eventually, metric, repo,
-    start_emulator, total_charges, usd_charges, PLATFORM_KEY,
+    start_emulator, tenant_a_account, total_charges, usd_charges, PLATFORM_KEY,
 };
 
 /// `video_promoted` costs 0.50 USD per event, one fee (pricing/standard.toml).
@@ -99,15 +99,7 @@ impl Setup {
         };
         let http = reqwest::Client::new();
         let dir = tempfile::tempdir().unwrap();
-        let acc = emu_post(
-            &http,
-            &emulator,
-            "/accounts",
-            None,
-            json!({"name": "Tenant A", "external_id": "tenant-a"}),
-        )
-        .await;
-        let account = acc["id"].as_str().unwrap().to_string();
+        let account = tenant_a_account(&http, &emulator).await;
         let (key, hash) = credyt_proxy::identity::tenants::generate_key();
         std::fs::write(
             dir.path().join("tenants.toml"),

@@ -25,8 +25,8 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::proxy::{
-    ago, emu_clear_faults, emu_customer, emu_faults, emu_post, emu_requests, emu_state, eventually,
-    metric, repo, start_emulator, total_charges, usd_charges, wallet, PLATFORM_KEY,
+    ago, emu_clear_faults, emu_customer, emu_faults, emu_requests, emu_state, eventually, metric,
+    repo, start_emulator, tenant_a_account, total_charges, usd_charges, wallet, PLATFORM_KEY,
 };
 
 /// The first line of the Dockerfile's runtime stage.
@@ -441,17 +441,7 @@ async fn serve_drains_on_docker_stop_and_a_new_container_delivers_the_rest() {
     let volume = res.volume();
     let http = reqwest::Client::new();
     let emulator = start_emulator().await;
-    let account = emu_post(
-        &http,
-        &emulator,
-        "/accounts",
-        None,
-        json!({"name": "Tenant A", "external_id": "tenant-a"}),
-    )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let account = tenant_a_account(&http, &emulator).await;
     let (key, hash) = credyt_proxy::identity::tenants::generate_key();
     // The two secrets the image's config names, readable by the proxy's user.
     let secrets = tempfile::tempdir().unwrap();

@@ -16,8 +16,8 @@ use serde_json::json;
 
 use super::crash::{body, client, Load, Proxy, Setup};
 use super::proxy::{
-    ago, emu_clear_faults, emu_faults, emu_post, emu_state, eventually, metric, repo,
-    start_emulator, total_charges, PLATFORM_KEY,
+    ago, emu_clear_faults, emu_faults, emu_state, eventually, metric, repo, start_emulator,
+    tenant_a_account, total_charges, PLATFORM_KEY,
 };
 
 const USERS: &[&str] = &["pod-0", "pod-1", "pod-2"];
@@ -314,15 +314,7 @@ fn tenant_entry(id: &str, hash: &str, account: &str) -> String {
 async fn configmap_and_secret_updates_apply_without_a_restart() {
     let emulator = start_emulator().await;
     let http = reqwest::Client::new();
-    let acc = emu_post(
-        &http,
-        &emulator,
-        "/accounts",
-        None,
-        json!({"name": "Tenant A", "external_id": "tenant-a"}),
-    )
-    .await;
-    let account = acc["id"].as_str().unwrap().to_string();
+    let account = tenant_a_account(&http, &emulator).await;
     let (key_a, hash_a) = credyt_proxy::identity::tenants::generate_key();
     let (key_b, hash_b) = credyt_proxy::identity::tenants::generate_key();
     let dir = tempfile::tempdir().unwrap();

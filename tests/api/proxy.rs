@@ -454,6 +454,19 @@ async fn build_app(
 }
 
 /// Replaces the emulator's fault rules (`PUT /_emulator/faults`).
+/// Creates tenant A's connected account (`external_id` `tenant-a`) at the emulator; its id.
+pub async fn tenant_a_account(http: &reqwest::Client, emu: &RunningEmulator) -> String {
+    let acc = emu_post(
+        http,
+        emu,
+        "/accounts",
+        None,
+        json!({"name": "Tenant A", "external_id": "tenant-a"}),
+    )
+    .await;
+    acc["id"].as_str().unwrap().to_string()
+}
+
 pub async fn emu_faults(http: &reqwest::Client, emu: &RunningEmulator, rules: Value) {
     let resp = http
         .put(format!("{}/_emulator/faults", emu.url()))
