@@ -39,10 +39,75 @@ pub enum AccountRef {
     ExternalId(String),
 }
 
+/// Where a tenant receives the Credyt webhooks of its account, relayed and re-signed per the
+/// Standard Webhooks specification (see [`crate::webhooks`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantWebhook {
+    /// An `http(s)://` URL.
+    pub url: String,
+    /// The tenant's `whsec_<base64>` signing secrets: every delivery carries one signature per
+    /// secret, so a tenant can rotate (add the new one, switch its verifier, drop the old).
+    pub secrets: Vec<WebhookSecret>,
+    /// Topics relayed to the tenant; `None`: all.
+    pub topics: Option<Vec<String>>,
+}
+
+impl TenantWebhook {
+    pub fn wants(&self, topic: &str) -> bool {
+        self.topics
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == "*" || x == topic))
+    }
+}
+
+impl std::fmt::Debug for TenantWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantWebhook")
+            .field("url", &self.url)
+            .field("secrets", &self.secrets.len())
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+/// A Standard Webhooks signing secret: `whsec_` and the base64 of the key bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret {
+    key: Vec<u8>,
+}
+
+impl WebhookSecret {
+    /// Parses `whsec_<base64>` (at least 24 key bytes, as Standard Webhooks recommends).
+    pub fn parse(s: &str) -> Option<WebhookSecret> {
+        use base64::Engine;
+        let b64 = s.strip_prefix("whsec_")?;
+        let key = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        (key.len() >= 24 && key.len() <= 64).then_some(WebhookSecret { key })
+    }
+
+    /// A fresh random secret (32 bytes) in its `whsec_` form.
+    pub fn generate() -> String {
+        use base64::Engine;
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
 /// One tenant, as configured.
 pub struct Tenant {
     pub id: TenantId,
+    /// A display name (as given to `tenant create`); informational.
+    pub name: Option<String>,
     pub account: AccountRef,
+    pub webhook: Option<TenantWebhook>,
     pub create_customers: bool,
     pub forward: ForwardMode,
     pub limiter: Arc<TenantLimiter>,
@@ -116,6 +181,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawTenant {
     id: String,
+    name: Option<String>,
     #[serde(default)]
     key_hashes: Vec<String>,
     account: Option<String>,
@@ -125,6 +191,16 @@ struct RawTenant {
     #[serde(default)]
     forward: Option<String>,
     rate_limit: Option<RawRate>,
+    webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    secrets: Vec<String>,
+    topics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +299,46 @@ impl TenantTable {
                     }
                 },
             };
+            let webhook = t.webhook.and_then(|w| {
+                let before = problems.len();
+                let url_ok = reqwest::Url::parse(&w.url)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+                if !url_ok {
+                    problems.push(format!(
+                        "{at}: webhook.url `{}` is not an http(s) URL",
+                        w.url
+                    ));
+                }
+                if w.secrets.is_empty() {
+                    problems.push(format!(
+                        "{at}: webhook.secrets must list at least one whsec_ secret"
+                    ));
+                }
+                let secrets: Vec<_> = w
+                    .secrets
+                    .iter()
+                    .filter_map(|s| {
+                        let parsed = WebhookSecret::parse(s);
+                        if parsed.is_none() {
+                            problems.push(format!(
+                                "{at}: a webhook secret is not whsec_<base64 of 24 to 64 bytes>"
+                            ));
+                        }
+                        parsed
+                    })
+                    .collect();
+                if w.topics
+                    .as_ref()
+                    .is_some_and(|t| t.iter().any(String::is_empty))
+                {
+                    problems.push(format!("{at}: webhook.topics holds an empty topic"));
+                }
+                (problems.len() == before).then_some(TenantWebhook {
+                    url: w.url,
+                    secrets,
+                    topics: w.topics,
+                })
+            });
             let id = TenantId::new(t.id.as_str());
             let limiter = previous
                 .and_then(|p| p.by_id.get(&id))
@@ -231,7 +347,9 @@ impl TenantTable {
                 .unwrap_or_else(|| Arc::new(TenantLimiter::new(quota)));
             let tenant = Arc::new(Tenant {
                 id: id.clone(),
+                name: t.name,
                 account,
+                webhook,
                 create_customers: t.create_customers,
                 forward,
                 limiter,
