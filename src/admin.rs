@@ -358,6 +358,18 @@ impl From<DeadLetter> for DeadLetterView {
                 amount: None,
                 asset: None,
             },
+            Delivery::Webhook(w) => DeliveryView {
+                kind: "webhook",
+                tenant: w.tenant.map(|t| t.to_string()).unwrap_or_default(),
+                account: w.account.map(|a| a.to_string()).unwrap_or_default(),
+                customer: w.customer.map(|c| c.id.to_string()).unwrap_or_default(),
+                event_id: w.id.to_string(),
+                event_type: Some(w.topic),
+                transaction_id: None,
+                price_id: None,
+                amount: None,
+                asset: None,
+            },
         };
         DeadLetterView {
             seq: l.seq,

@@ -30,6 +30,8 @@ use crate::upstream::credentials::{Credentials, KeyStatus};
 use crate::upstream::forward::Forwarder;
 use crate::upstream::forwarder::{ForwarderHandle, ForwarderSettings};
 use crate::upstream::CredytClient;
+use crate::webhooks::deliver::DelivererHandle;
+use crate::webhooks::Relay;
 
 /// A running proxy.
 pub struct Application {
@@ -43,7 +45,16 @@ pub struct Application {
     shutdown: crate::config::ShutdownSettings,
     outbox: Option<Outbox>,
     forwarder: Option<ForwarderHandle>,
+    relay: Option<RelayParts>,
     traces: Option<Traces>,
+}
+
+/// The webhook relay, when configured: its listener, deliverer and outbox.
+struct RelayParts {
+    addr: SocketAddr,
+    server: ServerHandle,
+    deliverer: DelivererHandle,
+    outbox: Outbox,
 }
 
 /// The tenant port's server. Built from actix-server and actix-http rather than `HttpServer`
@@ -97,15 +108,82 @@ fn tenant_server(
     Ok(server)
 }
 
+/// The sync policy of `outbox.sync` (the relay's outbox follows it too).
+fn sync_policy(settings: &Settings) -> SyncPolicy {
+    match settings.outbox.sync {
+        SyncMode::Always => SyncPolicy::Always,
+        SyncMode::Interval => SyncPolicy::Interval(settings.outbox.sync_interval),
+    }
+}
+
+/// Starts the webhook relay: opens (and recovers) its outbox, starts its deliverer and binds
+/// its listener.
+async fn start_relay(
+    settings: &Settings,
+    tenants: &Arc<Tenants>,
+    identity: &Arc<Identity>,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<RelayParts>> {
+    let Some(w) = settings.webhooks.clone() else {
+        return Ok(None);
+    };
+    let outbox_settings = OutboxSettings {
+        sync: sync_policy(settings),
+        max_pending: w.max_pending,
+        dedupe_window: w.dedupe_window,
+        log_preallocate: settings.outbox.sync == SyncMode::Always,
+        // Webhooks are few: small segments.
+        log_segment_bytes: 4 * 1024 * 1024,
+        ..OutboxSettings::new(w.dir.clone())
+    };
+    let dir = w.dir.clone();
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(outbox_settings))
+        .await
+        .context("opening the webhook outbox")?
+        .with_context(|| format!("opening the webhook outbox in {}", dir.display()))?;
+    let deliverer = DelivererHandle::spawn(
+        outbox.clone(),
+        Arc::clone(tenants),
+        Arc::clone(identity),
+        w.clone(),
+        metrics.webhooks.clone(),
+    )
+    .context("starting the webhook deliverer")?;
+    let listener = TcpListener::bind(w.listen).with_context(|| format!("binding {}", w.listen))?;
+    let addr = listener.local_addr()?;
+    let path = w.path.clone();
+    let relay = web::Data::new(Relay::new(
+        w,
+        Arc::clone(tenants),
+        Arc::clone(identity),
+        outbox.clone(),
+        metrics.webhooks.clone(),
+    ));
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(relay.clone())
+            .configure(crate::webhooks::routes(&path))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok(Some(RelayParts {
+        addr,
+        server: handle,
+        deliverer,
+        outbox,
+    }))
+}
+
 /// Opens (and recovers) the outbox before anything is accepted.
 async fn open_outbox(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Outbox> {
     let s = &settings.outbox;
     let outbox_settings = OutboxSettings {
         dir: s.dir.clone(),
-        sync: match s.sync {
-            SyncMode::Always => SyncPolicy::Always,
-            SyncMode::Interval => SyncPolicy::Interval(s.sync_interval),
-        },
+        sync: sync_policy(settings),
         max_pending: s.max_pending,
         dedupe_window: settings.ingest.dedupe_window,
         max_group: s.max_group,
@@ -202,6 +280,7 @@ impl Application {
                 (Sink::Durable(outbox.clone()), Some(outbox), forwarder)
             }
         };
+        let relay = start_relay(&settings, &tenants, &identity, &metrics).await?;
         let readiness = Arc::new(Readiness::default());
         metrics.register_live(LiveState {
             readiness: Arc::clone(&readiness),
@@ -264,6 +343,7 @@ impl Application {
             tenants = tenants.current().len(),
             pricing_version = pricing.current().version(),
             ack = ?settings.ingest.ack,
+            webhook_relay = ?relay.as_ref().map(|r| r.addr),
             "credyt-proxy ready"
         );
         crate::admin::log_dead_letter_endpoints(&settings);
@@ -278,8 +358,14 @@ impl Application {
             shutdown: settings.shutdown.clone(),
             outbox,
             forwarder,
+            relay,
             traces,
         })
+    }
+
+    /// The webhook relay's address, when the relay is configured.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().map(|r| r.addr)
     }
 
     /// The application's trace pipeline, when traces are configured.
@@ -348,7 +434,16 @@ impl Application {
             tokio::time::sleep(self.shutdown.drain_delay).await;
         }
         tracing::info!("stopped accepting; finishing in-flight requests");
-        let graceful = self.tenant_server.stop(true);
+        let relay_server = self.relay.as_ref().map(|r| r.server.clone());
+        let graceful = async {
+            let tenant = self.tenant_server.stop(true);
+            match relay_server {
+                Some(relay) => {
+                    futures_util::future::join(tenant, relay.stop(true)).await;
+                }
+                None => tenant.await,
+            }
+        };
         if tokio::time::timeout_at(deadline, graceful).await.is_err() {
             tracing::warn!(
                 grace_ms = self.shutdown.grace.as_millis() as u64,
@@ -364,6 +459,22 @@ impl Application {
             forwarder
                 .stop(left.max(std::time::Duration::from_millis(100)))
                 .await;
+        }
+        if let Some(relay) = self.relay {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            relay
+                .deliverer
+                .stop(left.min(std::time::Duration::from_secs(2)))
+                .await;
+            let depth = relay.outbox.depth();
+            if let Err(e) = relay.outbox.close().await {
+                tracing::error!(error = %e, "closing the webhook outbox failed");
+            } else if depth > 0 {
+                tracing::info!(
+                    undelivered = depth,
+                    "webhook outbox closed; undelivered webhooks are sent at the next start"
+                );
+            }
         }
         // The state holds a clone of the outbox; closing ours syncs it.
         if let Some(outbox) = self.outbox {

@@ -265,26 +265,65 @@ pub enum Delivery {
     Charge(Debit),
     /// A usage event (`POST /events`).
     Usage(ForwardedUsage),
+    /// A Credyt webhook to relay to a tenant (the relay's own outbox only; see
+    /// [`crate::webhooks`]).
+    Webhook(RelayedWebhook),
+}
+
+/// A Credyt webhook as the relay recorded it: what its tenant-facing delivery is built from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayedWebhook {
+    /// Credyt's envelope id (`whe_...` or `evt_...`): the dedupe key and the `webhook-id`.
+    pub id: EventId,
+    /// The topic (`event_type` of the C4P envelope, `type` of the generic one).
+    pub topic: String,
+    /// When it occurred per Credyt, as Credyt wrote it (RFC 3339).
+    pub occurred_at: String,
+    /// The connected account it is about (absent in a generic envelope of the platform).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountId>,
+    /// The tenant owning that account when it arrived; `None`: unroutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
+    /// `data.customer_id` with the end user's external id, when the data names a customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<WebhookCustomer>,
+    /// Credyt's `data`, verbatim (numbers exact).
+    pub data: serde_json::Value,
+    pub received_at: DateTime<Utc>,
+}
+
+/// The end user a webhook is about, as the tenant knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookCustomer {
+    pub id: CustomerId,
+    /// `None` when the customer has no external id (or is not found in the account).
+    pub external_id: Option<String>,
 }
 
 impl Delivery {
-    pub fn tenant(&self) -> &TenantId {
+    /// The tenant it belongs to (`None`: a webhook no tenant owns).
+    pub fn tenant(&self) -> Option<&TenantId> {
         match self {
-            Delivery::Charge(d) => &d.tenant,
-            Delivery::Usage(u) => &u.tenant,
+            Delivery::Charge(d) => Some(&d.tenant),
+            Delivery::Usage(u) => Some(&u.tenant),
+            Delivery::Webhook(w) => w.tenant.as_ref(),
         }
     }
+    /// The event id (a webhook's: Credyt's envelope id).
     pub fn event_id(&self) -> &EventId {
         match self {
             Delivery::Charge(d) => &d.event_id,
             Delivery::Usage(u) => &u.event.id,
+            Delivery::Webhook(w) => &w.id,
         }
     }
-    /// When the proxy accepted the event this delivery belongs to.
+    /// When the proxy accepted the event (or received the webhook) this delivery belongs to.
     pub fn accepted_at(&self) -> DateTime<Utc> {
         match self {
             Delivery::Charge(d) => d.accepted_at,
             Delivery::Usage(u) => u.accepted_at,
+            Delivery::Webhook(w) => w.received_at,
         }
     }
 }

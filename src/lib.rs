@@ -66,3 +66,4 @@ pub mod ratelimit;
 pub mod shutdown;
 pub mod telemetry;
 pub mod upstream;
+pub mod webhooks;

@@ -211,6 +211,31 @@ impl Default for TelemetrySettings {
     }
 }
 
+/// The webhook relay (see `crate::webhooks`); present when `credyt_secrets` is set.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// Secrets of the platform's `connect: true` destination(s) in Credyt; a webhook is
+    /// accepted when any of them signed it (rotation).
+    pub credyt_secrets: Vec<Secret>,
+    /// The relay's own listener (the one address exposed to Credyt).
+    pub listen: SocketAddr,
+    pub path: String,
+    /// The relay's outbox directory (received webhooks and their dedupe ids).
+    pub dir: PathBuf,
+    /// Largest accepted `|now - t|` of a `Credyt-Signature`.
+    pub tolerance: Duration,
+    pub max_body_bytes: usize,
+    /// How long webhook ids are remembered (at least 7 days).
+    pub dedupe_window: Duration,
+    /// Timeout of one delivery attempt to a tenant.
+    pub attempt_timeout: Duration,
+    /// The waits before each retry after the first attempt; after the last, a dead letter.
+    pub retry_schedule: Vec<Duration>,
+    /// Deliveries in flight to one tenant at once.
+    pub per_tenant_concurrency: usize,
+    pub max_pending: usize,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -226,6 +251,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub telemetry: TelemetrySettings,
     pub shutdown: ShutdownSettings,
+    /// `None`: the webhook relay is off.
+    pub webhooks: Option<WebhookSettings>,
 }
 
 impl Settings {

@@ -29,6 +29,7 @@ use super::{
     AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
     LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
     ServerSettings, Settings, ShutdownSettings, SyncMode, TelemetrySettings, TenantsSettings,
+    WebhookSettings,
 };
 
 #[derive(Debug, Deserialize, Default)]
@@ -47,6 +48,7 @@ pub struct RawSettings {
     pub admin: RawAdmin,
     pub telemetry: RawTelemetry,
     pub shutdown: RawShutdown,
+    pub webhooks: RawWebhooks,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +71,121 @@ impl Default for RawServer {
             max_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 20_000,
         }
+    }
+}
+
+/// `[webhooks]`: the relay of Credyt's webhooks to tenants (off while `credyt_secrets` is
+/// empty). Lists may also be given as one comma-separated string (environment variables).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWebhooks {
+    #[serde(deserialize_with = "list_or_csv")]
+    pub credyt_secrets: Vec<String>,
+    pub listen: String,
+    pub path: String,
+    pub dir: String,
+    pub tolerance_secs: u64,
+    pub max_body_bytes: u64,
+    pub dedupe_window_secs: u64,
+    pub attempt_timeout_ms: u64,
+    #[serde(deserialize_with = "list_or_csv")]
+    pub retry_schedule_ms: Vec<u64>,
+    pub per_tenant_concurrency: u64,
+    pub max_pending: u64,
+}
+
+impl RawWebhooks {
+    fn validate(
+        self,
+        p: &mut Problems,
+        resolve: &dyn Fn(&str) -> std::path::PathBuf,
+    ) -> Option<WebhookSettings> {
+        let listen = p.addr("webhooks.listen", &self.listen);
+        if !self.path.starts_with('/') || self.path.contains(['?', '#']) {
+            p.push(
+                "webhooks.path",
+                "must be an absolute path such as /webhooks/credyt",
+            );
+        }
+        if self.credyt_secrets.iter().any(|s| s.trim().is_empty()) {
+            p.push("webhooks.credyt_secrets", "holds an empty secret");
+        }
+        if self.dedupe_window_secs < 7 * 24 * 3600 {
+            p.push(
+                "webhooks.dedupe_window_secs",
+                "must be at least 604800 (7 days): credyt redelivers a webhook for hours",
+            );
+        }
+        if self.retry_schedule_ms.len() > 30 {
+            p.push("webhooks.retry_schedule_ms", "must have at most 30 retries");
+        }
+        let settings = WebhookSettings {
+            credyt_secrets: self.credyt_secrets.into_iter().map(Secret::new).collect(),
+            listen,
+            path: self.path,
+            dir: resolve(&self.dir),
+            tolerance: Duration::from_secs(
+                p.nonzero("webhooks.tolerance_secs", self.tolerance_secs),
+            ),
+            max_body_bytes: p.nonzero("webhooks.max_body_bytes", self.max_body_bytes) as usize,
+            dedupe_window: Duration::from_secs(self.dedupe_window_secs),
+            attempt_timeout: p.positive_ms("webhooks.attempt_timeout_ms", self.attempt_timeout_ms),
+            retry_schedule: self
+                .retry_schedule_ms
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            per_tenant_concurrency: p.nonzero(
+                "webhooks.per_tenant_concurrency",
+                self.per_tenant_concurrency,
+            ) as usize,
+            max_pending: p.nonzero("webhooks.max_pending", self.max_pending) as usize,
+        };
+        (!settings.credyt_secrets.is_empty()).then_some(settings)
+    }
+}
+
+impl Default for RawWebhooks {
+    fn default() -> Self {
+        Self {
+            credyt_secrets: Vec::new(),
+            listen: "127.0.0.1:8082".into(),
+            path: "/webhooks/credyt".into(),
+            dir: "data/webhooks".into(),
+            tolerance_secs: 300,
+            max_body_bytes: 256 * 1024,
+            dedupe_window_secs: 7 * 24 * 3600,
+            attempt_timeout_ms: 10_000,
+            retry_schedule_ms: vec![5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000],
+            per_tenant_concurrency: 4,
+            max_pending: 100_000,
+        }
+    }
+}
+
+/// A list from a TOML array, or from one string of comma-separated items (what an environment
+/// variable can hold).
+fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + Deserialize<'de>,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        List(Vec<T>),
+        Csv(String),
+    }
+    match Either::<T>::deserialize(d)? {
+        Either::List(items) => Ok(items),
+        Either::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse::<T>().map_err(serde::de::Error::custom))
+            .collect(),
     }
 }
 
@@ -516,6 +633,7 @@ impl RawSettings {
             admin: section(&mut p, c, &mut root, "admin"),
             telemetry: section(&mut p, c, &mut root, "telemetry"),
             shutdown: section(&mut p, c, &mut root, "shutdown"),
+            webhooks: section(&mut p, c, &mut root, "webhooks"),
         };
         // What is left is not a section of the file.
         let mut unknown: Vec<String> = root.into_keys().collect();
@@ -784,6 +902,8 @@ impl RawSettings {
             );
         }
 
+        let webhooks = self.webhooks.validate(&mut p, &resolve);
+
         let rate_limit = RateLimitDefaults {
             per_second: nonzero_u32(&mut p, "rate_limit.per_second", self.rate_limit.per_second),
             burst: nonzero_u32(&mut p, "rate_limit.burst", self.rate_limit.burst),
@@ -825,6 +945,7 @@ impl RawSettings {
             admin,
             telemetry,
             shutdown,
+            webhooks,
         })
     }
 }

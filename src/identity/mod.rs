@@ -88,8 +88,9 @@ pub struct Identity {
     missing_accounts: Cache<AccountKey, ()>,
     customers: Cache<CustomerKey, CustomerId>,
     missing: Cache<CustomerKey, ()>,
-    /// Customer ids sent directly: whether each belongs to the account.
-    owned: Cache<(AccountId, CustomerId), bool>,
+    /// Customer ids sent directly (or named by a webhook): whether each belongs to the
+    /// account (`Some`), with its external id.
+    owned: Cache<(AccountId, CustomerId), Option<Option<Arc<str>>>>,
     metrics: IdentityMetrics,
 }
 
@@ -270,6 +271,27 @@ impl Identity {
         account: &AccountId,
         customer: &CustomerId,
     ) -> Result<CustomerId, IdentityError> {
+        match self.owned_customer(account, customer).await? {
+            Some(_) => Ok(customer.clone()),
+            None => Err(IdentityError::UnknownCustomer(customer.to_string())),
+        }
+    }
+
+    /// The end user's external id of `customer` in `account`: the id the tenant knows it by
+    /// (`Ok(None)`: the customer has none, or is not in that account).
+    pub async fn external_id_of(
+        &self,
+        account: &AccountId,
+        customer: &CustomerId,
+    ) -> Result<Option<Arc<str>>, IdentityError> {
+        Ok(self.owned_customer(account, customer).await?.flatten())
+    }
+
+    async fn owned_customer(
+        &self,
+        account: &AccountId,
+        customer: &CustomerId,
+    ) -> Result<Option<Option<Arc<str>>>, IdentityError> {
         const KIND: LookupKind = LookupKind::CustomerCheck;
         let key = (account.clone(), customer.clone());
         let loaded = std::sync::atomic::AtomicBool::new(false);
@@ -280,21 +302,41 @@ impl Identity {
                 self.load(KIND, &loaded, async {
                     self.metrics.upstream_lookup(KIND);
                     self.client
-                        .customer_exists(account, customer)
+                        .customer_external_id(account, customer)
                         .await
+                        .map(|found| found.map(|ext| ext.map(Arc::from)))
                         .map_err(Miss::from)
                 }),
             )
             .await;
         self.count_hit(KIND, &loaded);
-        let owned = owned.map_err(|m| {
-            Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string()))
-        })?;
-        if owned {
-            Ok(customer.clone())
-        } else {
-            Err(IdentityError::UnknownCustomer(customer.to_string()))
+        owned
+            .map_err(|m| Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string())))
+    }
+
+    /// The tenant of `table` whose connected account is `account`: tenants configured by id
+    /// first, then those configured by external id, resolved through the account cache.
+    pub async fn tenant_of_account(
+        &self,
+        table: &TenantTable,
+        account: &AccountId,
+    ) -> Result<Option<Arc<Tenant>>, IdentityError> {
+        if let Some(t) = table
+            .iter()
+            .find(|t| t.account == AccountRef::Id(account.clone()))
+        {
+            return Ok(Some(t.clone()));
         }
+        for t in table.iter() {
+            if matches!(t.account, AccountRef::ExternalId(_)) {
+                match self.account(t).await {
+                    Ok(id) if &id == account => return Ok(Some(t.clone())),
+                    Ok(_) | Err(IdentityError::UnknownAccount(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Number of cached end-user mappings (for metrics and the memory benchmark).

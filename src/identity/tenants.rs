@@ -149,6 +149,11 @@ impl TenantTable {
         self.by_id.len()
     }
 
+    /// Every tenant, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.by_id.values()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }

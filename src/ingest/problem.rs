@@ -17,6 +17,7 @@ use crate::outcome::Rejection;
 use crate::pricing::QuoteError;
 use crate::ratelimit::{RateLimited, Refusal};
 use crate::upstream::UpstreamError;
+use crate::webhooks::verify::SignatureError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -67,6 +68,12 @@ pub enum ApiError {
     /// An error the HTTP layer answered without saying more.
     #[error("internal error")]
     Internal,
+    /// A webhook whose `Credyt-Signature` does not verify (the relay listener).
+    #[error("{0}")]
+    Signature(SignatureError),
+    /// A signed webhook body that is not a Credyt webhook envelope (the relay listener).
+    #[error("{0}")]
+    InvalidWebhook(String),
 }
 
 impl From<Refusal> for ApiError {
@@ -136,6 +143,11 @@ impl ApiError {
             ApiError::MalformedRequest => "malformed_request",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::Internal => "internal_error",
+            ApiError::Signature(SignatureError::Missing) => "missing_signature",
+            ApiError::Signature(SignatureError::Malformed(_)) => "malformed_signature",
+            ApiError::Signature(SignatureError::Stale { .. }) => "stale_signature",
+            ApiError::Signature(SignatureError::Mismatch) => "invalid_signature",
+            ApiError::InvalidWebhook(_) => "invalid_webhook",
         }
     }
 
@@ -167,6 +179,9 @@ impl ApiError {
             ApiError::MalformedRequest => "Bad Request",
             ApiError::RequestTimeout => "Request Timeout",
             ApiError::Internal => "Internal Server Error",
+            ApiError::Signature(SignatureError::Malformed(_)) => "Bad Request",
+            ApiError::Signature(_) => "Unauthorized",
+            ApiError::InvalidWebhook(_) => "Bad Request",
         }
     }
 
@@ -237,6 +252,9 @@ impl ResponseError for ApiError {
             ApiError::MalformedRequest => StatusCode::BAD_REQUEST,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Signature(SignatureError::Malformed(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -275,6 +293,11 @@ impl ResponseError for ApiError {
 }
 
 impl ApiError {
+    /// A 4xx: the request's fault.
+    pub fn is_client_error(&self) -> bool {
+        self.status_code().is_client_error()
+    }
+
     /// The problem+json body of this error.
     pub fn problem_json(&self) -> Vec<u8> {
         let status = self.status_code();

@@ -160,8 +160,11 @@ pub enum DeadCode {
     Refused,
     /// Credyt answered 409: the `transaction_id` was used before with a different body.
     Conflict,
-    /// It kept failing transiently past the forwarder's maximum age.
+    /// It kept failing transiently past the forwarder's maximum age (a relayed webhook: past
+    /// the last attempt of the retry schedule).
     RetriesExhausted,
+    /// A relayed webhook no tenant (with a webhook endpoint) owns.
+    Unroutable,
 }
 
 impl DeadCode {
@@ -170,6 +173,7 @@ impl DeadCode {
             DeadCode::Refused => "refused",
             DeadCode::Conflict => "conflict",
             DeadCode::RetriesExhausted => "retries_exhausted",
+            DeadCode::Unroutable => "unroutable",
         }
     }
 }

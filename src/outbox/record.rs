@@ -67,7 +67,7 @@ pub(crate) fn encode_into(delivery: &Delivery, out: &mut Vec<u8>) -> Result<(), 
             w.debit(debit);
             Ok(())
         }
-        Delivery::Usage(_) => {
+        Delivery::Usage(_) | Delivery::Webhook(_) => {
             #[derive(Serialize)]
             struct Ref<'a> {
                 delivery: &'a Delivery,
@@ -405,7 +405,7 @@ mod tests {
     fn golden_debit(trace: Option<TraceContext>) -> Delivery {
         let mut d = match crate::outbox::tests::debit("tenant-a", "evt-1", "p0") {
             Delivery::Charge(d) => d,
-            Delivery::Usage(_) => unreachable!(),
+            Delivery::Usage(_) | Delivery::Webhook(_) => unreachable!(),
         };
         d.accepted_at = DateTime::from_timestamp(1_790_000_000, 123_456_789).unwrap();
         d.trace = trace;

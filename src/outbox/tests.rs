@@ -77,7 +77,7 @@ pub(crate) fn event(tenant: &str, id: &str, prices: usize) -> AcceptedEvent {
 fn tx_of(d: &Delivery) -> Uuid {
     match d {
         Delivery::Charge(c) => c.transaction_id,
-        Delivery::Usage(_) => Uuid::nil(),
+        Delivery::Usage(_) | Delivery::Webhook(_) => Uuid::nil(),
     }
 }
 

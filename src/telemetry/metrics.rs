@@ -69,6 +69,9 @@ const EVENTS_PER_REQUEST: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 25
 const DISK_SECONDS: [f64; 13] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
+const WEBHOOK_LATENCY_SECONDS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 36000.0,
+];
 const GROUP_APPENDS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 const UPSTREAM_SECONDS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -508,6 +511,99 @@ impl OutboxMetrics {
     }
 }
 
+/// What became of a webhook Credyt posted to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WebhookReceipt {
+    /// Recorded for delivery to its tenant.
+    Accepted,
+    /// Its id was recorded before (a redelivery): nothing recorded again.
+    Duplicate,
+    /// No tenant owns its account: recorded as a dead letter.
+    Unroutable,
+    /// Its tenant has no webhook endpoint, or does not take its topic: nothing to deliver.
+    Filtered,
+    /// Refused: signature, timestamp, body or size (4xx, nothing recorded).
+    Refused,
+}
+
+impl WebhookReceipt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookReceipt::Accepted => "accepted",
+            WebhookReceipt::Duplicate => "duplicate",
+            WebhookReceipt::Unroutable => "unroutable",
+            WebhookReceipt::Filtered => "filtered",
+            WebhookReceipt::Refused => "refused",
+        }
+    }
+}
+
+/// One attempt to deliver a webhook to a tenant's endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WebhookAttempt {
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// Anything else (another status, a timeout, no connection): retried per the schedule.
+    Failed,
+}
+
+impl WebhookAttempt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookAttempt::Delivered => "delivered",
+            WebhookAttempt::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StaticLabel(&'static str, &'static str);
+
+impl EncodeLabelSet for StaticLabel {
+    fn encode(&self, e: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        encode_labels(e, &[(self.0, Some(self.1))])
+    }
+}
+
+/// The webhook relay: receipts, delivery attempts, dead letters, and the time from receipt to
+/// delivery.
+#[derive(Debug, Clone)]
+pub struct WebhookMetrics {
+    received: Family<StaticLabel, Counter>,
+    attempts: Family<StaticLabel, Counter>,
+    dead: Family<StaticLabel, Counter>,
+    delivery_latency: Histogram,
+}
+
+impl WebhookMetrics {
+    fn new() -> WebhookMetrics {
+        WebhookMetrics {
+            received: Family::default(),
+            attempts: Family::default(),
+            dead: Family::default(),
+            delivery_latency: histogram(&WEBHOOK_LATENCY_SECONDS),
+        }
+    }
+    pub fn received(&self, outcome: WebhookReceipt) {
+        self.received
+            .get_or_create(&StaticLabel("outcome", outcome.as_str()))
+            .inc();
+    }
+    pub fn attempt(&self, result: WebhookAttempt) {
+        self.attempts
+            .get_or_create(&StaticLabel("result", result.as_str()))
+            .inc();
+    }
+    /// A webhook became a dead letter, by `DeadCode` (`unroutable`, `retries_exhausted`).
+    pub fn dead_lettered(&self, code: &'static str) {
+        self.dead.get_or_create(&StaticLabel("code", code)).inc();
+    }
+    /// From the relay's receipt to the tenant's 2xx.
+    pub fn observe_delivered(&self, since_receipt: Duration) {
+        self.delivery_latency.observe(since_receipt.as_secs_f64());
+    }
+}
+
 /// Event outcomes, fees and rate-limited events; per tenant when configured.
 #[derive(Debug)]
 pub struct EventMetrics {
@@ -644,6 +740,7 @@ pub struct Metrics {
     pub identity: IdentityMetrics,
     pub outbox: OutboxMetrics,
     pub events: EventMetrics,
+    pub webhooks: WebhookMetrics,
 }
 
 impl Metrics {
@@ -736,6 +833,28 @@ impl Metrics {
             outbox.group_size.clone(),
         );
 
+        let webhooks = WebhookMetrics::new();
+        r.register(
+            "credyt_proxy_webhooks_received",
+            "webhooks credyt posted to the relay, by outcome (accepted, duplicate, unroutable, filtered, refused)",
+            webhooks.received.clone(),
+        );
+        r.register(
+            "credyt_proxy_webhook_attempts",
+            "attempts to deliver a webhook to a tenant endpoint, by result (delivered, failed)",
+            webhooks.attempts.clone(),
+        );
+        r.register(
+            "credyt_proxy_webhook_dead_letters",
+            "webhooks that became dead letters, by code (unroutable, retries_exhausted)",
+            webhooks.dead.clone(),
+        );
+        r.register(
+            "credyt_proxy_webhook_delivery_seconds",
+            "time from the relay's receipt of a webhook to its tenant's 2xx",
+            webhooks.delivery_latency.clone(),
+        );
+
         r.register(
             "credyt_proxy_otel_spans_dropped",
             "spans the otlp exporter dropped (0 without otlp)",
@@ -749,6 +868,7 @@ impl Metrics {
             identity,
             outbox,
             events,
+            webhooks,
         }
     }
 

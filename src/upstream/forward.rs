@@ -100,6 +100,8 @@ impl Forwarder {
             match d {
                 Delivery::Usage(u) => usage.push(u),
                 Delivery::Charge(c) => charges.push(c),
+                // Only the relay's own outbox holds webhooks; they are never Credyt calls.
+                Delivery::Webhook(_) => return Err(UpstreamError::NotCredyt),
             }
         }
         let mut first_error = None;

@@ -138,7 +138,8 @@ pub struct ForwarderStats {
 impl ForwarderStats {
     fn count_dead(&self, code: DeadCode) {
         let i = match code {
-            DeadCode::Refused => 0,
+            // A webhook reaching this forwarder is refused (see `UpstreamError::NotCredyt`).
+            DeadCode::Refused | DeadCode::Unroutable => 0,
             DeadCode::Conflict => 1,
             DeadCode::RetriesExhausted => 2,
         };
@@ -175,19 +176,21 @@ async fn call(client: &CredytClient, unit: &Unit) -> Result<(), UpstreamError> {
         Unit::Single(p) => match &p.delivery {
             Delivery::Charge(debit) => client.charge(debit).await,
             Delivery::Usage(usage) => client.send_usage(&[usage]).await,
+            Delivery::Webhook(_) => Err(UpstreamError::NotCredyt),
         },
         // A batch of one (see `Forwarder::persist`) is a plain charge under the record's own
         // transaction id.
         Unit::Batch { members, .. } if members.len() == 1 => match &members[0].delivery {
             Delivery::Charge(debit) => client.charge(debit).await,
             Delivery::Usage(usage) => client.send_usage(&[usage]).await,
+            Delivery::Webhook(_) => Err(UpstreamError::NotCredyt),
         },
         Unit::Batch { id, members } => {
             let debits: Vec<&Debit> = members
                 .iter()
                 .filter_map(|p| match &p.delivery {
                     Delivery::Charge(d) => Some(d),
-                    Delivery::Usage(_) => None,
+                    Delivery::Usage(_) | Delivery::Webhook(_) => None,
                 })
                 .collect();
             client.charge_coalesced(*id, &debits).await
@@ -391,7 +394,7 @@ impl Forwarder {
             .iter()
             .filter_map(|p| match &p.delivery {
                 Delivery::Charge(d) => Some(d),
-                Delivery::Usage(_) => None,
+                Delivery::Usage(_) | Delivery::Webhook(_) => None,
             })
             .collect();
         let id = batch_id(&debits);

@@ -61,6 +61,10 @@ pub enum UpstreamError {
     },
     #[error("credyt answer could not be read: {0}")]
     Decode(String),
+    /// A record that is not a Credyt call (a relayed webhook) reached the Credyt forwarder: a
+    /// bug, refused for good so that it is kept as a dead letter rather than sent or lost.
+    #[error("not a credyt call: a relayed webhook reached the credyt forwarder")]
+    NotCredyt,
 }
 
 impl UpstreamError {
@@ -77,7 +81,7 @@ impl UpstreamError {
                         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
                     )
             }
-            UpstreamError::Decode(_) => false,
+            UpstreamError::Decode(_) | UpstreamError::NotCredyt => false,
         }
     }
 
@@ -99,7 +103,7 @@ impl UpstreamError {
                 *status,
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
             ),
-            UpstreamError::Decode(_) => false,
+            UpstreamError::Decode(_) | UpstreamError::NotCredyt => false,
         }
     }
 
@@ -109,7 +113,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Transport(_) => true,
             UpstreamError::Status { status, .. } => status.is_server_error(),
-            UpstreamError::Decode(_) => false,
+            UpstreamError::Decode(_) | UpstreamError::NotCredyt => false,
         }
     }
 
@@ -138,7 +142,7 @@ impl UpstreamError {
             UpstreamError::Status { status, .. } if self.is_auth_refused() => "auth",
             UpstreamError::Status { status, .. } if status.is_server_error() => "5xx",
             UpstreamError::Status { .. } => "4xx",
-            UpstreamError::Decode(_) => "decode",
+            UpstreamError::Decode(_) | UpstreamError::NotCredyt => "decode",
         }
     }
 }
@@ -404,12 +408,13 @@ impl CredytClient {
         .await
     }
 
-    /// `GET /customers/{id}` on `account`: whether the customer belongs to that account.
-    pub async fn customer_exists(
+    /// `GET /customers/{id}` on `account`: the customer's external id (`Some(None)`: it has
+    /// none) if it belongs to that account, `None` if it does not.
+    pub async fn customer_external_id(
         &self,
         account: &AccountId,
         customer: &CustomerId,
-    ) -> Result<bool, UpstreamError> {
+    ) -> Result<Option<Option<String>>, UpstreamError> {
         let call = async {
             let path = format!("/customers/{}", urlencode(customer.as_str()));
             match self
@@ -421,10 +426,10 @@ impl CredytClient {
             {
                 Ok(resp) => {
                     let found: wire::Customer = Self::json(resp).await?;
-                    Ok(found.id == customer.as_str())
+                    Ok((found.id == customer.as_str()).then_some(found.external_id))
                 }
                 Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
-                    Ok(false)
+                    Ok(None)
                 }
                 Err(e) => Err(e),
             }

@@ -29,6 +29,8 @@ pub struct ConnectedAccount {
 #[derive(Debug, Deserialize)]
 pub struct Customer {
     pub id: String,
+    #[serde(default)]
+    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
