@@ -363,6 +363,11 @@ impl Application {
         })
     }
 
+    /// The webhook relay's outbox, when the relay is configured.
+    pub fn webhook_outbox(&self) -> Option<&Outbox> {
+        self.relay.as_ref().map(|r| &r.outbox)
+    }
+
     /// The webhook relay's address, when the relay is configured.
     pub fn webhook_addr(&self) -> Option<SocketAddr> {
         self.relay.as_ref().map(|r| r.addr)

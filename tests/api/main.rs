@@ -22,3 +22,4 @@ mod proxy;
 mod sdk;
 mod traces;
 mod venv;
+mod webhooks;

@@ -1,0 +1,527 @@
+//! The webhook relay, end to end: Credyt's signed webhooks (signed here, independently of the
+//! proxy's verifier) posted to the real relay listener, relayed to real tenant receivers on
+//! 127.0.0.1:0, verified here against the Standard Webhooks specification.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use base64::Engine;
+use credyt_proxy::app::Application;
+use credyt_proxy::config::Settings;
+use credyt_proxy::emulator::RunningEmulator;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use super::proxy::{emu_post, eventually, metric, proxy_config, start_emulator, PLATFORM_KEY};
+
+const CREDYT_SECRET: &str = "whsec_relaytestsecret0000000000";
+
+/// How a receiver answers.
+const OK: u8 = 0;
+const UNAVAILABLE: u8 = 1;
+/// Holds the request until the mode changes.
+const HANG: u8 = 2;
+
+/// One webhook a receiver acknowledged.
+#[derive(Clone, Debug)]
+pub(super) struct Got {
+    pub id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub body: Vec<u8>,
+}
+
+impl Got {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A tenant's webhook endpoint.
+pub(super) struct Receiver {
+    pub url: String,
+    pub secret: String,
+    mode: Arc<AtomicU8>,
+    attempts: Arc<AtomicUsize>,
+    got: Arc<Mutex<Vec<Got>>>,
+    _server: actix_web::dev::ServerHandle,
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    mode: Arc<AtomicU8>,
+    attempts: Arc<AtomicUsize>,
+    got: Arc<Mutex<Vec<Got>>>,
+}
+
+async fn receive(req: HttpRequest, body: web::Bytes, s: web::Data<ReceiverState>) -> HttpResponse {
+    s.attempts.fetch_add(1, Ordering::SeqCst);
+    loop {
+        match s.mode.load(Ordering::SeqCst) {
+            HANG => tokio::time::sleep(Duration::from_millis(20)).await,
+            UNAVAILABLE => return HttpResponse::ServiceUnavailable().body("down for maintenance"),
+            _ => break,
+        }
+    }
+    let h = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    s.got.lock().unwrap().push(Got {
+        id: h("webhook-id"),
+        timestamp: h("webhook-timestamp"),
+        signature: h("webhook-signature"),
+        body: body.to_vec(),
+    });
+    HttpResponse::NoContent().finish()
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let state = ReceiverState {
+            mode: Arc::new(AtomicU8::new(OK)),
+            attempts: Arc::new(AtomicUsize::new(0)),
+            got: Arc::new(Mutex::new(Vec::new())),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let data = web::Data::new(state.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .default_service(web::to(receive))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Receiver {
+            url: format!("http://{addr}/hooks"),
+            secret: credyt_proxy::identity::tenants::WebhookSecret::generate(),
+            mode: state.mode,
+            attempts: state.attempts,
+            got: state.got,
+            _server: handle,
+        }
+    }
+
+    pub fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    pub fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn attempts(&self) -> usize {
+        self.attempts.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` webhooks were acknowledged.
+    pub async fn wait_for(&self, n: usize) -> Vec<Got> {
+        eventually(Duration::from_secs(20), "webhooks to arrive", || async {
+            let got = self.got();
+            (got.len() >= n).then_some(got)
+        })
+        .await
+    }
+
+    /// Verifies a delivery as the Standard Webhooks specification says (written here from the
+    /// specification, not with the proxy's signer).
+    pub fn verify(&self, got: &Got) {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = b64.decode(self.secret.strip_prefix("whsec_").unwrap()).unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{}.{}.", got.id, got.timestamp).as_bytes());
+        mac.update(&got.body);
+        let expected = format!("v1,{}", b64.encode(mac.finalize().into_bytes()));
+        assert!(
+            got.signature.split(' ').any(|s| s == expected),
+            "signature {} does not verify",
+            got.signature
+        );
+        let ts: i64 = got.timestamp.parse().unwrap();
+        assert!((chrono::Utc::now().timestamp() - ts).abs() < 300);
+    }
+}
+
+/// `Credyt-Signature` for `body` at unix time `t`, as API.md §8.3 specifies.
+pub(super) fn credyt_signature(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The emulator, two tenants with webhook endpoints, and the proxy with its relay.
+struct Relayed {
+    emulator: RunningEmulator,
+    app: Application,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+    acc_a: String,
+    acc_b: String,
+    a: Receiver,
+    b: Receiver,
+}
+
+const FAST_RETRIES: &str = "retry_schedule_ms = [100, 100, 100, 100, 100, 100, 100, 100]";
+
+impl Relayed {
+    async fn start(webhook_config: &str) -> Relayed {
+        let emulator = start_emulator().await;
+        let http = reqwest::Client::new();
+        let dir = tempfile::tempdir().unwrap();
+        let account = |name: &str| {
+            let (http, emulator) = (&http, &emulator);
+            let name = name.to_string();
+            async move {
+                emu_post(http, emulator, "/accounts", None, json!({"name": name, "external_id": name}))
+                    .await["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        let (acc_a, acc_b) = (account("tenant-a").await, account("tenant-b").await);
+        let (a, b) = (Receiver::start().await, Receiver::start().await);
+        let (_, hash_a) = credyt_proxy::identity::tenants::generate_key();
+        let (_, hash_b) = credyt_proxy::identity::tenants::generate_key();
+        // Tenant A by account id, tenant B by external id: both are routed.
+        let tenants = format!(
+            "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash_a}\"]\naccount = \"{acc_a}\"\n\
+             webhook = {{ url = \"{}\", secrets = [\"{}\"] }}\n\n\
+             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\n\
+             webhook = {{ url = \"{}\", secrets = [\"{}\"] }}\n",
+            a.url, a.secret, b.url, b.secret
+        );
+        std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
+        let app = Self::app(&emulator, dir.path(), webhook_config).await;
+        Relayed {
+            emulator,
+            app,
+            http,
+            dir,
+            acc_a,
+            acc_b,
+            a,
+            b,
+        }
+    }
+
+    async fn app(emulator: &RunningEmulator, dir: &std::path::Path, webhook_config: &str) -> Application {
+        let config = proxy_config(
+            emulator,
+            "durable",
+            "",
+            &format!("api_key = \"{PLATFORM_KEY}\""),
+            &format!(
+                "[webhooks]\ncredyt_secrets = [\"whsec_retired0000000000000000000\", \"{CREDYT_SECRET}\"]\n\
+                 listen = \"127.0.0.1:0\"\ndir = \"webhooks\"\nattempt_timeout_ms = 500\n{webhook_config}\n"
+            ),
+        )
+        .replace("[tenants]\n", "[tenants]\nreload_interval_ms = 100\n");
+        let settings = Settings::from_toml(&config, dir, Some(Default::default())).unwrap();
+        Application::build(settings).await.unwrap()
+    }
+
+    fn relay_url(&self) -> String {
+        format!("http://{}/webhooks/credyt", self.app.webhook_addr().unwrap())
+    }
+
+    /// Posts `body` to the relay as Credyt would, signed now.
+    async fn post_signed(&self, body: &Value) -> reqwest::Response {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let sig = credyt_signature(CREDYT_SECRET, chrono::Utc::now().timestamp(), &bytes);
+        self.post(bytes, Some(sig)).await
+    }
+
+    async fn post(&self, body: Vec<u8>, signature: Option<String>) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(self.relay_url())
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(sig) = signature {
+            req = req.header("Credyt-Signature", sig);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn customer(&self, account: &str, external_id: &str) -> String {
+        emu_post(
+            &self.http,
+            &self.emulator,
+            "/customers",
+            Some(account),
+            json!({"name": external_id, "external_id": external_id}),
+        )
+        .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        metric(&self.http, &format!("http://{}", self.app.admin_addr()), name)
+            .await
+            .unwrap_or(0)
+    }
+}
+
+fn threshold_hit(id: &str, account: &str, customer: &str) -> Value {
+    json!({
+        "id": id,
+        "account": account,
+        "event_type": "balance_threshold_hit",
+        "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "data": {"customer_id": customer, "account_id": "default:USD", "available": 4.5, "threshold": 5.0}
+    })
+}
+
+async fn outcome(resp: reqwest::Response) -> String {
+    assert_eq!(resp.status(), 200);
+    resp.json::<Value>().await.unwrap()["outcome"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_webhook_reaches_its_own_tenant_once_signed_and_enriched() {
+    let w = Relayed::start(FAST_RETRIES).await;
+    let cust_a = w.customer(&w.acc_a, "user-a1").await;
+    let cust_b = w.customer(&w.acc_b, "user-b1").await;
+    let hit = threshold_hit("whe_a1", &w.acc_a, &cust_a);
+    assert_eq!(outcome(w.post_signed(&hit).await).await, "accepted");
+    // Credyt redelivers it (re-signed, later): recorded once, delivered once.
+    assert_eq!(outcome(w.post_signed(&hit).await).await, "duplicate");
+    // Tenant B's webhook (B is configured by external id) goes to B only.
+    let hit_b = threshold_hit("whe_b1", &w.acc_b, &cust_b);
+    assert_eq!(outcome(w.post_signed(&hit_b).await).await, "accepted");
+
+    let got_b = w.b.wait_for(1).await;
+    let got_a = w.a.wait_for(1).await;
+    // A marker after the redelivery: once it arrives, anything the redelivery caused has too.
+    let marker = threshold_hit("whe_a2", &w.acc_a, &cust_a);
+    assert_eq!(outcome(w.post_signed(&marker).await).await, "accepted");
+    let got_a = {
+        let _ = got_a;
+        w.a.wait_for(2).await
+    };
+    assert_eq!(
+        got_a.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["whe_a1", "whe_a2"]
+    );
+    assert_eq!(got_b.len(), 1);
+    assert_eq!(w.b.got().len(), 1, "tenant b got only its own webhook");
+    assert_eq!(got_b[0].id, "whe_b1");
+    w.a.verify(&got_a[0]);
+    w.b.verify(&got_b[0]);
+    let body = got_a[0].json();
+    assert_eq!(body["type"], "balance_threshold_hit");
+    assert_eq!(body["tenant"], "tenant-a");
+    assert_eq!(body["account"], w.acc_a.as_str());
+    assert_eq!(body["timestamp"], hit["occurred_at"]);
+    assert_eq!(body["customer"], json!({"id": cust_a, "external_id": "user-a1"}));
+    assert_eq!(body["data"], hit["data"]);
+    assert_eq!(got_b[0].json()["customer"]["external_id"], "user-b1");
+    // The body validates against the documented schema's required fields.
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(super::proxy::repo().join("docs/webhook-payload.schema.json")).unwrap(),
+    )
+    .unwrap();
+    for field in schema["required"].as_array().unwrap() {
+        assert!(body.get(field.as_str().unwrap()).is_some(), "{field} missing");
+    }
+    assert_eq!(w.metric("credyt_proxy_webhooks_received_total{outcome=\"duplicate\"}").await, 1);
+}
+
+#[tokio::test]
+async fn refused_webhooks_answer_problems_and_nothing_is_delivered() {
+    let w = Relayed::start(&format!("{FAST_RETRIES}\nmax_body_bytes = 4096")).await;
+    let cust = w.customer(&w.acc_a, "user-1").await;
+    let now = chrono::Utc::now().timestamp();
+    let good = serde_json::to_vec(&threshold_hit("whe_bad", &w.acc_a, &cust)).unwrap();
+    let mut changed = good.clone();
+    let at = changed.iter().position(|&b| b == b'4').unwrap();
+    changed[at] = b'9';
+    let big = serde_json::to_vec(&json!({
+        "id": "whe_big", "account": w.acc_a, "event_type": "x",
+        "occurred_at": chrono::Utc::now().to_rfc3339(), "data": {"pad": "x".repeat(5000)}
+    }))
+    .unwrap();
+    let not_json = b"{not json".to_vec();
+    let cases: Vec<(&str, Vec<u8>, Option<String>, u16, &str)> = vec![
+        ("no header", good.clone(), None, 401, "missing_signature"),
+        ("wrong secret", good.clone(), Some(credyt_signature("whsec_other", now, &good)), 401, "invalid_signature"),
+        ("stale", good.clone(), Some(credyt_signature(CREDYT_SECRET, now - 301, &good)), 401, "stale_signature"),
+        ("from the future", good.clone(), Some(credyt_signature(CREDYT_SECRET, now + 301, &good)), 401, "stale_signature"),
+        ("changed after signing", changed, Some(credyt_signature(CREDYT_SECRET, now, &good)), 401, "invalid_signature"),
+        ("malformed header", good.clone(), Some("v0=abc".into()), 400, "malformed_signature"),
+        ("oversized", big.clone(), Some(credyt_signature(CREDYT_SECRET, now, &big)), 413, "payload_too_large"),
+        ("not an envelope", not_json.clone(), Some(credyt_signature(CREDYT_SECRET, now, &not_json)), 400, "invalid_webhook"),
+    ];
+    for (what, body, sig, status, code) in cases {
+        let resp = w.post(body, sig).await;
+        assert_eq!(resp.status(), status, "{what}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/problem+json",
+            "{what}"
+        );
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(problem["code"], code, "{what}");
+    }
+    // Other methods and paths of the relay listener.
+    let get = w.http.get(w.relay_url()).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    assert_eq!(get.headers()["allow"], "POST");
+    // Nothing refused was recorded: the same id, now properly signed, is new, and it is the
+    // only webhook tenant A receives.
+    let resp = w.post(good.clone(), Some(credyt_signature(CREDYT_SECRET, now, &good))).await;
+    assert_eq!(outcome(resp).await, "accepted");
+    let got = w.a.wait_for(1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, "whe_bad");
+    assert_eq!(w.metric("credyt_proxy_webhooks_received_total{outcome=\"refused\"}").await, 8);
+}
+
+#[tokio::test]
+async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
+    let w = Relayed::start(FAST_RETRIES).await;
+    let cust = w.customer(&w.acc_a, "user-1").await;
+    // 503 first.
+    w.a.set(UNAVAILABLE);
+    assert_eq!(outcome(w.post_signed(&threshold_hit("whe_down", &w.acc_a, &cust)).await).await, "accepted");
+    eventually(Duration::from_secs(10), "a 503 attempt", || async {
+        (w.a.attempts() >= 1).then_some(())
+    })
+    .await;
+    // Then connection refused: the tenant's URL points at a closed port for a while.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let tenants = w.dir.path().join("tenants.toml");
+    let original = std::fs::read_to_string(&tenants).unwrap();
+    std::fs::write(&tenants, original.replace(&w.a.url, &format!("http://{closed}/hooks"))).unwrap();
+    let failed_before = w.metric("credyt_proxy_webhook_attempts_total{result=\"failed\"}").await;
+    eventually(Duration::from_secs(10), "refused attempts", || async {
+        let failed = w.metric("credyt_proxy_webhook_attempts_total{result=\"failed\"}").await;
+        (failed >= failed_before + 2).then_some(())
+    })
+    .await;
+    // Then a timeout: the endpoint is back but hangs past the attempt timeout.
+    w.a.set(HANG);
+    let attempts = w.a.attempts();
+    std::fs::write(&tenants, &original).unwrap();
+    eventually(Duration::from_secs(10), "a hanging attempt", || async {
+        (w.a.attempts() > attempts).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(w.a.got().is_empty());
+    // Recovered: delivered, once.
+    w.a.set(OK);
+    let got = w.a.wait_for(1).await;
+    assert_eq!(got[0].id, "whe_down");
+    w.a.verify(&got[0]);
+    // A later webhook arrives after it; the first is never sent again.
+    assert_eq!(outcome(w.post_signed(&threshold_hit("whe_after", &w.acc_a, &cust)).await).await, "accepted");
+    let got = w.a.wait_for(2).await;
+    let ids: Vec<&str> = got.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(ids.iter().filter(|i| **i == "whe_down").count(), 1, "{ids:?}");
+}
+
+#[tokio::test]
+async fn a_hanging_tenant_does_not_delay_another_tenants_delivery() {
+    // Long attempts: tenant A's endpoint holds every one of its slots for 30 s.
+    let w = Relayed::start("attempt_timeout_ms = 30000\nper_tenant_concurrency = 2\nretry_schedule_ms = [100]").await;
+    let cust_a = w.customer(&w.acc_a, "user-a").await;
+    let cust_b = w.customer(&w.acc_b, "user-b").await;
+    w.a.set(HANG);
+    for i in 0..6 {
+        let hit = threshold_hit(&format!("whe_a{i}"), &w.acc_a, &cust_a);
+        assert_eq!(outcome(w.post_signed(&hit).await).await, "accepted");
+    }
+    eventually(Duration::from_secs(10), "tenant a's slots to fill", || async {
+        (w.a.attempts() >= 2).then_some(())
+    })
+    .await;
+    let sent = std::time::Instant::now();
+    assert_eq!(
+        outcome(w.post_signed(&threshold_hit("whe_b", &w.acc_b, &cust_b)).await).await,
+        "accepted"
+    );
+    let got = w.b.wait_for(1).await;
+    let latency = sent.elapsed();
+    // Tenant B's webhook was delivered while every attempt to tenant A was still hanging.
+    assert!(w.a.got().is_empty());
+    assert_eq!(w.a.attempts(), 2, "tenant a never had more than its 2 slots");
+    eprintln!("tenant b delivered in {latency:?} while tenant a hangs");
+    assert_eq!(got[0].id, "whe_b");
+    // Once A recovers, all six arrive, once each.
+    w.a.set(OK);
+    let got = w.a.wait_for(6).await;
+    let mut ids: Vec<String> = got.iter().map(|g| g.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6);
+}
+
+#[tokio::test]
+async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_once() {
+    let w = Relayed::start("retry_schedule_ms = [50, 50]").await;
+    let cust = w.customer(&w.acc_a, "user-1").await;
+    // An account no tenant owns: answered 200 (Credyt stops retrying), kept as a dead letter.
+    let stranger = emu_post(&w.http, &w.emulator, "/accounts", None, json!({"name": "x", "external_id": "x"})).await;
+    let stranger = stranger["id"].as_str().unwrap();
+    assert_eq!(
+        outcome(w.post_signed(&threshold_hit("whe_stranger", stranger, "cust_x")).await).await,
+        "unroutable"
+    );
+    // An endpoint that never recovers: three attempts, then a dead letter with the reason.
+    w.a.set(UNAVAILABLE);
+    assert_eq!(outcome(w.post_signed(&threshold_hit("whe_never", &w.acc_a, &cust)).await).await, "accepted");
+    let outbox = w.app.webhook_outbox().unwrap().clone();
+    let dead = eventually(Duration::from_secs(10), "two dead letters", || async {
+        let dead = outbox.dead_letters().unwrap();
+        (dead.len() == 2).then_some(dead)
+    })
+    .await;
+    let code_of = |id: &str| {
+        dead.iter()
+            .find(|d| d.delivery.event_id().as_str() == id)
+            .unwrap()
+            .clone()
+    };
+    let unroutable = code_of("whe_stranger");
+    assert_eq!(unroutable.code.as_str(), "unroutable");
+    assert!(unroutable.reason.contains(stranger), "{}", unroutable.reason);
+    let never = code_of("whe_never");
+    assert_eq!(never.code.as_str(), "retries_exhausted");
+    assert!(never.reason.contains("503"), "{}", never.reason);
+    assert_eq!(never.upstream_status, Some(503));
+    assert_eq!(w.a.attempts(), 3);
+    assert_eq!(w.metric("credyt_proxy_webhook_dead_letters_total{code=\"unroutable\"}").await, 1);
+    // Replayed once the endpoint is back: delivered once; the unroutable one stays dead.
+    w.a.set(OK);
+    assert_eq!(outbox.replay(None).await.unwrap(), 2);
+    let got = w.a.wait_for(1).await;
+    assert_eq!(got[0].id, "whe_never");
+    eventually(Duration::from_secs(10), "the unroutable one back in the dead letters", || async {
+        (outbox.dead_letters().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.a.got().len(), 1);
+}
