@@ -59,12 +59,16 @@ struct ReceiverState {
 
 async fn receive(req: HttpRequest, body: web::Bytes, s: web::Data<ReceiverState>) -> HttpResponse {
     s.attempts.fetch_add(1, Ordering::SeqCst);
-    loop {
-        match s.mode.load(Ordering::SeqCst) {
-            HANG => tokio::time::sleep(Duration::from_millis(20)).await,
-            UNAVAILABLE => return HttpResponse::ServiceUnavailable().body("down for maintenance"),
-            _ => break,
+    match s.mode.load(Ordering::SeqCst) {
+        HANG => {
+            while s.mode.load(Ordering::SeqCst) == HANG {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The proxy gave this attempt up long ago (it timed out): not an acknowledgement.
+            return HttpResponse::ServiceUnavailable().body("too late");
         }
+        UNAVAILABLE => return HttpResponse::ServiceUnavailable().body("down for maintenance"),
+        _ => {}
     }
     let h = |name: &str| {
         req.headers()
@@ -138,7 +142,9 @@ impl Receiver {
     /// specification, not with the proxy's signer).
     pub fn verify(&self, got: &Got) {
         let b64 = base64::engine::general_purpose::STANDARD;
-        let key = b64.decode(self.secret.strip_prefix("whsec_").unwrap()).unwrap();
+        let key = b64
+            .decode(self.secret.strip_prefix("whsec_").unwrap())
+            .unwrap();
         let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
         mac.update(format!("{}.{}.", got.id, got.timestamp).as_bytes());
         mac.update(&got.body);
@@ -184,8 +190,14 @@ impl Relayed {
             let (http, emulator) = (&http, &emulator);
             let name = name.to_string();
             async move {
-                emu_post(http, emulator, "/accounts", None, json!({"name": name, "external_id": name}))
-                    .await["id"]
+                emu_post(
+                    http,
+                    emulator,
+                    "/accounts",
+                    None,
+                    json!({"name": name, "external_id": name}),
+                )
+                .await["id"]
                     .as_str()
                     .unwrap()
                     .to_string()
@@ -217,7 +229,11 @@ impl Relayed {
         }
     }
 
-    async fn app(emulator: &RunningEmulator, dir: &std::path::Path, webhook_config: &str) -> Application {
+    async fn app(
+        emulator: &RunningEmulator,
+        dir: &std::path::Path,
+        webhook_config: &str,
+    ) -> Application {
         let config = proxy_config(
             emulator,
             "durable",
@@ -225,7 +241,8 @@ impl Relayed {
             &format!("api_key = \"{PLATFORM_KEY}\""),
             &format!(
                 "[webhooks]\ncredyt_secrets = [\"whsec_retired0000000000000000000\", \"{CREDYT_SECRET}\"]\n\
-                 listen = \"127.0.0.1:0\"\ndir = \"webhooks\"\nattempt_timeout_ms = 500\n{webhook_config}\n"
+                 listen = \"127.0.0.1:0\"\ndir = \"webhooks\"\n{}{webhook_config}\n",
+                if webhook_config.contains("attempt_timeout_ms") { "" } else { "attempt_timeout_ms = 500\n" }
             ),
         )
         .replace("[tenants]\n", "[tenants]\nreload_interval_ms = 100\n");
@@ -234,7 +251,10 @@ impl Relayed {
     }
 
     fn relay_url(&self) -> String {
-        format!("http://{}/webhooks/credyt", self.app.webhook_addr().unwrap())
+        format!(
+            "http://{}/webhooks/credyt",
+            self.app.webhook_addr().unwrap()
+        )
     }
 
     /// Posts `body` to the relay as Credyt would, signed now.
@@ -271,9 +291,13 @@ impl Relayed {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        metric(&self.http, &format!("http://{}", self.app.admin_addr()), name)
-            .await
-            .unwrap_or(0)
+        metric(
+            &self.http,
+            &format!("http://{}", self.app.admin_addr()),
+            name,
+        )
+        .await
+        .unwrap_or(0)
     }
 }
 
@@ -331,18 +355,29 @@ async fn a_webhook_reaches_its_own_tenant_once_signed_and_enriched() {
     assert_eq!(body["tenant"], "tenant-a");
     assert_eq!(body["account"], w.acc_a.as_str());
     assert_eq!(body["timestamp"], hit["occurred_at"]);
-    assert_eq!(body["customer"], json!({"id": cust_a, "external_id": "user-a1"}));
+    assert_eq!(
+        body["customer"],
+        json!({"id": cust_a, "external_id": "user-a1"})
+    );
     assert_eq!(body["data"], hit["data"]);
     assert_eq!(got_b[0].json()["customer"]["external_id"], "user-b1");
     // The body validates against the documented schema's required fields.
     let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(super::proxy::repo().join("docs/webhook-payload.schema.json")).unwrap(),
+        &std::fs::read_to_string(super::proxy::repo().join("docs/webhook-payload.schema.json"))
+            .unwrap(),
     )
     .unwrap();
     for field in schema["required"].as_array().unwrap() {
-        assert!(body.get(field.as_str().unwrap()).is_some(), "{field} missing");
+        assert!(
+            body.get(field.as_str().unwrap()).is_some(),
+            "{field} missing"
+        );
     }
-    assert_eq!(w.metric("credyt_proxy_webhooks_received_total{outcome=\"duplicate\"}").await, 1);
+    assert_eq!(
+        w.metric("credyt_proxy_webhooks_received_total{outcome=\"duplicate\"}")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -362,13 +397,55 @@ async fn refused_webhooks_answer_problems_and_nothing_is_delivered() {
     let not_json = b"{not json".to_vec();
     let cases: Vec<(&str, Vec<u8>, Option<String>, u16, &str)> = vec![
         ("no header", good.clone(), None, 401, "missing_signature"),
-        ("wrong secret", good.clone(), Some(credyt_signature("whsec_other", now, &good)), 401, "invalid_signature"),
-        ("stale", good.clone(), Some(credyt_signature(CREDYT_SECRET, now - 301, &good)), 401, "stale_signature"),
-        ("from the future", good.clone(), Some(credyt_signature(CREDYT_SECRET, now + 301, &good)), 401, "stale_signature"),
-        ("changed after signing", changed, Some(credyt_signature(CREDYT_SECRET, now, &good)), 401, "invalid_signature"),
-        ("malformed header", good.clone(), Some("v0=abc".into()), 400, "malformed_signature"),
-        ("oversized", big.clone(), Some(credyt_signature(CREDYT_SECRET, now, &big)), 413, "payload_too_large"),
-        ("not an envelope", not_json.clone(), Some(credyt_signature(CREDYT_SECRET, now, &not_json)), 400, "invalid_webhook"),
+        (
+            "wrong secret",
+            good.clone(),
+            Some(credyt_signature("whsec_other", now, &good)),
+            401,
+            "invalid_signature",
+        ),
+        (
+            "stale",
+            good.clone(),
+            Some(credyt_signature(CREDYT_SECRET, now - 301, &good)),
+            401,
+            "stale_signature",
+        ),
+        (
+            "from the future",
+            good.clone(),
+            Some(credyt_signature(CREDYT_SECRET, now + 301, &good)),
+            401,
+            "stale_signature",
+        ),
+        (
+            "changed after signing",
+            changed,
+            Some(credyt_signature(CREDYT_SECRET, now, &good)),
+            401,
+            "invalid_signature",
+        ),
+        (
+            "malformed header",
+            good.clone(),
+            Some("v0=abc".into()),
+            400,
+            "malformed_signature",
+        ),
+        (
+            "oversized",
+            big.clone(),
+            Some(credyt_signature(CREDYT_SECRET, now, &big)),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "not an envelope",
+            not_json.clone(),
+            Some(credyt_signature(CREDYT_SECRET, now, &not_json)),
+            400,
+            "invalid_webhook",
+        ),
     ];
     for (what, body, sig, status, code) in cases {
         let resp = w.post(body, sig).await;
@@ -387,12 +464,21 @@ async fn refused_webhooks_answer_problems_and_nothing_is_delivered() {
     assert_eq!(get.headers()["allow"], "POST");
     // Nothing refused was recorded: the same id, now properly signed, is new, and it is the
     // only webhook tenant A receives.
-    let resp = w.post(good.clone(), Some(credyt_signature(CREDYT_SECRET, now, &good))).await;
+    let resp = w
+        .post(
+            good.clone(),
+            Some(credyt_signature(CREDYT_SECRET, now, &good)),
+        )
+        .await;
     assert_eq!(outcome(resp).await, "accepted");
     let got = w.a.wait_for(1).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id, "whe_bad");
-    assert_eq!(w.metric("credyt_proxy_webhooks_received_total{outcome=\"refused\"}").await, 8);
+    assert_eq!(
+        w.metric("credyt_proxy_webhooks_received_total{outcome=\"refused\"}")
+            .await,
+        8
+    );
 }
 
 #[tokio::test]
@@ -401,7 +487,14 @@ async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
     let cust = w.customer(&w.acc_a, "user-1").await;
     // 503 first.
     w.a.set(UNAVAILABLE);
-    assert_eq!(outcome(w.post_signed(&threshold_hit("whe_down", &w.acc_a, &cust)).await).await, "accepted");
+    assert_eq!(
+        outcome(
+            w.post_signed(&threshold_hit("whe_down", &w.acc_a, &cust))
+                .await
+        )
+        .await,
+        "accepted"
+    );
     eventually(Duration::from_secs(10), "a 503 attempt", || async {
         (w.a.attempts() >= 1).then_some(())
     })
@@ -413,10 +506,18 @@ async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
     };
     let tenants = w.dir.path().join("tenants.toml");
     let original = std::fs::read_to_string(&tenants).unwrap();
-    std::fs::write(&tenants, original.replace(&w.a.url, &format!("http://{closed}/hooks"))).unwrap();
-    let failed_before = w.metric("credyt_proxy_webhook_attempts_total{result=\"failed\"}").await;
+    std::fs::write(
+        &tenants,
+        original.replace(&w.a.url, &format!("http://{closed}/hooks")),
+    )
+    .unwrap();
+    let failed_before = w
+        .metric("credyt_proxy_webhook_attempts_total{result=\"failed\"}")
+        .await;
     eventually(Duration::from_secs(10), "refused attempts", || async {
-        let failed = w.metric("credyt_proxy_webhook_attempts_total{result=\"failed\"}").await;
+        let failed = w
+            .metric("credyt_proxy_webhook_attempts_total{result=\"failed\"}")
+            .await;
         (failed >= failed_before + 2).then_some(())
     })
     .await;
@@ -436,16 +537,30 @@ async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
     assert_eq!(got[0].id, "whe_down");
     w.a.verify(&got[0]);
     // A later webhook arrives after it; the first is never sent again.
-    assert_eq!(outcome(w.post_signed(&threshold_hit("whe_after", &w.acc_a, &cust)).await).await, "accepted");
+    assert_eq!(
+        outcome(
+            w.post_signed(&threshold_hit("whe_after", &w.acc_a, &cust))
+                .await
+        )
+        .await,
+        "accepted"
+    );
     let got = w.a.wait_for(2).await;
     let ids: Vec<&str> = got.iter().map(|g| g.id.as_str()).collect();
-    assert_eq!(ids.iter().filter(|i| **i == "whe_down").count(), 1, "{ids:?}");
+    assert_eq!(
+        ids.iter().filter(|i| **i == "whe_down").count(),
+        1,
+        "{ids:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_hanging_tenant_does_not_delay_another_tenants_delivery() {
     // Long attempts: tenant A's endpoint holds every one of its slots for 30 s.
-    let w = Relayed::start("attempt_timeout_ms = 30000\nper_tenant_concurrency = 2\nretry_schedule_ms = [100]").await;
+    let w = Relayed::start(
+        "attempt_timeout_ms = 30000\nper_tenant_concurrency = 2\nretry_schedule_ms = [100]",
+    )
+    .await;
     let cust_a = w.customer(&w.acc_a, "user-a").await;
     let cust_b = w.customer(&w.acc_b, "user-b").await;
     w.a.set(HANG);
@@ -453,20 +568,30 @@ async fn a_hanging_tenant_does_not_delay_another_tenants_delivery() {
         let hit = threshold_hit(&format!("whe_a{i}"), &w.acc_a, &cust_a);
         assert_eq!(outcome(w.post_signed(&hit).await).await, "accepted");
     }
-    eventually(Duration::from_secs(10), "tenant a's slots to fill", || async {
-        (w.a.attempts() >= 2).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "tenant a's slots to fill",
+        || async { (w.a.attempts() >= 2).then_some(()) },
+    )
     .await;
     let sent = std::time::Instant::now();
     assert_eq!(
-        outcome(w.post_signed(&threshold_hit("whe_b", &w.acc_b, &cust_b)).await).await,
+        outcome(
+            w.post_signed(&threshold_hit("whe_b", &w.acc_b, &cust_b))
+                .await
+        )
+        .await,
         "accepted"
     );
     let got = w.b.wait_for(1).await;
     let latency = sent.elapsed();
     // Tenant B's webhook was delivered while every attempt to tenant A was still hanging.
     assert!(w.a.got().is_empty());
-    assert_eq!(w.a.attempts(), 2, "tenant a never had more than its 2 slots");
+    assert_eq!(
+        w.a.attempts(),
+        2,
+        "tenant a never had more than its 2 slots"
+    );
     eprintln!("tenant b delivered in {latency:?} while tenant a hangs");
     assert_eq!(got[0].id, "whe_b");
     // Once A recovers, all six arrive, once each.
@@ -483,15 +608,33 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
     let w = Relayed::start("retry_schedule_ms = [50, 50]").await;
     let cust = w.customer(&w.acc_a, "user-1").await;
     // An account no tenant owns: answered 200 (Credyt stops retrying), kept as a dead letter.
-    let stranger = emu_post(&w.http, &w.emulator, "/accounts", None, json!({"name": "x", "external_id": "x"})).await;
+    let stranger = emu_post(
+        &w.http,
+        &w.emulator,
+        "/accounts",
+        None,
+        json!({"name": "x", "external_id": "x"}),
+    )
+    .await;
     let stranger = stranger["id"].as_str().unwrap();
     assert_eq!(
-        outcome(w.post_signed(&threshold_hit("whe_stranger", stranger, "cust_x")).await).await,
+        outcome(
+            w.post_signed(&threshold_hit("whe_stranger", stranger, "cust_x"))
+                .await
+        )
+        .await,
         "unroutable"
     );
     // An endpoint that never recovers: three attempts, then a dead letter with the reason.
     w.a.set(UNAVAILABLE);
-    assert_eq!(outcome(w.post_signed(&threshold_hit("whe_never", &w.acc_a, &cust)).await).await, "accepted");
+    assert_eq!(
+        outcome(
+            w.post_signed(&threshold_hit("whe_never", &w.acc_a, &cust))
+                .await
+        )
+        .await,
+        "accepted"
+    );
     let outbox = w.app.webhook_outbox().unwrap().clone();
     let dead = eventually(Duration::from_secs(10), "two dead letters", || async {
         let dead = outbox.dead_letters().unwrap();
@@ -506,21 +649,31 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
     };
     let unroutable = code_of("whe_stranger");
     assert_eq!(unroutable.code.as_str(), "unroutable");
-    assert!(unroutable.reason.contains(stranger), "{}", unroutable.reason);
+    assert!(
+        unroutable.reason.contains(stranger),
+        "{}",
+        unroutable.reason
+    );
     let never = code_of("whe_never");
     assert_eq!(never.code.as_str(), "retries_exhausted");
     assert!(never.reason.contains("503"), "{}", never.reason);
     assert_eq!(never.upstream_status, Some(503));
     assert_eq!(w.a.attempts(), 3);
-    assert_eq!(w.metric("credyt_proxy_webhook_dead_letters_total{code=\"unroutable\"}").await, 1);
+    assert_eq!(
+        w.metric("credyt_proxy_webhook_dead_letters_total{code=\"unroutable\"}")
+            .await,
+        1
+    );
     // Replayed once the endpoint is back: delivered once; the unroutable one stays dead.
     w.a.set(OK);
     assert_eq!(outbox.replay(None).await.unwrap(), 2);
     let got = w.a.wait_for(1).await;
     assert_eq!(got[0].id, "whe_never");
-    eventually(Duration::from_secs(10), "the unroutable one back in the dead letters", || async {
-        (outbox.dead_letters().unwrap().len() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the unroutable one back in the dead letters",
+        || async { (outbox.dead_letters().unwrap().len() == 1).then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.a.got().len(), 1);
