@@ -678,3 +678,86 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.a.got().len(), 1);
 }
+
+#[tokio::test]
+async fn a_webhook_acknowledged_to_credyt_survives_sigkill_and_is_delivered_once() {
+    use super::crash::Proxy;
+    let emulator = start_emulator().await;
+    let http = reqwest::Client::new();
+    let dir = tempfile::tempdir().unwrap();
+    let acc = emu_post(
+        &http,
+        &emulator,
+        "/accounts",
+        None,
+        json!({"name": "a", "external_id": "a"}),
+    )
+    .await;
+    let acc = acc["id"].as_str().unwrap().to_string();
+    let receiver = Receiver::start().await;
+    let (_, hash) = credyt_proxy::identity::tenants::generate_key();
+    std::fs::write(
+        dir.path().join("tenants.toml"),
+        format!(
+            "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash}\"]\naccount = \"{acc}\"\n\
+             webhook = {{ url = \"{}\", secrets = [\"{}\"] }}\n",
+            receiver.url, receiver.secret
+        ),
+    )
+    .unwrap();
+    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [log]\nformat = \"json\"\nfilter = \"info\"\n\
+             [credyt]\nbase_url = \"{}\"\napi_key = \"{PLATFORM_KEY}\"\n\
+             [tenants]\nfile = \"tenants.toml\"\n\
+             [pricing]\ndir = \"{}\"\n\
+             [outbox]\ndir = \"outbox\"\n\
+             [webhooks]\ncredyt_secrets = [\"{CREDYT_SECRET}\"]\nlisten = \"127.0.0.1:{relay_port}\"\n\
+             dir = \"webhooks\"\nretry_schedule_ms = [600000]\n",
+            emulator.url(),
+            super::proxy::repo().join("pricing").display(),
+        ),
+    )
+    .unwrap();
+    let relay = format!("http://127.0.0.1:{relay_port}/webhooks/credyt");
+    let post = |id: &str| {
+        let body = serde_json::to_vec(&threshold_hit(id, &acc, "cust_1")).unwrap();
+        let sig = credyt_signature(CREDYT_SECRET, chrono::Utc::now().timestamp(), &body);
+        http.post(&relay)
+            .header("Credyt-Signature", sig)
+            .body(body)
+            .send()
+    };
+
+    receiver.set(UNAVAILABLE);
+    let mut proxy = Proxy::start(&config).await;
+    let resp = post("whe_killed").await.unwrap();
+    assert_eq!(resp.status(), 200, "credyt got its 2xx");
+    eventually(Duration::from_secs(10), "a failed attempt", || async {
+        (receiver.attempts() >= 1).then_some(())
+    })
+    .await;
+    proxy.child.kill().unwrap(); // SIGKILL
+    proxy.child.wait().unwrap();
+    assert!(receiver.got().is_empty());
+
+    receiver.set(OK);
+    let _proxy = Proxy::start(&config).await;
+    let got = receiver.wait_for(1).await;
+    assert_eq!(got[0].id, "whe_killed");
+    receiver.verify(&got[0]);
+    // Credyt redelivers it after the restart: still only once at the tenant.
+    assert_eq!(post("whe_killed").await.unwrap().status(), 200);
+    assert_eq!(post("whe_marker").await.unwrap().status(), 200);
+    let got = receiver.wait_for(2).await;
+    let ids: Vec<&str> = got.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(ids, ["whe_killed", "whe_marker"]);
+}
