@@ -63,6 +63,14 @@ pub enum Command {
             default_value = "127.0.0.1:8081"
         )]
         emulator_listen: SocketAddr,
+        /// Listener of the proxy's webhook relay (the embedded emulator posts its webhooks
+        /// there).
+        #[arg(
+            long,
+            env = "CREDYT_PROXY_SANDBOX_WEBHOOKS_LISTEN",
+            default_value = "127.0.0.1:8082"
+        )]
+        webhooks_listen: SocketAddr,
     },
     /// Run the Credyt emulator alone.
     Emulator {
@@ -238,11 +246,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             admin_listen,
             emulator_listen,
+            webhooks_listen,
         } => {
             let ports = SandboxPorts {
                 listen,
                 admin_listen,
                 emulator_listen,
+                webhooks_listen,
             };
             sandbox(dir.as_deref(), &data_dir, ports).await?;
             Ok(ExitCode::SUCCESS)
@@ -304,6 +314,8 @@ fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result
 pub const SANDBOX_PLATFORM_KEY: &str = "sandbox-platform-key";
 /// The sandbox's demo tenant key. Demo only: it is public, in this repository.
 pub const SANDBOX_DEMO_KEY: &str = "cpk_DEMO_sandbox_only_not_a_secret";
+/// The demo tenant's webhook signing secret (in the demo tenants file). Public: sandbox only.
+pub const SANDBOX_DEMO_WEBHOOK_SECRET: &str = "whsec_REVNT19zYW5kYm94X29ubHlfbm90X3NlY3JldF8zMmI=";
 /// The variable that sets `credyt-proxy sandbox --data-dir`.
 pub const SANDBOX_DATA_DIR_ENV: &str = "CREDYT_PROXY_SANDBOX_DATA_DIR";
 
@@ -328,6 +340,7 @@ pub struct SandboxPorts {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub emulator_listen: SocketAddr,
+    pub webhooks_listen: SocketAddr,
 }
 
 /// The sandbox's data folder, deleted when the sandbox ends (also on a failed start).
@@ -376,6 +389,42 @@ fn sandbox_files(
     Ok((settings, seed))
 }
 
+/// Points the sandbox's destination at `url`.
+async fn point_sandbox_destination(emulator: &str, id: &str, url: &str) -> anyhow::Result<()> {
+    reqwest::Client::new()
+        .patch(format!("{emulator}/webhooks/{id}"))
+        .header("X-CREDYT-API-KEY", SANDBOX_PLATFORM_KEY)
+        .json(&serde_json::json!({ "url": url }))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("pointing the emulator's webhook destination at the relay")?;
+    Ok(())
+}
+
+/// Registers the relay as the platform's `connect: true` destination at the sandbox's
+/// emulator: its id and signing secret.
+async fn register_sandbox_destination(
+    emulator: &str,
+    relay_url: &str,
+) -> anyhow::Result<(String, String)> {
+    let created: serde_json::Value = reqwest::Client::new()
+        .post(format!("{emulator}/webhooks"))
+        .header("X-CREDYT-API-KEY", SANDBOX_PLATFORM_KEY)
+        .json(&serde_json::json!({"url": relay_url, "connect": true}))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("registering the relay at the sandbox emulator")?
+        .json()
+        .await
+        .context("reading the emulator's webhook destination")?;
+    match (created["id"].as_str(), created["secret"].as_str()) {
+        (Some(id), Some(secret)) => Ok((id.to_string(), secret.to_string())),
+        _ => anyhow::bail!("the emulator's webhook destination has no id or secret: {created}"),
+    }
+}
+
 async fn sandbox(
     dir: Option<&Path>,
     data_parent: &Path,
@@ -403,7 +452,39 @@ async fn sandbox(
     settings.server.listen = ports.listen;
     settings.server.admin_listen = ports.admin_listen;
     settings.outbox.dir = data.0.join("outbox");
+    // The C4P loop: the platform's `connect: true` destination is the proxy's relay.
+    let relay_url = format!(
+        "http://{}{}",
+        ports.webhooks_listen,
+        settings
+            .webhooks
+            .as_ref()
+            .map_or("/webhooks/credyt", |w| w.path.as_str())
+    );
+    let (destination, secret) = register_sandbox_destination(&emulator.url(), &relay_url).await?;
+    let mut webhooks = settings.webhooks.take().unwrap_or_else(|| {
+        crate::config::WebhookSettings::with_defaults(Vec::new(), data.0.join("webhooks"))
+    });
+    webhooks.credyt_secrets = vec![crate::config::Secret::new(secret)];
+    webhooks.listen = ports.webhooks_listen;
+    webhooks.dir = data.0.join("webhooks");
+    let relay_path = webhooks.path.clone();
+    settings.webhooks = Some(webhooks);
     let app = Application::build(settings).await?;
+    // The relay's real address (port 0 picks one): where the emulator posts.
+    let relay_url = match app.webhook_addr() {
+        Some(addr) => {
+            let ip = if addr.ip().is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                addr.ip()
+            };
+            let url = format!("http://{}{relay_path}", SocketAddr::new(ip, addr.port()));
+            point_sandbox_destination(&emulator.url(), &destination, &url).await?;
+            url
+        }
+        None => relay_url,
+    };
     // Listening before the banner: a ctrl-c right after it still cleans up.
     let signals = crate::shutdown::Signals::new();
 
@@ -427,6 +508,10 @@ async fn sandbox(
          \ncurl -sS -w '\\n' -X POST {proxy}/v1/events -H 'Content-Type: application/json' -H 'X-CREDYT-API-KEY: {SANDBOX_DEMO_KEY}' -d '{{\"customer_external_id\":\"demo-user-1\",\"events\":[{{\"id\":\"{event_id}\",\"event_type\":\"video_promoted\",\"occurred_at\":\"{now}\"}}]}}'\n\
          \nsee the wallet debited on the emulator:\n\
          \ncurl -sS -w '\\n' {emu}/_emulator/state -H 'X-CREDYT-API-KEY: {SANDBOX_PLATFORM_KEY}'\n\
+         \nwatch the relayed webhooks: below 5 USD (31 such events) the emulator sends\
+         \nbalance_threshold_hit to the proxy's webhook relay ({relay_url}), which relays it to\
+         \nthe demo tenant's endpoint http://127.0.0.1:8090/ (see examples/webhooks/README.md):\n\
+         \npython3 examples/webhooks/receiver.py --port 8090 --secret {SANDBOX_DEMO_WEBHOOK_SECRET}\n\
          \nstop with ctrl-c\n",
         admin = app.admin_addr(),
         emu = emulator.url(),

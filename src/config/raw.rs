@@ -17,6 +17,7 @@
 //! secrets).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
@@ -143,6 +144,31 @@ impl RawWebhooks {
             max_pending: p.nonzero("webhooks.max_pending", self.max_pending) as usize,
         };
         (!settings.credyt_secrets.is_empty()).then_some(settings)
+    }
+}
+
+impl WebhookSettings {
+    /// The relay with every default, these Credyt secrets and its outbox in `dir` (the
+    /// sandbox's relay).
+    pub fn with_defaults(credyt_secrets: Vec<String>, dir: std::path::PathBuf) -> WebhookSettings {
+        let d = RawWebhooks::default();
+        WebhookSettings {
+            credyt_secrets: credyt_secrets.into_iter().map(Secret::new).collect(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            path: d.path,
+            dir,
+            tolerance: Duration::from_secs(d.tolerance_secs),
+            max_body_bytes: d.max_body_bytes as usize,
+            dedupe_window: Duration::from_secs(d.dedupe_window_secs),
+            attempt_timeout: Duration::from_millis(d.attempt_timeout_ms),
+            retry_schedule: d
+                .retry_schedule_ms
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            per_tenant_concurrency: d.per_tenant_concurrency as usize,
+            max_pending: d.max_pending as usize,
+        }
     }
 }
 

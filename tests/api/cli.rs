@@ -188,6 +188,8 @@ fn spawn_sandbox(cwd: &std::path::Path, data_parent: &std::path::Path) -> std::p
             "127.0.0.1:0",
             "--emulator-listen",
             "127.0.0.1:0",
+            "--webhooks-listen",
+            "127.0.0.1:0",
         ])
         .env("RUST_LOG", "warn")
         .env("CREDYT_PROXY_SANDBOX_DATA_DIR", data_parent)
