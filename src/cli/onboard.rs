@@ -64,6 +64,12 @@ pub async fn create(config: &Path, req: CreateRequest) -> anyhow::Result<ExitCod
     let mut file = TenantsFile::open(&settings.tenants.file)?;
     file.ensure_id_free(&req.id)?;
     file.ensure_account_free(None, &req.external_id)?;
+    if !req.print {
+        file.check_writable().context(
+            "the tenants file cannot be written here (for a file kept elsewhere, e.g. a \
+             kubernetes secret, use --print)",
+        )?;
+    }
     let (key, key_hash) = generate_key();
     let webhook = req.webhook_url.as_ref().map(|url| NewWebhook {
         url: url.clone(),

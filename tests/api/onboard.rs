@@ -103,11 +103,16 @@ impl Onboarding {
 }
 
 fn config_text(base_url: &str) -> String {
+    config_with_tenants(base_url, "tenants.toml")
+}
+
+/// The configuration with `tenants.file = tenants`.
+fn config_with_tenants(base_url: &str, tenants: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [log]\nfilter = \"warn\"\n\
          [credyt]\nbase_url = \"{base_url}\"\napi_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000\n\
-         [tenants]\nfile = \"tenants.toml\"\nreload_interval_ms = 100\n\
+         [tenants]\nfile = \"{tenants}\"\nreload_interval_ms = 100\n\
          [pricing]\ndir = \"{}\"\n\
          [ingest]\nack = \"upstream\"\n\
          [outbox]\ndir = \"outbox\"\n",
@@ -244,6 +249,26 @@ async fn an_id_already_in_the_tenants_file_is_refused_before_credyt_is_called() 
     );
     assert_eq!(o.tenants_bytes().unwrap(), HAND_WRITTEN.as_bytes());
     assert!(o.account_calls().await.is_empty(), "credyt was called");
+    o.emulator.stop().await;
+}
+
+#[actix_web::test]
+async fn a_tenants_file_that_cannot_be_written_is_refused_before_credyt_is_called() {
+    let o = Onboarding::start(None).await;
+    std::fs::write(
+        o.config(),
+        config_with_tenants(&o.emulator.url(), "no-such-folder/tenants.toml"),
+    )
+    .unwrap();
+    let out = o.run(&create_args("acme", "Acme", &[])).await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("the tenants file cannot be written here") && err.contains("--print"),
+        "{err}"
+    );
+    assert!(o.account_calls().await.is_empty(), "credyt was called");
+    assert!(!o.dir.path().join("no-such-folder").exists());
     o.emulator.stop().await;
 }
 
