@@ -104,8 +104,8 @@ pub async fn create(config: &Path, req: CreateRequest) -> anyhow::Result<ExitCod
             req.id, account.id, req.external_id
         )
     };
-    file.ensure_account_free(Some(account.id.as_str()), &req.external_id)
-        .with_context(kept)?;
+    // Another tenant's account: running again would not help, so no "run again" hint.
+    file.ensure_account_free(Some(account.id.as_str()), &req.external_id)?;
     tenant.account = account.id.to_string();
     file.add_tenant(&tenant).with_context(kept)?;
 
@@ -131,12 +131,12 @@ pub async fn create(config: &Path, req: CreateRequest) -> anyhow::Result<ExitCod
     println!();
     println!(
         "give the key to the tenant now: it is not shown again (the tenants file keeps only its \
-         hash)."
+         hash)"
     );
     if let Some(w) = &tenant.webhook {
         println!(
             "the proxy relays the account's credyt webhooks to {}, signed with the webhook \
-             secret (standard webhooks): give it to the tenant to verify them.",
+             secret (standard webhooks): give it to the tenant to verify them",
             w.url
         );
     }
@@ -146,7 +146,7 @@ pub async fn create(config: &Path, req: CreateRequest) -> anyhow::Result<ExitCod
         println!();
         print!("{}", file_edit::entry_block(&tenant));
     } else {
-        println!("the proxy picks the new entry up by itself (tenants.reload_interval_ms).");
+        println!("the proxy picks the new entry up by itself (tenants.reload_interval_ms)");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -182,12 +182,12 @@ pub fn rotate_key(
     println!();
     println!(
         "give the key to the tenant now: it is not shown again (the tenants file keeps only its \
-         hash)."
+         hash)"
     );
     if !retire_old {
         println!(
             "once the tenant uses it, take the old hash out of key_hashes (or rotate again with \
-             --retire-old, which leaves only a newer key)."
+             --retire-old, which leaves only a newer key)"
         );
     }
     Ok(ExitCode::SUCCESS)
