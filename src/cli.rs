@@ -1,5 +1,6 @@
 //! The command line: `serve`, `sandbox`, `emulator`, `check-config`, `check-pricing`, `quote`,
-//! `tenant-key`. Startup code: errors here are `anyhow` and end the process with a message.
+//! `tenant-key`, `tenant create|rotate-key|list`, `webhooks register`, `dlq list|replay`.
+//! Startup code: errors here are `anyhow` and end the process with a message.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -11,6 +12,9 @@ use clap::{Parser, Subcommand};
 
 use crate::app::Application;
 use crate::config::Settings;
+
+/// The onboarding commands (`tenant ...`, `webhooks register`).
+mod onboard;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -114,11 +118,105 @@ pub enum Command {
     },
     /// Print a fresh tenant API key and the hash line for the tenants file.
     TenantKey,
+    /// Onboard and manage tenants: their Credyt connected accounts, keys and tenants-file
+    /// entries (see docs/onboarding.md).
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+    /// The platform's Credyt webhook destinations.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
+    },
     /// Inspect or replay the outbox's dead letters (the proxy must be stopped: the outbox
     /// directory is locked while it runs).
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantAction {
+    /// Add a tenant: find its Credyt connected account by external id or create it, generate
+    /// its key (and webhook secret), append its entry to the tenants file, print the secrets
+    /// once.
+    Create {
+        /// The proxy's configuration file (Credyt base URL and platform key, tenants.file).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The tenant id (1 to 64 characters; must not be in the tenants file yet).
+        #[arg(long)]
+        id: String,
+        /// The tenant's display name (also the connected account's name at Credyt).
+        #[arg(long)]
+        name: String,
+        /// The connected account's external id at Credyt (default: the tenant id).
+        #[arg(long)]
+        external_id: Option<String>,
+        /// Relay Credyt's webhooks for this tenant's account to this http(s) URL, signed with a
+        /// fresh `whsec_` secret.
+        #[arg(long)]
+        webhook_url: Option<String>,
+        /// Write nothing: print the `[[tenants]]` block to add to a tenants file kept
+        /// elsewhere (e.g. a Kubernetes Secret).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Give a tenant a new key (printed once) next to its current one(s).
+    RotateKey {
+        /// The proxy's configuration file (its tenants.file is edited).
+        #[arg(
+            long,
+            short,
+            required_unless_present = "tenants",
+            conflicts_with = "tenants"
+        )]
+        config: Option<PathBuf>,
+        /// The tenants file to edit (instead of --config), e.g. a copy of a Kubernetes Secret.
+        #[arg(long)]
+        tenants: Option<PathBuf>,
+        /// The tenant id.
+        id: String,
+        /// Remove the tenant's other key(s): only the new key works once the proxy reloads.
+        #[arg(long)]
+        retire_old: bool,
+    },
+    /// List the tenants: id, account, number of keys, webhook URL; never a key, hash or
+    /// secret.
+    List {
+        /// The proxy's configuration file (its tenants.file is listed).
+        #[arg(
+            long,
+            short,
+            required_unless_present = "tenants",
+            conflicts_with = "tenants"
+        )]
+        config: Option<PathBuf>,
+        /// The tenants file to list (instead of --config).
+        #[arg(long)]
+        tenants: Option<PathBuf>,
+        /// One JSON array instead of text lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhooksAction {
+    /// Register a webhook destination at Credyt for the events of every connected account
+    /// (`connect: true`) and print its signing secret once.
+    Register {
+        /// The proxy's configuration file (Credyt base URL and platform key).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The https URL Credyt delivers to (the proxy's webhook relay).
+        #[arg(long)]
+        url: String,
+        /// A topic to receive (repeat for several); none: every topic.
+        #[arg(long = "topic")]
+        topics: Vec<String>,
     },
 }
 
@@ -196,6 +294,44 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("key_hashes = [\"{hash}\"]");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Tenant { action } => match action {
+            TenantAction::Create {
+                config,
+                id,
+                name,
+                external_id,
+                webhook_url,
+                print,
+            } => {
+                let external_id = external_id.unwrap_or_else(|| id.clone());
+                let request = onboard::CreateRequest {
+                    id,
+                    name,
+                    external_id,
+                    webhook_url,
+                    print,
+                };
+                onboard::create(&config, request).await
+            }
+            TenantAction::RotateKey {
+                config,
+                tenants,
+                id,
+                retire_old,
+            } => onboard::rotate_key(config.as_deref(), tenants.as_deref(), &id, retire_old),
+            TenantAction::List {
+                config,
+                tenants,
+                json,
+            } => onboard::list(config.as_deref(), tenants.as_deref(), json),
+        },
+        Command::Webhooks { action } => match action {
+            WebhooksAction::Register {
+                config,
+                url,
+                topics,
+            } => onboard::register_webhook(&config, &url, &topics).await,
+        },
         Command::Dlq { action } => match action {
             DlqAction::List { data_dir } => {
                 let letters = crate::outbox::dlq_list(&data_dir)?;

@@ -3,6 +3,8 @@
 //!
 //! Contract:
 //! - [`tenants`] authenticates a presented key against the hot-reloaded tenants file.
+//! - [`onboard`] edits that file for the `credyt-proxy tenant ...` commands (add a tenant,
+//!   rotate a key, list); the proxy itself only reads it.
 //! - [`Identity`] resolves the tenant's connected account (explicit `acc_...` or looked up by
 //!   `external_id`) and the end user's customer (`GET /customers?external_id=`, following its
 //!   303; optionally created on first sight). A `cust_...` id sent directly is accepted only if
@@ -23,6 +25,7 @@
 //! - A hit is a memory lookup. Only misses do I/O, and their upstream errors are returned, never
 //!   cached.
 
+pub mod onboard;
 pub mod tenants;
 
 use std::sync::Arc;

@@ -187,6 +187,12 @@ pub enum Operation {
     CreateCustomer,
     CustomerExists,
     AccountContext,
+    /// `POST /accounts` (onboarding, `credyt-proxy tenant create`).
+    CreateAccount,
+    /// `POST /webhooks` (`credyt-proxy webhooks register`).
+    CreateWebhook,
+    /// `GET /webhooks` (`credyt-proxy webhooks register`).
+    ListWebhooks,
 }
 
 impl Operation {
@@ -200,6 +206,9 @@ impl Operation {
             Operation::CreateCustomer => "create_customer",
             Operation::CustomerExists => "customer_exists",
             Operation::AccountContext => "account_context",
+            Operation::CreateAccount => "create_account",
+            Operation::CreateWebhook => "create_webhook",
+            Operation::ListWebhooks => "list_webhooks",
         }
     }
 
@@ -216,6 +225,9 @@ impl Operation {
             Operation::CreateCustomer => ("POST /customers", "POST"),
             Operation::CustomerExists => ("GET /customers/{id}", "GET"),
             Operation::AccountContext => ("GET /accounts/self", "GET"),
+            Operation::CreateAccount => ("POST /accounts", "POST"),
+            Operation::CreateWebhook => ("POST /webhooks", "POST"),
+            Operation::ListWebhooks => ("GET /webhooks", "GET"),
         };
         super::traces::Call {
             name,

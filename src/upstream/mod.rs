@@ -19,6 +19,7 @@ pub mod concurrency;
 pub mod credentials;
 pub mod forward;
 pub mod forwarder;
+pub mod platform;
 pub mod wire;
 
 use std::future::Future;

@@ -44,6 +44,48 @@ pub struct CreateCustomer<'a> {
     pub external_id: &'a str,
 }
 
+/// `POST /accounts` body (a connected account; platform-level, no `X-CREDYT-ACCOUNT`).
+#[derive(Debug, Serialize)]
+pub struct CreateAccount<'a> {
+    pub name: &'a str,
+    pub external_id: &'a str,
+}
+
+/// `POST /webhooks` body.
+#[derive(Debug, Serialize)]
+pub struct CreateWebhook<'a> {
+    pub url: &'a str,
+    /// Left out: Credyt's default, every topic (`["*"]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topics: Option<&'a [String]>,
+    /// true: the events of the platform's connected accounts (C4P).
+    pub connect: bool,
+}
+
+/// `POST /webhooks` answer: the signing secret is in it (and, per the SDK, only in it).
+#[derive(Debug, Deserialize)]
+pub struct CreatedWebhook {
+    pub id: String,
+    pub secret: String,
+}
+
+/// One item of `GET /webhooks` (no secret).
+#[derive(Debug, Deserialize)]
+pub struct WebhookDestination {
+    pub id: String,
+    pub url: String,
+    #[serde(default)]
+    pub topics: Vec<String>,
+    #[serde(default)]
+    pub connect: bool,
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
 /// `POST /customers/{id}/wallet/charges` body.
 #[derive(Debug, Serialize)]
 pub struct ChargeRequest<'a> {

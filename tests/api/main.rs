@@ -14,6 +14,7 @@ mod ingest;
 mod kubernetes;
 mod lifecycle;
 mod metrics;
+mod onboard;
 mod openapi;
 mod outbox;
 mod pricing;
