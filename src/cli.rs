@@ -218,25 +218,52 @@ pub enum WebhooksAction {
         #[arg(long = "topic")]
         topics: Vec<String>,
     },
+    /// Inspect or replay the relay's dead letters: webhooks no tenant owns, or whose tenant
+    /// endpoint failed every attempt (`--data-dir` is `webhooks.dir`; the proxy must be
+    /// stopped: the directory is locked while it runs).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum DlqAction {
     /// List dead letters as JSON lines.
     List {
-        /// The outbox directory (`outbox.dir` of the config).
+        /// The outbox directory (`outbox.dir` of the config; `webhooks.dir` for `webhooks dlq`).
         #[arg(long)]
         data_dir: PathBuf,
     },
     /// Move dead letters back to the pending queue (all, or the given sequence numbers).
     Replay {
-        /// The outbox directory (`outbox.dir` of the config).
+        /// The outbox directory (`outbox.dir` of the config; `webhooks.dir` for `webhooks dlq`).
         #[arg(long)]
         data_dir: PathBuf,
         /// A dead letter's sequence number (repeat for several); none: all of them.
         #[arg(long = "seq")]
         seqs: Vec<u64>,
     },
+}
+
+/// `dlq` and `webhooks dlq`: the same store, in `outbox.dir` or `webhooks.dir`.
+fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
+    match action {
+        DlqAction::List { data_dir } => {
+            let letters = crate::outbox::dlq_list(&data_dir)?;
+            for letter in &letters {
+                println!("{}", serde_json::to_string(letter)?);
+            }
+            eprintln!("{} dead letter(s)", letters.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Replay { data_dir, seqs } => {
+            let only = (!seqs.is_empty()).then_some(seqs.as_slice());
+            let n = crate::outbox::dlq_replay(&data_dir, only)?;
+            println!("{n} dead letter(s) moved back to pending; they are sent at the next start");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Parses the command line and runs it.
@@ -331,25 +358,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 url,
                 topics,
             } => onboard::register_webhook(&config, &url, &topics).await,
+            WebhooksAction::Dlq { action } => dlq(action),
         },
-        Command::Dlq { action } => match action {
-            DlqAction::List { data_dir } => {
-                let letters = crate::outbox::dlq_list(&data_dir)?;
-                for letter in &letters {
-                    println!("{}", serde_json::to_string(letter)?);
-                }
-                eprintln!("{} dead letter(s)", letters.len());
-                Ok(ExitCode::SUCCESS)
-            }
-            DlqAction::Replay { data_dir, seqs } => {
-                let only = (!seqs.is_empty()).then_some(seqs.as_slice());
-                let n = crate::outbox::dlq_replay(&data_dir, only)?;
-                println!(
-                    "{n} dead letter(s) moved back to pending; they are sent at the next start"
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-        },
+        Command::Dlq { action } => dlq(action),
         Command::Emulator {
             listen,
             platform_keys,

@@ -664,19 +664,60 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
             .await,
         1
     );
-    // Replayed once the endpoint is back: delivered once; the unroutable one stays dead.
-    w.a.set(OK);
-    assert_eq!(outbox.replay(None).await.unwrap(), 2);
-    let got = w.a.wait_for(1).await;
+    drop(outbox);
+    // The operator's tools, with the proxy stopped: list, then replay, then start again.
+    let Relayed {
+        emulator,
+        app,
+        dir,
+        a,
+        ..
+    } = w;
+    app.stop().await;
+    let data_dir = dir.path().join("webhooks");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credyt-proxy"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: Vec<Value> = cli(&["webhooks", "dlq", "list"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut codes: Vec<&str> = listed.iter().map(|l| l["code"].as_str().unwrap()).collect();
+    codes.sort();
+    assert_eq!(codes, ["retries_exhausted", "unroutable"]);
+    let never_seq = listed
+        .iter()
+        .find(|l| l["delivery"]["id"] == "whe_never")
+        .unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    // The endpoint is back: replay the one that failed; it is delivered once.
+    a.set(OK);
+    assert!(cli(&["webhooks", "dlq", "replay", "--seq", &never_seq]).starts_with("1 dead letter"));
+    let app = Relayed::app(&emulator, dir.path(), "retry_schedule_ms = [50, 50]").await;
+    let got = a.wait_for(1).await;
     assert_eq!(got[0].id, "whe_never");
-    eventually(
-        Duration::from_secs(10),
-        "the unroutable one back in the dead letters",
-        || async { (outbox.dead_letters().unwrap().len() == 1).then_some(()) },
-    )
-    .await;
+    a.verify(&got[0]);
+    let outbox = app.webhook_outbox().unwrap();
+    assert_eq!(
+        outbox.dead_letters().unwrap().len(),
+        1,
+        "the unroutable one stays"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(w.a.got().len(), 1);
+    assert_eq!(a.got().len(), 1);
 }
 
 #[tokio::test]
