@@ -59,14 +59,16 @@ pub fn python(name: &str, requirement: &str) -> PathBuf {
             &format!("creating target/{name}"),
         );
         run_checked(
-            Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                requirement,
-            ]),
+            Command::new(&python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                // Several requirements: separated by spaces.
+                .args(requirement.split_whitespace()),
             &format!("installing {requirement} into target/{name}"),
         );
         std::fs::write(&marker, requirement).unwrap();

@@ -802,3 +802,229 @@ async fn a_webhook_acknowledged_to_credyt_survives_sigkill_and_is_delivered_once
     let ids: Vec<&str> = got.iter().map(|g| g.id.as_str()).collect();
     assert_eq!(ids, ["whe_killed", "whe_marker"]);
 }
+
+/// A free port on 127.0.0.1 (bound, then released for a process to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Lines a child process writes to stdout, collected as they come.
+fn collect_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().unwrap();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Kills a child process when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The C4P quickstart with the real binaries, the official SDK and the Python Standard
+/// Webhooks library: register the platform's connect destination, onboard a tenant (twice:
+/// nothing new the second time), the platform funds an end user, the tenant spends through the
+/// proxy with its own key until the balance crosses the threshold, and the tenant's receiver
+/// (`examples/webhooks/receiver.py`) gets exactly one verified `balance_threshold_hit` for its
+/// own end user.
+#[tokio::test]
+async fn the_c4p_quickstart_closes_the_loop_with_the_official_sdk() {
+    let python = super::venv::python(
+        "quickstart-venv",
+        "credyt-api==0.2.0 standardwebhooks==1.3.0",
+    );
+    let bin = env!("CARGO_BIN_EXE_credyt-proxy");
+    let (emu_port, relay_port, recv_port) = (free_port(), free_port(), free_port());
+    let emu_url = format!("http://127.0.0.1:{emu_port}");
+    let _emulator = Kill(
+        std::process::Command::new(bin)
+            .args([
+                "emulator",
+                "--listen",
+                &format!("127.0.0.1:{emu_port}"),
+                "--platform-key",
+                PLATFORM_KEY,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(20), "the emulator", || async {
+        http.get(format!("{emu_url}/accounts"))
+            .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let base_config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [log]\nformat = \"json\"\nfilter = \"info\"\n\
+         [credyt]\nbase_url = \"{emu_url}\"\napi_key = \"{PLATFORM_KEY}\"\n\
+         [tenants]\nfile = \"tenants.toml\"\n\
+         [pricing]\ndir = \"{}\"\n\
+         [outbox]\ndir = \"outbox\"\n",
+        super::proxy::repo().join("pricing").display()
+    );
+    std::fs::write(&config, &base_config).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let line_after = |text: &str, prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{text}"))
+            .trim()
+            .to_string()
+    };
+    let cfg = config.to_str().unwrap();
+
+    // 1. The platform registers its connect destination: the relay.
+    let relay_url = format!("http://127.0.0.1:{relay_port}/webhooks/credyt");
+    let (ok, out, err) = run(&["webhooks", "register", "--config", cfg, "--url", &relay_url]);
+    assert!(ok, "{out}{err}");
+    let credyt_secret = line_after(&out, "signing secret:");
+    std::fs::write(
+        &config,
+        format!(
+            "{base_config}[webhooks]\ncredyt_secrets = [\"{credyt_secret}\"]\n\
+             listen = \"127.0.0.1:{relay_port}\"\ndir = \"webhooks\"\n"
+        ),
+    )
+    .unwrap();
+
+    // 2. Onboard the tenant; a second run creates nothing and changes nothing.
+    let receiver_url = format!("http://127.0.0.1:{recv_port}/");
+    let create = [
+        "tenant",
+        "create",
+        "--config",
+        cfg,
+        "--id",
+        "acme",
+        "--name",
+        "Acme",
+        "--webhook-url",
+        &receiver_url,
+    ];
+    let (ok, out, err) = run(&create);
+    assert!(ok, "{out}{err}");
+    let tenant_key = line_after(&out, "key:");
+    let webhook_secret = line_after(&out, "webhook secret:");
+    let tenants = std::fs::read(dir.path().join("tenants.toml")).unwrap();
+    let (ok, out, err) = run(&create);
+    assert!(!ok, "a second create must refuse: {out}{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("tenants.toml")).unwrap(),
+        tenants
+    );
+    let accounts: Value = http
+        .get(format!("{emu_url}/accounts?external_id=acme"))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(accounts["total_count"], 1, "{accounts}");
+    let account = accounts["items"][0]["id"].as_str().unwrap().to_string();
+    // A threshold-hit fires when a wallet goes below 5.
+    let resp = http
+        .put(format!("{emu_url}/_emulator/thresholds"))
+        .header("X-CREDYT-API-KEY", PLATFORM_KEY)
+        .json(&json!({"default_threshold": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+
+    // 3. The tenant's receiver, verifying with the `standardwebhooks` package.
+    let mut receiver = std::process::Command::new(&python)
+        .arg(super::proxy::repo().join("examples/webhooks/receiver.py"))
+        .args([
+            "--port",
+            &recv_port.to_string(),
+            "--secret",
+            &webhook_secret,
+        ])
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let received = collect_lines(&mut receiver);
+    let _receiver = Kill(receiver);
+    let _proxy = super::crash::Proxy::start(&config).await;
+    let proxy_url = _proxy.url.clone();
+
+    // 4. The platform funds the end user; the tenant spends through the proxy with its SDK.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(super::proxy::repo().join("tests/sdk/c4p_loop.py"))
+            .envs([
+                ("CREDYT_BASE_URL", emu_url.as_str()),
+                ("CREDYT_API_KEY", PLATFORM_KEY),
+                ("ACCOUNT", account.as_str()),
+                ("PROXY_URL", proxy_url.as_str()),
+                ("TENANT_KEY", tenant_key.as_str()),
+                ("END_USER", "acme-user-1"),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 5. Exactly one verified balance_threshold_hit, for the tenant's own end user.
+    let hits = || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("balance_threshold_hit"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let first = eventually(
+        Duration::from_secs(30),
+        "the relayed threshold hit",
+        || async { hits().first().cloned() },
+    )
+    .await;
+    assert!(first.contains("tenant=acme"), "{first}");
+    assert!(first.contains("customer=acme-user-1"), "{first}");
+    assert!(first.contains("available=4.5"), "{first}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hits().len(), 1, "{:?}", received.lock().unwrap());
+}
