@@ -395,7 +395,9 @@ async fn refused_webhooks_answer_problems_and_nothing_is_delivered() {
     }))
     .unwrap();
     let not_json = b"{not json".to_vec();
-    let cases: Vec<(&str, Vec<u8>, Option<String>, u16, &str)> = vec![
+    // (what, body, Credyt-Signature, status, code)
+    type Case<'a> = (&'a str, Vec<u8>, Option<String>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("no header", good.clone(), None, 401, "missing_signature"),
         (
             "wrong secret",
