@@ -1030,3 +1030,191 @@ async fn the_c4p_quickstart_closes_the_loop_with_the_official_sdk() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(hits().len(), 1, "{:?}", received.lock().unwrap());
 }
+
+/// The sandbox closes the loop by itself, and the auto top-up example does what it says: the
+/// demo end user spends below the threshold, the sandbox's emulator sends
+/// `balance_threshold_hit` to the sandbox's relay, the relay relays it to the demo tenant's
+/// endpoint where `examples/webhooks/auto_topup.py` runs, and the wallet is credited once.
+#[tokio::test]
+async fn the_sandbox_relays_the_threshold_hit_and_the_auto_top_up_example_credits_once() {
+    let python = super::venv::python(
+        "quickstart-venv",
+        "credyt-api==0.2.0 standardwebhooks==1.3.0",
+    );
+    let repo = super::proxy::repo();
+    let files = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = std::fs::read_to_string(repo.join("examples/sandbox/config.toml"))
+        .unwrap()
+        .replace(
+            "\"../../pricing\"",
+            &format!("\"{}\"", repo.join("pricing").display()),
+        );
+    std::fs::write(files.path().join("config.toml"), config).unwrap();
+    std::fs::copy(
+        repo.join("examples/sandbox/seed.json"),
+        files.path().join("seed.json"),
+    )
+    .unwrap();
+    let tenants = std::fs::read_to_string(repo.join("examples/sandbox/tenants.toml"))
+        .unwrap()
+        .replace(
+            "http://127.0.0.1:8090/",
+            &format!("http://127.0.0.1:{port}/"),
+        );
+    std::fs::write(files.path().join("tenants.toml"), tenants).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut sandbox = std::process::Command::new(env!("CARGO_BIN_EXE_credyt-proxy"))
+        .arg("sandbox")
+        .arg("--dir")
+        .arg(files.path())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "--emulator-listen",
+            "127.0.0.1:0",
+            "--webhooks-listen",
+            "127.0.0.1:0",
+        ])
+        .env("CREDYT_PROXY_SANDBOX_DATA_DIR", data.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let banner = collect_lines(&mut sandbox);
+    let _sandbox = Kill(sandbox);
+    let field = |name: &str| {
+        let banner = banner.clone();
+        let name = name.to_string();
+        async move {
+            eventually(Duration::from_secs(30), "the sandbox banner", || async {
+                banner.lock().unwrap().iter().find_map(|l| {
+                    l.trim()
+                        .strip_prefix(&name)
+                        .and_then(|r| r.split_whitespace().next())
+                        .map(str::to_string)
+                })
+            })
+            .await
+        }
+    };
+    let proxy = field("proxy (tenant API):").await;
+    let emulator = field("credyt emulator:").await;
+    let secret = field("python3 examples/webhooks/receiver.py --port 8090 --secret").await;
+    assert!(secret.starts_with("whsec_"), "{secret}");
+
+    let mut topup = std::process::Command::new(&python)
+        .arg(repo.join("examples/webhooks/auto_topup.py"))
+        .args(["--port", &port.to_string(), "--secret", &secret])
+        .args([
+            "--credyt-url",
+            &emulator,
+            "--platform-key",
+            "sandbox-platform-key",
+        ])
+        .args(["--amount", "10.00"])
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let topups = collect_lines(&mut topup);
+    let _topup = Kill(topup);
+    eventually(
+        Duration::from_secs(30),
+        "the auto top-up to listen",
+        || async {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+
+    // 31 events of 0.50 USD take demo-user-1 from 20.00 to 4.50: below the threshold of 5.
+    let http = reqwest::Client::new();
+    let now = chrono::Utc::now().to_rfc3339();
+    for i in 0..31 {
+        let resp = http
+            .post(format!("{proxy}/v1/events"))
+            .header("X-CREDYT-API-KEY", "cpk_DEMO_sandbox_only_not_a_secret")
+            .json(&json!({"customer_external_id": "demo-user-1",
+                "events": [{"id": format!("loop-{i}"), "event_type": "video_promoted", "occurred_at": now}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let available = || async {
+        let state: Value = http
+            .get(format!("{emulator}/_emulator/state"))
+            .header("X-CREDYT-API-KEY", "sandbox-platform-key")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        super::proxy::wallet(&state, "cust_4dem0000000000000000000001", "USD").map(|w| w.0)
+    };
+    eventually(Duration::from_secs(30), "the automatic top-up", || async {
+        (available().await == Some(rust_decimal_macros::dec!(14.50))).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        available().await,
+        Some(rust_decimal_macros::dec!(14.50)),
+        "credited once"
+    );
+    assert_eq!(
+        topups
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("cust_4dem0000000000000000000001") || l.contains("demo-user-1"))
+            .count(),
+        1,
+        "{:?}",
+        topups.lock().unwrap()
+    );
+}
+
+/// A tenant takes only the topics it lists; the generic envelope is relayed like the C4P one.
+#[tokio::test]
+async fn a_tenant_receives_only_its_topics_in_either_envelope() {
+    let w = Relayed::start(FAST_RETRIES).await;
+    let tenants = w.dir.path().join("tenants.toml");
+    let text = std::fs::read_to_string(&tenants).unwrap().replacen(
+        "secrets = [",
+        "topics = [\"subscription.activated\"], secrets = [",
+        1,
+    );
+    std::fs::write(&tenants, text).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the tenants file reload",
+        || async {
+            let hit = threshold_hit(
+                &format!("whe_probe{}", uuid::Uuid::new_v4().simple()),
+                &w.acc_a,
+                "cust_1",
+            );
+            (outcome(w.post_signed(&hit).await).await == "filtered").then_some(())
+        },
+    )
+    .await;
+    let cust = w.customer(&w.acc_a, "user-sub").await;
+    let generic = json!({
+        "id": "evt_sub1", "type": "subscription.activated", "account": w.acc_a,
+        "created": chrono::Utc::now().to_rfc3339(), "live_mode": false,
+        "data": {"customer_id": cust, "subscription_id": "sub_1", "occurred_at": chrono::Utc::now().to_rfc3339()}
+    });
+    assert_eq!(outcome(w.post_signed(&generic).await).await, "accepted");
+    let got = w.a.wait_for(1).await;
+    assert_eq!(got.len(), 1, "filtered webhooks are not relayed");
+    let body = got[0].json();
+    assert_eq!(body["type"], "subscription.activated");
+    assert_eq!(body["timestamp"], generic["created"]);
+    assert_eq!(body["customer"]["external_id"], "user-sub");
+    w.a.verify(&got[0]);
+}
