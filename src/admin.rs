@@ -80,9 +80,20 @@ pub struct AdminState {
     /// SHA-256 of `admin.token`; `None` disables `/admin/...`. Presented tokens are hashed
     /// too, so the constant-time compare is over equal lengths and leaks not even the length.
     token_digest: Option<[u8; 32]>,
+    /// The webhook relay's outbox, when the relay is configured.
+    webhooks: Option<Outbox>,
     /// Replays run one at a time: two replays of the same record in one commit group would
     /// both find it still dead and count it twice.
     replays: tokio::sync::Mutex<()>,
+}
+
+/// Which dead letters an `/admin/...` request is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// The outbox's: charges and usage events Credyt did not take.
+    Events,
+    /// The webhook relay's: webhooks no tenant owns or whose tenant never acknowledged them.
+    Webhooks,
 }
 
 impl AdminState {
@@ -91,6 +102,7 @@ impl AdminState {
         readiness: Arc<Readiness>,
         credentials: Arc<Credentials>,
         forwarder: Option<Arc<ForwarderStats>>,
+        webhooks: Option<Outbox>,
     ) -> Self {
         let token_digest = app
             .settings
@@ -104,12 +116,13 @@ impl AdminState {
             credentials,
             forwarder,
             token_digest,
+            webhooks,
             replays: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Checks the bearer token, then that there is an outbox to work on.
-    fn authorize(&self, req: &HttpRequest) -> Result<&Outbox, AdminError> {
+    fn authorize(&self, req: &HttpRequest, store: Store) -> Result<&Outbox, AdminError> {
         let expected = self.token_digest.as_ref().ok_or(AdminError::Disabled)?;
         let presented = bearer_token(req).ok_or(AdminError::Unauthorized)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
@@ -122,7 +135,10 @@ impl AdminState {
             );
             return Err(AdminError::Unauthorized);
         }
-        self.app.outbox.as_ref().ok_or(AdminError::NoOutbox)
+        match store {
+            Store::Events => self.app.outbox.as_ref().ok_or(AdminError::NoOutbox),
+            Store::Webhooks => self.webhooks.as_ref().ok_or(AdminError::NoRelay),
+        }
     }
 }
 
@@ -182,6 +198,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(replay_dead_letters))
             .default_service(web::to(|| method_not_allowed("POST"))),
     )
+    .service(
+        web::resource("/admin/webhooks/dead-letters")
+            .route(web::get().to(list_webhook_dead_letters))
+            .default_service(web::to(|| method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/admin/webhooks/dead-letters/replay")
+            .route(web::post().to(replay_webhook_dead_letters))
+            .default_service(web::to(|| method_not_allowed("POST"))),
+    )
     .default_service(web::to(not_found));
 }
 
@@ -194,6 +220,8 @@ pub enum AdminError {
     Unauthorized,
     #[error("there is no outbox: with ingest.ack = \"upstream\" nothing is dead-lettered")]
     NoOutbox,
+    #[error("the webhook relay is not configured ([webhooks] credyt_secrets)")]
+    NoRelay,
     #[error("{0}")]
     BadRequest(String),
     #[error("dead letters could not be read or replayed: {0}")]
@@ -214,6 +242,7 @@ impl AdminError {
             AdminError::Disabled => "admin_disabled",
             AdminError::Unauthorized => "unauthorized",
             AdminError::NoOutbox => "no_outbox",
+            AdminError::NoRelay => "no_webhook_relay",
             AdminError::BadRequest(_) => "invalid_request",
             AdminError::Outbox(e) => e.code(),
             AdminError::Blocking(_) => "internal",
@@ -228,7 +257,9 @@ impl ResponseError for AdminError {
         match self {
             AdminError::Disabled => StatusCode::FORBIDDEN,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
-            AdminError::NoOutbox | AdminError::NotFound => StatusCode::NOT_FOUND,
+            AdminError::NoOutbox | AdminError::NoRelay | AdminError::NotFound => {
+                StatusCode::NOT_FOUND
+            }
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Outbox(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Outbox(_) | AdminError::Blocking(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -395,7 +426,22 @@ async fn list_dead_letters(
     state: web::Data<AdminState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, AdminError> {
-    let outbox = state.authorize(&req)?.clone();
+    list(state, req, Store::Events).await
+}
+
+async fn list_webhook_dead_letters(
+    state: web::Data<AdminState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, AdminError> {
+    list(state, req, Store::Webhooks).await
+}
+
+async fn list(
+    state: web::Data<AdminState>,
+    req: HttpRequest,
+    store: Store,
+) -> Result<HttpResponse, AdminError> {
+    let outbox = state.authorize(&req, store)?.clone();
     let (after, limit) = parse_list_query(req.query_string())?;
     // A read of the store: blocking.
     let (letters, more) =
@@ -446,7 +492,24 @@ async fn replay_dead_letters(
     req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, AdminError> {
-    let outbox = state.authorize(&req)?;
+    replay(state, req, body, Store::Events).await
+}
+
+async fn replay_webhook_dead_letters(
+    state: web::Data<AdminState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, AdminError> {
+    replay(state, req, body, Store::Webhooks).await
+}
+
+async fn replay(
+    state: web::Data<AdminState>,
+    req: HttpRequest,
+    body: web::Bytes,
+    store: Store,
+) -> Result<HttpResponse, AdminError> {
+    let outbox = state.authorize(&req, store)?;
     let target = parse_replay(&body)?;
     let _one_at_a_time = state.replays.lock().await;
     let replayed = match &target {
@@ -457,6 +520,7 @@ async fn replay_dead_letters(
     tracing::info!(
         replayed,
         all = target == ReplayTarget::All,
+        webhooks = store == Store::Webhooks,
         "dead letters replayed through the admin port"
     );
     Ok(HttpResponse::Ok().json(serde_json::json!({ "replayed": replayed })))

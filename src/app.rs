@@ -320,6 +320,7 @@ impl Application {
             readiness.clone(),
             Arc::clone(&credentials),
             forwarder.as_ref().map(|f| Arc::clone(f.stats())),
+            relay.as_ref().map(|r| r.outbox.clone()),
         ));
         let admin_server = HttpServer::new(move || {
             App::new()

@@ -333,6 +333,21 @@ async fn dead_letter_endpoints_answer_no_outbox_with_ack_upstream() {
     )
     .await;
     problem(resp, 404, "no_outbox").await;
+    // No webhook relay configured: its dead letters are not there either.
+    problem(
+        admin_get(&w, "/admin/webhooks/dead-letters", Some(&bearer())).await,
+        404,
+        "no_webhook_relay",
+    )
+    .await;
+    let resp = admin_post(
+        &w,
+        "/admin/webhooks/dead-letters/replay",
+        Some(&bearer()),
+        r#"{"all": true}"#,
+    )
+    .await;
+    problem(resp, 404, "no_webhook_relay").await;
     w.stop().await;
 }
 

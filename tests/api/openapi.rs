@@ -381,6 +381,25 @@ fn openapi_documents_every_problem_and_rejection_code_the_code_gives() {
     tenant.extend(outbox.iter().cloned());
     let mut admin = code_fn_codes("src/admin.rs");
     admin.extend(outbox.iter().cloned());
+    // The webhook relay's own answers (its listener is Credyt's, not a tenant's): documented
+    // in docs/webhooks.md rather than here.
+    let relay_doc = std::fs::read_to_string(super::proxy::repo().join("docs/webhooks.md")).unwrap();
+    for code in [
+        "missing_signature",
+        "malformed_signature",
+        "stale_signature",
+        "invalid_signature",
+        "invalid_webhook",
+    ] {
+        assert!(
+            tenant.remove(code),
+            "{code} is no longer a code of the relay"
+        );
+        assert!(
+            relay_doc.contains(&format!("`{code}`")),
+            "docs/webhooks.md does not document {code}"
+        );
+    }
     for (port, mut code) in [(Port::Tenant, tenant), (Port::Admin, admin)] {
         for d in defaults {
             assert!(code.remove(d), "{port:?}: no default code {d}");

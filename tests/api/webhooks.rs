@@ -18,6 +18,7 @@ use sha2::Sha256;
 use super::proxy::{emu_post, eventually, metric, proxy_config, start_emulator, PLATFORM_KEY};
 
 const CREDYT_SECRET: &str = "whsec_relaytestsecret0000000000";
+const ADMIN_TOKEN: &str = "relay-admin-token-0123456789";
 
 /// How a receiver answers.
 const OK: u8 = 0;
@@ -241,7 +242,8 @@ impl Relayed {
             &format!("api_key = \"{PLATFORM_KEY}\""),
             &format!(
                 "[webhooks]\ncredyt_secrets = [\"whsec_retired0000000000000000000\", \"{CREDYT_SECRET}\"]\n\
-                 listen = \"127.0.0.1:0\"\ndir = \"webhooks\"\n{}{webhook_config}\n",
+                 listen = \"127.0.0.1:0\"\ndir = \"webhooks\"\n{}{webhook_config}\n\
+                 [admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
                 if webhook_config.contains("attempt_timeout_ms") { "" } else { "attempt_timeout_ms = 500\n" }
             ),
         )
@@ -667,6 +669,30 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
         1
     );
     drop(outbox);
+    // The admin port lists them while the proxy runs.
+    let page: Value = w
+        .http
+        .get(format!(
+            "http://{}/admin/webhooks/dead-letters",
+            w.app.admin_addr()
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = page["dead_letters"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{page}");
+    let stranger_view = listed.iter().find(|l| l["code"] == "unroutable").unwrap();
+    assert_eq!(stranger_view["delivery"]["kind"], "webhook");
+    assert_eq!(stranger_view["delivery"]["event_id"], "whe_stranger");
+    assert_eq!(
+        stranger_view["delivery"]["event_type"],
+        "balance_threshold_hit"
+    );
+    assert_eq!(stranger_view["delivery"]["tenant"], "");
     // The operator's tools, with the proxy stopped: list, then replay, then start again.
     let Relayed {
         emulator,
