@@ -300,6 +300,15 @@ impl Relayed {
         self.post(bytes, Some(sig)).await
     }
 
+    /// Posts `body` signed and checks that the relay recorded it for its tenant.
+    async fn accept(&self, body: &Value) {
+        assert_eq!(
+            outcome(self.post_signed(body).await).await,
+            "accepted",
+            "{body}"
+        );
+    }
+
     async fn post(&self, body: Vec<u8>, signature: Option<String>) -> reqwest::Response {
         let mut req = self
             .http
@@ -361,18 +370,18 @@ async fn a_webhook_reaches_its_own_tenant_once_signed_and_enriched() {
     let cust_a = w.customer(&w.acc_a, "user-a1").await;
     let cust_b = w.customer(&w.acc_b, "user-b1").await;
     let hit = threshold_hit("whe_a1", &w.acc_a, &cust_a);
-    assert_eq!(outcome(w.post_signed(&hit).await).await, "accepted");
+    w.accept(&hit).await;
     // Credyt redelivers it (re-signed, later): recorded once, delivered once.
     assert_eq!(outcome(w.post_signed(&hit).await).await, "duplicate");
     // Tenant B's webhook (B is configured by external id) goes to B only.
     let hit_b = threshold_hit("whe_b1", &w.acc_b, &cust_b);
-    assert_eq!(outcome(w.post_signed(&hit_b).await).await, "accepted");
+    w.accept(&hit_b).await;
 
     let got_b = w.b.wait_for(1).await;
     let got_a = w.a.wait_for(1).await;
     // A marker after the redelivery: once it arrives, anything the redelivery caused has too.
     let marker = threshold_hit("whe_a2", &w.acc_a, &cust_a);
-    assert_eq!(outcome(w.post_signed(&marker).await).await, "accepted");
+    w.accept(&marker).await;
     let got_a = {
         let _ = got_a;
         w.a.wait_for(2).await
@@ -516,14 +525,7 @@ async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
     let cust = w.customer(&w.acc_a, "user-1").await;
     // 503 first.
     w.a.set(UNAVAILABLE);
-    assert_eq!(
-        outcome(
-            w.post_signed(&threshold_hit("whe_down", &w.acc_a, &cust))
-                .await
-        )
-        .await,
-        "accepted"
-    );
+    w.accept(&threshold_hit("whe_down", &w.acc_a, &cust)).await;
     eventually(Duration::from_secs(10), "a 503 attempt", || async {
         (w.a.attempts() >= 1).then_some(())
     })
@@ -566,14 +568,7 @@ async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
     assert_eq!(got[0].id, "whe_down");
     w.a.verify(&got[0]);
     // A later webhook arrives after it; the first is never sent again.
-    assert_eq!(
-        outcome(
-            w.post_signed(&threshold_hit("whe_after", &w.acc_a, &cust))
-                .await
-        )
-        .await,
-        "accepted"
-    );
+    w.accept(&threshold_hit("whe_after", &w.acc_a, &cust)).await;
     let got = w.a.wait_for(2).await;
     let ids: Vec<&str> = got.iter().map(|g| g.id.as_str()).collect();
     assert_eq!(
@@ -595,7 +590,7 @@ async fn a_hanging_tenant_does_not_delay_another_tenants_delivery() {
     w.a.set(HANG);
     for i in 0..6 {
         let hit = threshold_hit(&format!("whe_a{i}"), &w.acc_a, &cust_a);
-        assert_eq!(outcome(w.post_signed(&hit).await).await, "accepted");
+        w.accept(&hit).await;
     }
     eventually(
         Duration::from_secs(10),
@@ -604,14 +599,7 @@ async fn a_hanging_tenant_does_not_delay_another_tenants_delivery() {
     )
     .await;
     let sent = std::time::Instant::now();
-    assert_eq!(
-        outcome(
-            w.post_signed(&threshold_hit("whe_b", &w.acc_b, &cust_b))
-                .await
-        )
-        .await,
-        "accepted"
-    );
+    w.accept(&threshold_hit("whe_b", &w.acc_b, &cust_b)).await;
     let got = w.b.wait_for(1).await;
     let latency = sent.elapsed();
     // Tenant B's webhook was delivered while every attempt to tenant A was still hanging.
@@ -656,14 +644,7 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
     );
     // An endpoint that never recovers: three attempts, then a dead letter with the reason.
     w.a.set(UNAVAILABLE);
-    assert_eq!(
-        outcome(
-            w.post_signed(&threshold_hit("whe_never", &w.acc_a, &cust))
-                .await
-        )
-        .await,
-        "accepted"
-    );
+    w.accept(&threshold_hit("whe_never", &w.acc_a, &cust)).await;
     let outbox = w.app.webhook_outbox().unwrap().clone();
     let dead = eventually(Duration::from_secs(10), "two dead letters", || async {
         let dead = outbox.dead_letters().unwrap();
@@ -1254,7 +1235,7 @@ async fn a_tenant_receives_only_its_topics_in_either_envelope() {
         "created": chrono::Utc::now().to_rfc3339(), "live_mode": false,
         "data": {"customer_id": cust, "subscription_id": "sub_1", "occurred_at": chrono::Utc::now().to_rfc3339()}
     });
-    assert_eq!(outcome(w.post_signed(&generic).await).await, "accepted");
+    w.accept(&generic).await;
     let got = w.a.wait_for(1).await;
     assert_eq!(got.len(), 1, "filtered webhooks are not relayed");
     let body = got[0].json();
