@@ -287,6 +287,7 @@ impl Application {
             credentials: Arc::clone(&credentials),
             identity: Arc::clone(&identity),
             outbox: outbox.clone(),
+            webhooks: relay.as_ref().map(|r| r.outbox.clone()),
             forwarder: forwarder.as_ref().map(|f| Arc::clone(f.stats())),
             tenants: Arc::clone(&tenants),
             pricing: Arc::clone(&pricing),

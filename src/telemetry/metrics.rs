@@ -907,6 +907,8 @@ pub struct LiveState {
     pub credentials: Arc<Credentials>,
     pub identity: Arc<Identity>,
     pub outbox: Option<Outbox>,
+    /// The webhook relay's outbox, when the relay is configured.
+    pub webhooks: Option<Outbox>,
     pub forwarder: Option<Arc<ForwarderStats>>,
     pub tenants: Arc<Tenants>,
     pub pricing: Arc<Pricing>,
@@ -1050,6 +1052,32 @@ impl Collector for LiveState {
                 let labels = ReasonLabels(code);
                 ConstCounter::new(value.load(Ordering::Relaxed))
                     .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(relay) = &self.webhooks {
+            let oldest = relay.oldest_accepted_at().map_or(0.0, |at| {
+                (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+            });
+            one(
+                e,
+                "credyt_proxy_webhooks_oldest_age_seconds",
+                "age of the oldest webhook not yet acknowledged by its tenant, 0 when none",
+                ConstGauge::new(oldest),
+            )?;
+            let stats = relay.stats();
+            for (name, help, value) in [
+                (
+                    "credyt_proxy_webhooks_pending",
+                    "webhooks recorded and not yet acknowledged by their tenant",
+                    stats.depth as u64,
+                ),
+                (
+                    "credyt_proxy_webhooks_dead_letters",
+                    "webhook dead letters awaiting an operator",
+                    stats.dead_letters as u64,
+                ),
+            ] {
+                one(e, name, help, ConstGauge::new(value))?;
             }
         }
         if let Some(outbox) = &self.outbox {

@@ -119,14 +119,57 @@ fn event(id: &str, event_type: &str) -> Value {
     json!({"id": id, "event_type": event_type, "occurred_at": ago(5)})
 }
 
-/// A durable world whose tenant B (default rate limit) is throttled hard.
-async fn loaded_world() -> World {
-    World::start_with(Options {
+const RELAY_SECRET: &str = "whsec_metricsrelaysecret000000000";
+
+/// A durable world whose tenant B (default rate limit) is throttled hard, with the webhook
+/// relay on and tenant A's webhook endpoint (the receiver, kept alive by the caller).
+async fn loaded_world() -> (World, super::webhooks::Receiver) {
+    let w = World::start_with(Options {
         ack: "durable",
-        extra_config: "[rate_limit]\nper_second = 1\nburst = 3\n".into(),
+        extra_config: format!(
+            "[rate_limit]\nper_second = 1\nburst = 3\n\
+             [webhooks]\ncredyt_secrets = [\"{RELAY_SECRET}\"]\nlisten = \"127.0.0.1:0\"\ndir = \"webhooks\"\n"
+        ),
         ..Default::default()
     })
-    .await
+    .await;
+    let receiver = super::webhooks::Receiver::start().await;
+    let line = format!(
+        "webhook = {{ url = \"{}\", secrets = [\"{}\"] }}\n",
+        receiver.url, receiver.secret
+    );
+    w.edit_tenants(|t| {
+        t.replacen(
+            "create_customers = true\n",
+            &format!("create_customers = true\n{line}"),
+            1,
+        )
+    })
+    .await;
+    (w, receiver)
+}
+
+/// A Credyt webhook for tenant A's account, posted to the relay (unsigned: refused).
+async fn post_webhook(w: &World, id: &str, signed: bool) -> u16 {
+    let body = serde_json::to_vec(&json!({
+        "id": id, "account": w.a.account, "event_type": "balance_threshold_hit",
+        "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "data": {"account_id": "default:USD", "available": 4.5, "threshold": 5}
+    }))
+    .unwrap();
+    let mut req = w
+        .http
+        .post(format!(
+            "http://{}/webhooks/credyt",
+            w.app.webhook_addr().unwrap()
+        ))
+        .body(body.clone());
+    if signed {
+        let sig =
+            super::webhooks::credyt_signature(RELAY_SECRET, chrono::Utc::now().timestamp(), &body);
+        req = req.header("Credyt-Signature", sig);
+    }
+    req.send().await.unwrap().status().as_u16()
 }
 
 /// One round of mixed traffic: every endpoint and status class, identity hits and misses of
@@ -185,6 +228,17 @@ async fn one_round(w: &World, round: usize, b_customer: &str, a_customer: &str) 
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // Credyt's webhooks through the relay: one accepted, now and then one refused.
+    assert_eq!(
+        post_webhook(w, &format!("whe_load_{round}"), true).await,
+        200
+    );
+    if round % 10 == 0 {
+        assert_eq!(
+            post_webhook(w, &format!("whe_bad_{round}"), false).await,
+            401
+        );
+    }
 }
 
 /// Scrapes while rounds of traffic run (16 at a time), until a scrape shows an observation in
@@ -235,7 +289,7 @@ async fn scrape_under_load(w: &World) -> String {
 
 #[actix_web::test]
 async fn a_scrape_under_load_passes_promtool_and_every_histogram_has_observations() {
-    let w = loaded_world().await;
+    let (w, _receiver) = loaded_world().await;
     let text = scrape_under_load(&w).await;
     // The new families are all there, with their bounded labels.
     for needle in [
@@ -479,7 +533,7 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_a_real_scrape_has() {
         }
     }
 
-    let w = loaded_world().await;
+    let (w, _receiver) = loaded_world().await;
     let text = scrape_under_load(&w).await;
     w.stop().await;
     let names = sample_names(&text);
@@ -533,7 +587,7 @@ fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
 /// Every metric of a scrape is in the reference table of docs/operations.md.
 #[actix_web::test]
 async fn every_metric_is_documented_in_the_operations_reference() {
-    let w = loaded_world().await;
+    let (w, _receiver) = loaded_world().await;
     let text = scrape_under_load(&w).await;
     w.stop().await;
     let doc = read("docs/operations.md");

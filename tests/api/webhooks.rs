@@ -530,6 +530,7 @@ async fn an_endpoint_down_for_a_while_gets_the_webhook_once_it_recovers() {
         (w.a.attempts() >= 1).then_some(())
     })
     .await;
+    assert_eq!(w.metric("credyt_proxy_webhooks_pending").await, 1);
     // Then connection refused: the tenant's URL points at a closed port for a while.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -674,6 +675,8 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
             .await,
         1
     );
+    assert_eq!(w.metric("credyt_proxy_webhooks_dead_letters").await, 2);
+    assert_eq!(w.metric("credyt_proxy_webhooks_pending").await, 0);
     drop(outbox);
     // The admin port lists them while the proxy runs.
     let page: Value = w
