@@ -233,7 +233,7 @@ async fn one_round(w: &World, round: usize, b_customer: &str, a_customer: &str) 
         post_webhook(w, &format!("whe_load_{round}"), true).await,
         200
     );
-    if round % 10 == 0 {
+    if round.is_multiple_of(10) {
         assert_eq!(
             post_webhook(w, &format!("whe_bad_{round}"), false).await,
             401
