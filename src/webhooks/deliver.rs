@@ -3,8 +3,9 @@
 //! Contract:
 //! - Every record of the relay's outbox is leased once and held until it is settled: delivered
 //!   (the tenant answered 2xx: marked delivered), or a dead letter (`unroutable`: no tenant
-//!   with a webhook endpoint owns its account, also after routing it again; `retries_exhausted`:
-//!   the last attempt of the schedule failed, with the last status and body).
+//!   owns its account, also after routing it again; `retries_exhausted`: the last attempt of
+//!   the schedule failed, with the last status and body; a tenant whose endpoint was removed
+//!   after the webhook was recorded fails each attempt this way too).
 //! - At most `per_tenant_concurrency` attempts run at once per tenant; the others of that
 //!   tenant wait in its own queue, so a slow or hanging endpoint holds only its own slots and
 //!   never another tenant's delivery. Each attempt runs as a task of its own, bounded by
