@@ -327,9 +327,9 @@ fn parse_list_query(query: &str) -> Result<(Option<u64>, usize), AdminError> {
     Ok((q.after, limit))
 }
 
-/// One dead letter as the admin API shows it.
+/// One dead letter as the admin API (and `credyt-proxy dlq list`) shows it.
 #[derive(Debug, Serialize)]
-struct DeadLetterView {
+pub struct DeadLetterView {
     seq: u64,
     delivery: DeliveryView,
     /// Stable: `refused`, `conflict` or `retries_exhausted`.

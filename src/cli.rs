@@ -246,15 +246,36 @@ pub enum DlqAction {
     },
 }
 
+/// Writes `lines` to stdout. A reader that went away (`| head`) ends the output quietly, as
+/// for any Unix filter, instead of a panic.
+fn write_stdout(lines: &[String]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = lines
+        .iter()
+        .try_for_each(|l| writeln!(out, "{l}"))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// `dlq` and `webhooks dlq`: the same store, in `outbox.dir` or `webhooks.dir`.
 fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
     match action {
         DlqAction::List { data_dir } => {
             let letters = crate::outbox::dlq_list(&data_dir)?;
-            for letter in &letters {
-                println!("{}", serde_json::to_string(letter)?);
+            let n = letters.len();
+            // The same JSON as the admin port's listing, one per line.
+            let mut lines = Vec::with_capacity(n);
+            for letter in letters {
+                lines.push(serde_json::to_string(&crate::admin::DeadLetterView::from(
+                    letter,
+                ))?);
             }
-            eprintln!("{} dead letter(s)", letters.len());
+            write_stdout(&lines)?;
+            eprintln!("{n} dead letter(s)");
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Replay { data_dir, seqs } => {
@@ -444,7 +465,7 @@ fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result
         .and_then(|event| crate::pricing::Quote::build(&set, tenant, &event));
     match quote {
         Ok(q) => {
-            println!("{}", serde_json::to_string_pretty(&q)?);
+            write_stdout(&[serde_json::to_string_pretty(&q)?])?;
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

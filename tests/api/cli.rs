@@ -468,3 +468,31 @@ fn tenant_key_prints_a_key_and_its_hash() {
     let hash = text.lines().find_map(|l| l.strip_prefix("hash: ")).unwrap();
     assert_eq!(credyt_proxy::identity::tenants::key_hash(key), hash);
 }
+
+/// `credyt-proxy quote ... | head` (a reader that is gone before the output is written) ends
+/// quietly with success, as a Unix filter does, instead of panicking on the broken pipe.
+#[test]
+fn quote_into_a_closed_pipe_ends_quietly() {
+    use std::io::Write;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = bin()
+        .args(["quote", "--pricing", "pricing", "--tenant", "demo"])
+        .stdin(Stdio::piped())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"id":"q1","event_type":"video_promoted","occurred_at":"2026-06-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -735,7 +735,7 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
     assert_eq!(codes, ["retries_exhausted", "unroutable"]);
     let never_seq = listed
         .iter()
-        .find(|l| l["delivery"]["id"] == "whe_never")
+        .find(|l| l["delivery"]["event_id"] == "whe_never")
         .unwrap()["seq"]
         .as_u64()
         .unwrap()
