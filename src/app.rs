@@ -63,6 +63,7 @@ struct RelayParts {
 fn tenant_server(
     settings: &Settings,
     state: Arc<AppState>,
+    gateway: web::Data<crate::gateway::Gateway>,
     listener: TcpListener,
     trace_requests: ingest::TraceRequests,
 ) -> anyhow::Result<actix_server::Server> {
@@ -79,11 +80,13 @@ fn tenant_server(
         .listen("credyt-proxy-tenant", listener, move || {
             let app = App::new()
                 .app_data(data.clone())
+                .app_data(gateway.clone())
                 .wrap(actix_web::middleware::from_fn(ingest::conn::header_limits))
                 // Outermost: the server span covers every answer, refusals included.
                 .wrap(trace_requests.clone())
                 .configure(ingest::routes)
-                .default_service(web::to(ingest::not_found))
+                // Everything else: the Credyt gateway, or 404/405.
+                .default_service(web::to(crate::gateway::handle))
                 .into_factory()
                 .map_err(|e| e.error_response());
             let shutdown = shutdown.clone();
@@ -248,6 +251,14 @@ impl Application {
             Identity::new(client.clone(), &settings.identity)
                 .with_metrics(metrics.identity.clone()),
         );
+        let gateway = web::Data::new(crate::gateway::Gateway::new(
+            Arc::clone(&tenants),
+            Arc::clone(&identity),
+            client.clone(),
+            settings.gateway.default_quota,
+            settings.server.max_body_bytes,
+            metrics.gateway.clone(),
+        ));
         let (sink, outbox, forwarder) = match settings.ingest.ack {
             AckMode::Upstream => (
                 Sink::upstream(Forwarder::new(client), &settings.ingest),
@@ -308,8 +319,13 @@ impl Application {
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let tenant_addr = tenant_listener.local_addr()?;
         let trace_requests = ingest::TraceRequests::new(dispatch);
-        let tenant_server =
-            tenant_server(&settings, state.clone(), tenant_listener, trace_requests)?;
+        let tenant_server = tenant_server(
+            &settings,
+            state.clone(),
+            gateway,
+            tenant_listener,
+            trace_requests,
+        )?;
         let tenant_handle = tenant_server.handle();
         tokio::spawn(tenant_server);
 

@@ -56,6 +56,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod gateway;
 pub mod emulator;
 pub mod identity;
 pub mod ingest;

@@ -236,6 +236,13 @@ pub struct WebhookSettings {
     pub max_pending: usize,
 }
 
+/// The tenant gateway (see `crate::gateway`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// A tenant's gateway quota unless its tenants-file entry sets `gateway.rate_limit`.
+    pub default_quota: crate::ratelimit::TenantQuota,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -253,6 +260,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// `None`: the webhook relay is off.
     pub webhooks: Option<WebhookSettings>,
+    pub gateway: GatewaySettings,
 }
 
 impl Settings {

@@ -30,7 +30,7 @@ use super::{
     AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
     LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
     ServerSettings, Settings, ShutdownSettings, SyncMode, TelemetrySettings, TenantsSettings,
-    WebhookSettings,
+    GatewaySettings, WebhookSettings,
 };
 
 #[derive(Debug, Deserialize, Default)]
@@ -50,6 +50,7 @@ pub struct RawSettings {
     pub telemetry: RawTelemetry,
     pub shutdown: RawShutdown,
     pub webhooks: RawWebhooks,
+    pub gateway: RawGateway,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +72,25 @@ impl Default for RawServer {
             workers: 1,
             max_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 20_000,
+        }
+    }
+}
+
+/// `[gateway]`: the tenant gateway to the Credyt API (see `crate::gateway`).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGateway {
+    /// Each tenant's sustained gateway calls per second, unless its entry says otherwise.
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        Self {
+            per_second: 20,
+            burst: 40,
         }
     }
 }
@@ -660,6 +680,7 @@ impl RawSettings {
             telemetry: section(&mut p, c, &mut root, "telemetry"),
             shutdown: section(&mut p, c, &mut root, "shutdown"),
             webhooks: section(&mut p, c, &mut root, "webhooks"),
+            gateway: section(&mut p, c, &mut root, "gateway"),
         };
         // What is left is not a section of the file.
         let mut unknown: Vec<String> = root.into_keys().collect();
@@ -929,6 +950,12 @@ impl RawSettings {
         }
 
         let webhooks = self.webhooks.validate(&mut p, &resolve);
+        let gateway = GatewaySettings {
+            default_quota: crate::ratelimit::TenantQuota {
+                per_second: nonzero_u32(&mut p, "gateway.per_second", self.gateway.per_second),
+                burst: nonzero_u32(&mut p, "gateway.burst", self.gateway.burst),
+            },
+        };
 
         let rate_limit = RateLimitDefaults {
             per_second: nonzero_u32(&mut p, "rate_limit.per_second", self.rate_limit.per_second),
@@ -972,6 +999,7 @@ impl RawSettings {
             telemetry,
             shutdown,
             webhooks,
+            gateway,
         })
     }
 }

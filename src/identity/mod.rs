@@ -317,6 +317,27 @@ impl Identity {
             .map_err(|m| Self::upstream(m, || IdentityError::UnknownCustomer(customer.to_string())))
     }
 
+    /// Forgets what the caches know of `customer` in `account` after its external id changed
+    /// (a gateway `PATCH /customers/{id}`): the mapping of its old external id (`old`, as
+    /// [`Identity::external_id_of`] knew it before the change), the answer for the new one
+    /// (`new`, possibly a cached "not found"), and the customer's own entry.
+    pub async fn forget_customer(
+        &self,
+        account: &AccountId,
+        customer: &CustomerId,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) {
+        for external_id in [old, new].into_iter().flatten() {
+            let key: CustomerKey = (account.clone(), Arc::from(external_id));
+            self.customers.invalidate(&key).await;
+            self.missing.invalidate(&key).await;
+        }
+        self.owned
+            .invalidate(&(account.clone(), customer.clone()))
+            .await;
+    }
+
     /// The tenant of `table` whose connected account is `account`: tenants configured by id
     /// first, then those configured by external id, resolved through the account cache.
     pub async fn tenant_of_account(

@@ -101,6 +101,30 @@ impl WebhookSecret {
     }
 }
 
+/// What a tenant may do through the Credyt gateway (see [`crate::gateway`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayPolicy {
+    /// The endpoint groups it may call (default: all but those that move money).
+    pub allow: Vec<crate::gateway::table::Group>,
+    /// Its own quota of gateway calls (`None`: `[gateway]`'s default), separate from events.
+    pub rate_limit: Option<TenantQuota>,
+}
+
+impl Default for GatewayPolicy {
+    fn default() -> Self {
+        GatewayPolicy {
+            allow: crate::gateway::table::Group::default_allowed(),
+            rate_limit: None,
+        }
+    }
+}
+
+impl GatewayPolicy {
+    pub fn allows(&self, group: crate::gateway::table::Group) -> bool {
+        self.allow.contains(&group)
+    }
+}
+
 /// One tenant, as configured.
 pub struct Tenant {
     pub id: TenantId,
@@ -108,6 +132,7 @@ pub struct Tenant {
     pub name: Option<String>,
     pub account: AccountRef,
     pub webhook: Option<TenantWebhook>,
+    pub gateway: GatewayPolicy,
     pub create_customers: bool,
     pub forward: ForwardMode,
     pub limiter: Arc<TenantLimiter>,
@@ -197,6 +222,14 @@ struct RawTenant {
     forward: Option<String>,
     rate_limit: Option<RawRate>,
     webhook: Option<RawWebhook>,
+    gateway: Option<RawGateway>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    allow: Option<Vec<String>>,
+    rate_limit: Option<RawRate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -344,6 +377,46 @@ impl TenantTable {
                     topics: w.topics,
                 })
             });
+            let gateway = match t.gateway {
+                None => GatewayPolicy::default(),
+                Some(g) => {
+                    let allow = match g.allow {
+                        None => crate::gateway::table::Group::default_allowed(),
+                        Some(names) => names
+                            .iter()
+                            .filter_map(|n| {
+                                let group = crate::gateway::table::Group::parse(n);
+                                if group.is_none() {
+                                    problems.push(format!(
+                                        "{at}: gateway.allow `{n}` is not one of: {}",
+                                        crate::gateway::table::Group::ALL
+                                            .map(|g| g.as_str())
+                                            .join(", ")
+                                    ));
+                                }
+                                group
+                            })
+                            .collect(),
+                    };
+                    let rate_limit = g.rate_limit.and_then(|r| {
+                        match (
+                            NonZeroU32::new(r.per_second),
+                            NonZeroU32::new(r.burst.unwrap_or(r.per_second)),
+                        ) {
+                            (Some(per_second), Some(burst)) => {
+                                Some(TenantQuota { per_second, burst })
+                            }
+                            _ => {
+                                problems.push(format!(
+                                    "{at}: gateway.rate_limit values must be greater than 0"
+                                ));
+                                None
+                            }
+                        }
+                    });
+                    GatewayPolicy { allow, rate_limit }
+                }
+            };
             let id = TenantId::new(t.id.as_str());
             let limiter = previous
                 .and_then(|p| p.by_id.get(&id))
@@ -355,6 +428,7 @@ impl TenantTable {
                 name: t.name,
                 account,
                 webhook,
+                gateway,
                 create_customers: t.create_customers,
                 forward,
                 limiter,

@@ -126,7 +126,8 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
     resp
 }
 
-fn api_key(req: &HttpRequest) -> Option<&str> {
+/// The tenant key of a request: `X-CREDYT-API-KEY` or `Authorization: Bearer`.
+pub(crate) fn api_key(req: &HttpRequest) -> Option<&str> {
     if let Some(v) = req.headers().get("x-credyt-api-key") {
         return v.to_str().ok().map(str::trim);
     }

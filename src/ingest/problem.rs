@@ -71,6 +71,9 @@ pub enum ApiError {
     /// A webhook whose `Credyt-Signature` does not verify (the relay listener).
     #[error("{0}")]
     Signature(SignatureError),
+    /// A Credyt endpoint the tenant may not call through the gateway.
+    #[error("{0}")]
+    EndpointNotAllowed(String),
     /// A signed webhook body that is not a Credyt webhook envelope (the relay listener).
     #[error("{0}")]
     InvalidWebhook(String),
@@ -148,6 +151,7 @@ impl ApiError {
             ApiError::Signature(SignatureError::Stale { .. }) => "stale_signature",
             ApiError::Signature(SignatureError::Mismatch) => "invalid_signature",
             ApiError::InvalidWebhook(_) => "invalid_webhook",
+            ApiError::EndpointNotAllowed(_) => "endpoint_not_allowed",
         }
     }
 
@@ -182,6 +186,7 @@ impl ApiError {
             ApiError::Signature(SignatureError::Malformed(_)) => "Bad Request",
             ApiError::Signature(_) => "Unauthorized",
             ApiError::InvalidWebhook(_) => "Bad Request",
+            ApiError::EndpointNotAllowed(_) => "Forbidden",
         }
     }
 
@@ -255,6 +260,7 @@ impl ResponseError for ApiError {
             ApiError::Signature(SignatureError::Malformed(_)) => StatusCode::BAD_REQUEST,
             ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
+            ApiError::EndpointNotAllowed(_) => StatusCode::FORBIDDEN,
         }
     }
 

@@ -193,6 +193,8 @@ pub enum Operation {
     CreateWebhook,
     /// `GET /webhooks` (`credyt-proxy webhooks register`).
     ListWebhooks,
+    /// A tenant's call through the gateway (see `crate::gateway`).
+    Gateway,
 }
 
 impl Operation {
@@ -209,6 +211,7 @@ impl Operation {
             Operation::CreateAccount => "create_account",
             Operation::CreateWebhook => "create_webhook",
             Operation::ListWebhooks => "list_webhooks",
+            Operation::Gateway => "gateway",
         }
     }
 
@@ -228,6 +231,7 @@ impl Operation {
             Operation::CreateAccount => ("POST /accounts", "POST"),
             Operation::CreateWebhook => ("POST /webhooks", "POST"),
             Operation::ListWebhooks => ("GET /webhooks", "GET"),
+            Operation::Gateway => ("gateway", "GET"),
         };
         super::traces::Call {
             name,
@@ -616,6 +620,57 @@ impl WebhookMetrics {
     }
 }
 
+/// The tenant gateway: its answers by operation and status class, and the calls that move
+/// money.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    requests: Family<GatewayLabels, Counter>,
+    money: Family<StaticLabel, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GatewayLabels {
+    operation: &'static str,
+    class: StatusClass,
+}
+
+impl EncodeLabelSet for GatewayLabels {
+    fn encode(&self, e: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        encode_labels(
+            e,
+            &[
+                ("operation", Some(self.operation)),
+                ("status_class", Some(self.class.as_str())),
+            ],
+        )
+    }
+}
+
+impl GatewayMetrics {
+    fn new() -> GatewayMetrics {
+        GatewayMetrics {
+            requests: Family::default(),
+            money: Family::default(),
+        }
+    }
+    /// One gateway answer; `operation` is an endpoint's name of the gateway's table or
+    /// `denied` (a bounded set).
+    pub fn observe(&self, operation: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&GatewayLabels {
+                operation,
+                class: StatusClass::of(status),
+            })
+            .inc();
+    }
+    /// A call of an endpoint that moves money (`wallet.adjust`, `wallet.charge`).
+    pub fn money_call(&self, operation: &'static str) {
+        self.money
+            .get_or_create(&StaticLabel("operation", operation))
+            .inc();
+    }
+}
+
 /// Event outcomes, fees and rate-limited events; per tenant when configured.
 #[derive(Debug)]
 pub struct EventMetrics {
@@ -753,6 +808,7 @@ pub struct Metrics {
     pub outbox: OutboxMetrics,
     pub events: EventMetrics,
     pub webhooks: WebhookMetrics,
+    pub gateway: GatewayMetrics,
 }
 
 impl Metrics {
@@ -845,6 +901,18 @@ impl Metrics {
             outbox.group_size.clone(),
         );
 
+        let gateway = GatewayMetrics::new();
+        r.register(
+            "credyt_proxy_gateway_requests",
+            "tenant calls of the credyt api through the gateway, by operation (denied: refused with 403) and status class",
+            gateway.requests.clone(),
+        );
+        r.register(
+            "credyt_proxy_gateway_money_calls",
+            "gateway calls of endpoints that move money, by operation",
+            gateway.money.clone(),
+        );
+
         let webhooks = WebhookMetrics::new();
         r.register(
             "credyt_proxy_webhooks_received",
@@ -881,6 +949,7 @@ impl Metrics {
             outbox,
             events,
             webhooks,
+            gateway,
         }
     }
 
