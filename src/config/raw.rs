@@ -27,10 +27,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
-    AckMode, AdminSettings, ConfigErrors, CredytSettings, IdentitySettings, IngestSettings,
-    LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems, RateLimitDefaults, Secret,
-    ServerSettings, Settings, ShutdownSettings, SyncMode, TelemetrySettings, TenantsSettings,
-    GatewaySettings, WebhookSettings,
+    AckMode, AdminSettings, ConfigErrors, CredytSettings, GatewaySettings, IdentitySettings,
+    IngestSettings, LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems,
+    RateLimitDefaults, Secret, ServerSettings, Settings, ShutdownSettings, SyncMode,
+    TelemetrySettings, TenantsSettings, WebhookSettings,
 };
 
 #[derive(Debug, Deserialize, Default)]

@@ -108,12 +108,13 @@ pub async fn handle(
     gateway: web::Data<Gateway>,
 ) -> HttpResponse {
     let matched = table::match_path(req.method().as_str(), req.path());
-    match matched {
-        Matched::NotCredyt => return crate::ingest::not_found(req).await,
-        Matched::Denied if INGEST_PATHS.contains(&req.path()) => {
-            return crate::ingest::not_found(req).await
+    if !matches!(matched, Matched::Endpoint(..)) {
+        // A path the table (or the ingest) has, asked with another method: 405 naming them.
+        let ingest = INGEST_PATHS.contains(&req.path());
+        let allow = table::allow_for(req.path(), req.path() == "/events");
+        if ingest || allow.is_some() || matched == Matched::NotCredyt {
+            return crate::ingest::not_served(&req, allow);
         }
-        _ => {}
     }
     let operation = match &matched {
         Matched::Endpoint(e, _) => e.operation,
@@ -167,7 +168,11 @@ async fn serve(
         ("customers.update", Some((_, bytes))) => {
             let new = serde_json::from_slice::<serde_json::Value>(bytes)
                 .ok()
-                .and_then(|v| v.get("external_id").and_then(|e| e.as_str()).map(str::to_string));
+                .and_then(|v| {
+                    v.get("external_id")
+                        .and_then(|e| e.as_str())
+                        .map(str::to_string)
+                });
             match new {
                 Some(new) => {
                     let customer = CustomerId::new(ids[0].as_str());
@@ -226,7 +231,9 @@ fn upstream_path(endpoint: &Endpoint, ids: &[String]) -> String {
     for p in endpoint.pattern {
         path.push('/');
         if *p == "*" {
-            path.push_str(&table::encode_segment(ids.next().map_or("", String::as_str)));
+            path.push_str(&table::encode_segment(
+                ids.next().map_or("", String::as_str),
+            ));
         } else {
             path.push_str(p);
         }
@@ -369,8 +376,14 @@ mod tests {
             Some("external_id=u1&limit=5".into())
         );
         assert_eq!(clean_query("x%2Dcredyt%2Daccount=acc_2"), None);
-        assert_eq!(clean_query("X_Credyt_Account=acc_2&api_key=k&apiKey=k"), None);
-        assert_eq!(clean_query("x-credyt-api-key=k&offset=0"), Some("offset=0".into()));
+        assert_eq!(
+            clean_query("X_Credyt_Account=acc_2&api_key=k&apiKey=k"),
+            None
+        );
+        assert_eq!(
+            clean_query("x-credyt-api-key=k&offset=0"),
+            Some("offset=0".into())
+        );
     }
 
     #[test]
@@ -394,6 +407,9 @@ mod tests {
             Matched::Endpoint(e, ids) => (e, ids),
             other => panic!("{other:?}"),
         };
-        assert_eq!(upstream_path(e, &ids), "/customers/c%201/wallet/default:USD");
+        assert_eq!(
+            upstream_path(e, &ids),
+            "/customers/c%201/wallet/default:USD"
+        );
     }
 }

@@ -61,7 +61,10 @@ impl Group {
 
     /// What a tenant without a `gateway.allow` list may call: everything but moving money.
     pub fn default_allowed() -> Vec<Group> {
-        Group::ALL.into_iter().filter(|g| !g.moves_money()).collect()
+        Group::ALL
+            .into_iter()
+            .filter(|g| !g.moves_money())
+            .collect()
     }
 }
 
@@ -105,10 +108,30 @@ use Method as M;
 /// both match (`wallet/transactions/{id}` before `wallet/{accountId}/...`).
 pub const ENDPOINTS: &[Endpoint] = &[
     ep("customers.list", M::Get, &["customers"], G::CustomersRead),
-    ep("customers.create", M::Post, &["customers"], G::CustomersWrite),
-    ep("customers.get", M::Get, &["customers", "*"], G::CustomersRead),
-    ep("customers.update", M::Patch, &["customers", "*"], G::CustomersWrite),
-    ep("wallet.get", M::Get, &["customers", "*", "wallet"], G::WalletsRead),
+    ep(
+        "customers.create",
+        M::Post,
+        &["customers"],
+        G::CustomersWrite,
+    ),
+    ep(
+        "customers.get",
+        M::Get,
+        &["customers", "*"],
+        G::CustomersRead,
+    ),
+    ep(
+        "customers.update",
+        M::Patch,
+        &["customers", "*"],
+        G::CustomersWrite,
+    ),
+    ep(
+        "wallet.get",
+        M::Get,
+        &["customers", "*", "wallet"],
+        G::WalletsRead,
+    ),
     ep(
         "wallet.transaction",
         M::Get,
@@ -127,7 +150,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
         &["customers", "*", "wallet", "charges"],
         G::WalletsCharge,
     ),
-    ep("wallet.account", M::Get, &["customers", "*", "wallet", "*"], G::WalletsRead),
+    ep(
+        "wallet.account",
+        M::Get,
+        &["customers", "*", "wallet", "*"],
+        G::WalletsRead,
+    ),
     ep(
         "wallet.grants",
         M::Get,
@@ -138,7 +166,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("events.get", M::Get, &["events", "*"], G::EventsRead),
     ep("products.list", M::Get, &["products"], G::ProductsRead),
     ep("products.get", M::Get, &["products", "*"], G::ProductsRead),
-    ep("products.version", M::Get, &["products", "*", "*"], G::ProductsRead),
+    ep(
+        "products.version",
+        M::Get,
+        &["products", "*", "*"],
+        G::ProductsRead,
+    ),
     ep(
         "usage.simulate",
         M::Post,
@@ -160,6 +193,14 @@ pub const CREDYT_RESOURCES: &[&str] = &[
     "vendors",
     "webhooks",
 ];
+
+/// Whether `segment` is a literal of some endpoint's pattern.
+fn is_reserved(segment: &str) -> bool {
+    ENDPOINTS
+        .iter()
+        .flat_map(|e| e.pattern.iter())
+        .any(|p| *p != "*" && *p == segment)
+}
 
 /// How a request path relates to the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,8 +238,10 @@ pub fn match_path(method: &str, path: &str) -> Matched {
         let mut ids = Vec::new();
         let fits = e.pattern.iter().zip(&segments).all(|(p, s)| {
             if *p == "*" {
+                // An id is never one of the table's own words: `wallet/adjustments` is the
+                // adjustments endpoint (POST only), not a wallet account named so.
                 ids.push(s.to_string());
-                true
+                !is_reserved(s)
             } else {
                 p == s
             }
@@ -208,6 +251,27 @@ pub fn match_path(method: &str, path: &str) -> Matched {
         }
     }
     denied_or_not(rest)
+}
+
+/// The methods the table has for `path` (whatever the method asked), as an `Allow` value:
+/// `None` when no endpoint has this path. `also_post`: the path is also served for `POST`
+/// elsewhere (`/events`).
+pub fn allow_for(path: &str, also_post: bool) -> Option<&'static str> {
+    let mut methods = [false; 3];
+    for (i, m) in ["GET", "PATCH", "POST"].iter().enumerate() {
+        methods[i] = matches!(match_path(m, path), Matched::Endpoint(..));
+    }
+    methods[2] |= also_post;
+    match methods {
+        [true, false, false] => Some("GET"),
+        [false, true, false] => Some("PATCH"),
+        [false, false, true] => Some("POST"),
+        [true, true, false] => Some("GET, PATCH"),
+        [true, false, true] => Some("GET, POST"),
+        [false, true, true] => Some("PATCH, POST"),
+        [true, true, true] => Some("GET, PATCH, POST"),
+        [false, false, false] => None,
+    }
 }
 
 /// A path that is not an endpoint: denied when its first segment, however spelled (case,
@@ -221,7 +285,10 @@ fn denied_or_not(rest: &str) -> Matched {
                 .map(|s| s.to_ascii_lowercase())
                 .unwrap_or_default()
         })
-        .map(|seg| seg.trim_matches(|c: char| c == '.' || c == '/' || c == '\\').to_string())
+        .map(|seg| {
+            seg.trim_matches(|c: char| c == '.' || c == '/' || c == '\\')
+                .to_string()
+        })
         .find(|seg| !seg.is_empty())
         .unwrap_or_default();
     if CREDYT_RESOURCES.contains(&first.as_str()) {
@@ -291,13 +358,22 @@ mod tests {
     fn the_allowed_endpoints_match_with_their_ids() {
         assert_eq!(op("GET", "/customers"), Some("customers.list"));
         assert_eq!(op("PATCH", "/customers/cust_1"), Some("customers.update"));
-        assert_eq!(op("GET", "/customers/cust_1/wallet/default%3AUSD"), Some("wallet.account"));
+        assert_eq!(
+            op("GET", "/customers/cust_1/wallet/default%3AUSD"),
+            Some("wallet.account")
+        );
         assert_eq!(
             op("GET", "/customers/cust_1/wallet/transactions/t1"),
             Some("wallet.transaction")
         );
-        assert_eq!(op("GET", "/customers/c/wallet/default:USD/grants"), Some("wallet.grants"));
-        assert_eq!(op("POST", "/products/p/2/simulate-usage"), Some("usage.simulate"));
+        assert_eq!(
+            op("GET", "/customers/c/wallet/default:USD/grants"),
+            Some("wallet.grants")
+        );
+        assert_eq!(
+            op("POST", "/products/p/2/simulate-usage"),
+            Some("usage.simulate")
+        );
         assert_eq!(
             match_path("GET", "/customers/cust_1/wallet/default%3AUSD"),
             Matched::Endpoint(
@@ -321,6 +397,8 @@ mod tests {
             ("DELETE", "/customers/cust_1"),
             ("PUT", "/customers/cust_1"),
             ("GET", "/customers/cust_1/stats"),
+            ("GET", "/customers/cust_1/wallet/adjustments"),
+            ("GET", "/customers/cust_1/wallet/charges"),
             ("POST", "/products"),
             ("GET", "/Customers"),
             ("GET", "/CUSTOMERS/cust_1"),

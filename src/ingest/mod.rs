@@ -102,6 +102,12 @@ async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 /// 405 `method_not_allowed` with `Allow`. Counted under the endpoint of a known path (a wrong
 /// method), or `other`: never under the path asked for.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    not_served(&req, None)
+}
+
+/// [`not_found`], with the methods of a path the gateway serves too (`Allow` then names both
+/// kinds; e.g. `/events`: `GET` through the gateway, `POST` here).
+pub fn not_served(req: &HttpRequest, gateway_allow: Option<&'static str>) -> HttpResponse {
     use actix_web::ResponseError;
     let started = std::time::Instant::now();
     let (endpoint, allow) = match req.path() {
@@ -111,7 +117,8 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
         "/healthz" => (Some(Endpoint::Healthz), "GET"),
         _ => (None, ""),
     };
-    let resp = if endpoint.is_some() {
+    let allow = gateway_allow.unwrap_or(allow);
+    let resp = if endpoint.is_some() || gateway_allow.is_some() {
         ApiError::MethodNotAllowed { allow }.error_response()
     } else {
         ApiError::NotFound.error_response()

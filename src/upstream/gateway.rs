@@ -31,7 +31,10 @@ pub struct PassThrough<'a> {
 
 impl CredytClient {
     /// Sends one gateway request; Credyt's answer, whatever its status.
-    pub async fn passthrough(&self, call: PassThrough<'_>) -> Result<reqwest::Response, UpstreamError> {
+    pub async fn passthrough(
+        &self,
+        call: PassThrough<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let inner = &self.inner;
         let mut url = inner.base.clone();
         url.set_path(&format!("{}{}", inner.base_path, call.path));

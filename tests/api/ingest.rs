@@ -439,8 +439,10 @@ async fn bad_requests_get_precise_problems() {
     assert_eq!(r.status(), 413);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "payload_too_large");
-    let r = w.http.get(&url).send().await.unwrap();
+    // GET /events is Credyt's event list (the gateway, with a key); other methods are 405.
+    let r = w.http.delete(&url).send().await.unwrap();
     assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, POST");
     let r = w
         .post(
             "/v1/quote",
