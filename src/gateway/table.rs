@@ -194,12 +194,27 @@ pub const CREDYT_RESOURCES: &[&str] = &[
     "webhooks",
 ];
 
-/// Whether `segment` is a literal of some endpoint's pattern.
+/// Credyt's sub-resource words that no endpoint of the table passes on
+/// (`/products/{id}/subscribers`, `/customers/{id}/stats`, ...): never taken for an id.
+const CREDYT_WORDS: &[&str] = &[
+    "self",
+    "stats",
+    "subscribers",
+    "subscriptions",
+    "sessions",
+    "test",
+    "rates",
+    "quote",
+    "events",
+];
+
+/// Whether `segment` is a literal of some endpoint's pattern, or another word of Credyt's.
 fn is_reserved(segment: &str) -> bool {
-    ENDPOINTS
-        .iter()
-        .flat_map(|e| e.pattern.iter())
-        .any(|p| *p != "*" && *p == segment)
+    CREDYT_WORDS.contains(&segment)
+        || ENDPOINTS
+            .iter()
+            .flat_map(|e| e.pattern.iter())
+            .any(|p| *p != "*" && *p == segment)
 }
 
 /// How a request path relates to the table.
@@ -399,6 +414,8 @@ mod tests {
             ("GET", "/customers/cust_1/stats"),
             ("GET", "/customers/cust_1/wallet/adjustments"),
             ("GET", "/customers/cust_1/wallet/charges"),
+            ("GET", "/products/p1/subscribers"),
+            ("GET", "/customers/stats"),
             ("POST", "/products"),
             ("GET", "/Customers"),
             ("GET", "/CUSTOMERS/cust_1"),

@@ -8,6 +8,7 @@ mod crash;
 mod delivery;
 mod durable;
 mod emulator;
+mod gateway;
 mod identity;
 mod image;
 mod ingest;
