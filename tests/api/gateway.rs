@@ -80,6 +80,7 @@ async fn the_official_sdk_reads_through_the_gateway_what_the_platform_reads() {
     );
     let (proxy, emu) = (w.proxy_url(), w.emulator.url());
     let (key, account) = (w.a.key.clone(), w.a.account.clone());
+    let foreign_account = w.b.account.clone();
     let out = tokio::task::spawn_blocking(move || {
         super::sdk::run_script(
             "gateway_parity.py",
@@ -93,6 +94,7 @@ async fn the_official_sdk_reads_through_the_gateway_what_the_platform_reads() {
                 ("EVENT_ID", event_id),
                 ("TRANSACTION_ID", &tx.to_string()),
                 ("FOREIGN_CUSTOMER", &foreign),
+                ("FOREIGN_ACCOUNT", &foreign_account),
             ],
         )
     })

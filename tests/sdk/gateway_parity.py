@@ -88,12 +88,16 @@ def main():
     same(tenant.events.list(), platform.events.list(headers=h), "events")
     same(tenant.customers.list(), platform.customers.list(headers=h), "customers")
 
-    # Another account's customer is not there for the tenant.
-    try:
-        tenant.customers.get(env["FOREIGN_CUSTOMER"])
-        check(False, "another account's customer was readable")
-    except ResourceNotFoundError:
-        pass
+    # Another account's customer is not there for the tenant, even when the tenant's SDK names
+    # the other account in the header the platform would use.
+    forged = {"X-CREDYT-ACCOUNT": env["FOREIGN_ACCOUNT"], "x-credyt-account": env["FOREIGN_ACCOUNT"]}
+    for headers in ({}, forged):
+        try:
+            tenant.customers.get(env["FOREIGN_CUSTOMER"], headers=headers)
+            check(False, f"another account's customer was readable with {headers}")
+        except ResourceNotFoundError:
+            pass
+    same(tenant.customers.list(headers=forged), platform.customers.list(headers=h), "customers, forged header")
     print(created.id)
 
 
