@@ -551,6 +551,42 @@ mod tests {
     }
 
     #[test]
+    fn webhook_and_gateway_entries_are_checked_whole() {
+        use crate::gateway::table::Group;
+        let (_, hash) = generate_key();
+        let secret = WebhookSecret::generate();
+        let good = format!(
+            "[[tenants]]\nid = \"t\"\nkey_hashes = [\"{hash}\"]\naccount = \"acc_1\"\n\
+             webhook = {{ url = \"https://t.example/h\", secrets = [\"{secret}\"], topics = [\"balance_threshold_hit\"] }}\n\
+             gateway = {{ allow = [\"customers.read\", \"wallets.charge\"], rate_limit = {{ per_second = 2 }} }}\n"
+        );
+        let table = TenantTable::parse(&good, quota(), None).unwrap();
+        let t = table.get("t").unwrap();
+        let w = t.webhook.as_ref().unwrap();
+        assert!(w.wants("balance_threshold_hit") && !w.wants("subscription.activated"));
+        assert!(t.gateway.allows(Group::WalletsCharge) && !t.gateway.allows(Group::CustomersWrite));
+        assert_eq!(t.gateway.rate_limit.unwrap().burst.get(), 2);
+        // Absent: every group but money, and all topics.
+        let plain =
+            format!("[[tenants]]\nid = \"p\"\nkey_hashes = [\"{hash}\"]\naccount = \"acc_2\"\n");
+        let p = TenantTable::parse(&plain, quota(), None).unwrap();
+        let p = p.get("p").unwrap();
+        assert!(p.webhook.is_none());
+        assert_eq!(p.gateway.allow, Group::default_allowed());
+        for bad in [
+            good.replace("https://t.example/h", "ftp://t.example/h"),
+            good.replace(&secret, "whsec_short"),
+            good.replace(&secret, "not-a-whsec"),
+            good.replace("\"customers.read\"", "\"accounts.write\""),
+            good.replace("per_second = 2", "per_second = 0"),
+            good.replace("topics = [\"balance_threshold_hit\"]", "topics = [\"\"]"),
+            good.replace(&format!("secrets = [\"{secret}\"], "), ""),
+        ] {
+            assert!(TenantTable::parse(&bad, quota(), None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn keys_authenticate_only_their_tenant() {
         let (ka, ha) = generate_key();
         let (kb, hb) = generate_key();
