@@ -85,6 +85,8 @@ pub struct Endpoint {
     /// Segments; `*` is one id segment.
     pub pattern: &'static [&'static str],
     pub group: Group,
+    /// `METHOD /route/{param}`, as the OpenAPI document writes it: the server span's name.
+    pub name: &'static str,
 }
 
 const fn ep(
@@ -92,12 +94,14 @@ const fn ep(
     method: Method,
     pattern: &'static [&'static str],
     group: Group,
+    name: &'static str,
 ) -> Endpoint {
     Endpoint {
         operation,
         method,
         pattern,
         group,
+        name,
     }
 }
 
@@ -107,76 +111,117 @@ use Method as M;
 /// Every endpoint the gateway can pass through. Order matters where a literal and an id could
 /// both match (`wallet/transactions/{id}` before `wallet/{accountId}/...`).
 pub const ENDPOINTS: &[Endpoint] = &[
-    ep("customers.list", M::Get, &["customers"], G::CustomersRead),
+    ep(
+        "customers.list",
+        M::Get,
+        &["customers"],
+        G::CustomersRead,
+        "GET /customers",
+    ),
     ep(
         "customers.create",
         M::Post,
         &["customers"],
         G::CustomersWrite,
+        "POST /customers",
     ),
     ep(
         "customers.get",
         M::Get,
         &["customers", "*"],
         G::CustomersRead,
+        "GET /customers/{customerId}",
     ),
     ep(
         "customers.update",
         M::Patch,
         &["customers", "*"],
         G::CustomersWrite,
+        "PATCH /customers/{customerId}",
     ),
     ep(
         "wallet.get",
         M::Get,
         &["customers", "*", "wallet"],
         G::WalletsRead,
+        "GET /customers/{customerId}/wallet",
     ),
     ep(
         "wallet.transaction",
         M::Get,
         &["customers", "*", "wallet", "transactions", "*"],
         G::WalletsRead,
+        "GET /customers/{customerId}/wallet/transactions/{transactionId}",
     ),
     ep(
         "wallet.adjust",
         M::Post,
         &["customers", "*", "wallet", "adjustments"],
         G::WalletsAdjust,
+        "POST /customers/{customerId}/wallet/adjustments",
     ),
     ep(
         "wallet.charge",
         M::Post,
         &["customers", "*", "wallet", "charges"],
         G::WalletsCharge,
+        "POST /customers/{customerId}/wallet/charges",
     ),
     ep(
         "wallet.account",
         M::Get,
         &["customers", "*", "wallet", "*"],
         G::WalletsRead,
+        "GET /customers/{customerId}/wallet/{accountId}",
     ),
     ep(
         "wallet.grants",
         M::Get,
         &["customers", "*", "wallet", "*", "grants"],
         G::WalletsRead,
+        "GET /customers/{customerId}/wallet/{accountId}/grants",
     ),
-    ep("events.list", M::Get, &["events"], G::EventsRead),
-    ep("events.get", M::Get, &["events", "*"], G::EventsRead),
-    ep("products.list", M::Get, &["products"], G::ProductsRead),
-    ep("products.get", M::Get, &["products", "*"], G::ProductsRead),
+    ep(
+        "events.list",
+        M::Get,
+        &["events"],
+        G::EventsRead,
+        "GET /events",
+    ),
+    ep(
+        "events.get",
+        M::Get,
+        &["events", "*"],
+        G::EventsRead,
+        "GET /events/{eventId}",
+    ),
+    ep(
+        "products.list",
+        M::Get,
+        &["products"],
+        G::ProductsRead,
+        "GET /products",
+    ),
+    ep(
+        "products.get",
+        M::Get,
+        &["products", "*"],
+        G::ProductsRead,
+        "GET /products/{productId}",
+    ),
     ep(
         "products.version",
         M::Get,
         &["products", "*", "*"],
         G::ProductsRead,
+        "GET /products/{productId}/{version}",
     ),
     ep(
         "usage.simulate",
         M::Post,
         &["products", "*", "*", "simulate-usage"],
         G::UsageSimulate,
+        "POST /products/{productId}/{version}/simulate-usage",
     ),
 ];
 
@@ -451,6 +496,25 @@ mod tests {
         assert!(!default.contains(&Group::WalletsCharge));
         for g in Group::ALL {
             assert_eq!(Group::parse(g.as_str()), Some(g));
+        }
+    }
+
+    #[test]
+    fn each_name_is_its_method_and_pattern() {
+        for e in ENDPOINTS {
+            let (method, route) = e.name.split_once(' ').unwrap();
+            let m = match e.method {
+                Method::Get => "GET",
+                Method::Post => "POST",
+                Method::Patch => "PATCH",
+            };
+            assert_eq!(method, m, "{}", e.name);
+            let segments: Vec<&str> = route
+                .trim_start_matches('/')
+                .split('/')
+                .map(|s| if s.starts_with('{') { "*" } else { s })
+                .collect();
+            assert_eq!(segments, e.pattern, "{}", e.name);
         }
     }
 

@@ -66,13 +66,20 @@ type Traced<B> = Pin<Box<dyn Future<Output = Result<ServiceResponse<B>, actix_we
 
 /// The span name and route of a traced request.
 fn route(req: &ServiceRequest) -> Option<(&'static str, &'static str)> {
-    if req.method() != Method::POST {
-        return None;
+    if req.method() == Method::POST {
+        match req.path() {
+            "/events" => return Some(("POST /events", "/events")),
+            "/v1/events" => return Some(("POST /v1/events", "/v1/events")),
+            "/v1/quote" => return Some(("POST /v1/quote", "/v1/quote")),
+            _ => {}
+        }
     }
-    match req.path() {
-        "/events" => Some(("POST /events", "/events")),
-        "/v1/events" => Some(("POST /v1/events", "/v1/events")),
-        "/v1/quote" => Some(("POST /v1/quote", "/v1/quote")),
+    // A call of the Credyt gateway: its endpoint's route (bounded: the gateway's table).
+    match crate::gateway::table::match_path(req.method().as_str(), req.path()) {
+        crate::gateway::table::Matched::Endpoint(e, _) => {
+            let route = e.name.split_once(' ').map_or(e.name, |(_, r)| r);
+            Some((e.name, route))
+        }
         _ => None,
     }
 }

@@ -542,3 +542,46 @@ async fn with_no_endpoint_no_exporter_runs_and_nothing_is_propagated() {
         .all(|r| r.get("traceparent").is_none()));
     w.stop().await;
 }
+
+#[actix_web::test]
+async fn a_gateway_call_is_a_client_span_of_the_tenant_request() {
+    let receiver = Receiver::start().await;
+    let w = World::start_with(Options {
+        extra_config: receiver.config(),
+        ..Default::default()
+    })
+    .await;
+    let (traceparent, trace_id, _) = caller();
+    let resp = w
+        .http
+        .get(format!("{}/customers", w.proxy_url()))
+        .header("X-CREDYT-API-KEY", &w.a.key)
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (server, client) = receiver
+        .wait("the gateway's client span", |s| {
+            let server = server_span(s, &trace_id)?;
+            let client = s
+                .iter()
+                .find(|c| c.parent_span_id == server.span_id && c.name == "customers.list")?
+                .clone();
+            Some((server, client))
+        })
+        .await;
+    assert_eq!(client.kind, CLIENT);
+    assert_eq!(client.trace_id, server.trace_id);
+    // Credyt got the client span's context.
+    let sent: Vec<String> = w
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r["method"] == "GET" && r["path"] == "/customers")
+        .filter_map(|r| r["traceparent"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(sent, vec![format!("00-{trace_id}-{}-01", client.span_id)]);
+    w.stop().await;
+    receiver.stop().await;
+}
