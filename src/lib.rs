@@ -43,6 +43,15 @@
 //! mode) charges are child spans; a record keeps the request's trace context, and the
 //! forwarder's call that delivers it is a client span linked back to the request.
 //!
+//! Around that path, two more ways through the proxy:
+//! - [`gateway`]: any other Credyt path on the tenant port. A tenant calls the Credyt endpoints
+//!   its group list allows (customers, wallets, events, products) with its own key; the proxy
+//!   sends each with the platform key on the tenant's own account (never an account the
+//!   request names) and passes Credyt's answer back; everything else is 403.
+//! - [`webhooks`]: Credyt's webhooks for connected accounts arrive on the relay's own listener,
+//!   are verified, de-duplicated and recorded in the relay's own [`outbox`] before Credyt gets
+//!   its 200, and are delivered to the tenant owning the account, Standard Webhooks signed.
+//!
 //! Errors of every stage are typed and mapped to HTTP in one table ([`ingest::problem`]):
 //! RFC 7807 problem+json with a stable `code`. The operator port ([`admin`]) serves `/livez`,
 //! `/readyz`, `/metrics` (every metric defined in [`telemetry::metrics`]; each stage only
