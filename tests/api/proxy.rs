@@ -453,20 +453,30 @@ async fn build_app(
     Application::build(settings).await.unwrap()
 }
 
-/// Replaces the emulator's fault rules (`PUT /_emulator/faults`).
 /// Creates tenant A's connected account (`external_id` `tenant-a`) at the emulator; its id.
 pub async fn tenant_a_account(http: &reqwest::Client, emu: &RunningEmulator) -> String {
+    emu_account(http, emu, "Tenant A", "tenant-a").await
+}
+
+/// Creates a connected account at the emulator; its id.
+pub async fn emu_account(
+    http: &reqwest::Client,
+    emu: &RunningEmulator,
+    name: &str,
+    external_id: &str,
+) -> String {
     let acc = emu_post(
         http,
         emu,
         "/accounts",
         None,
-        json!({"name": "Tenant A", "external_id": "tenant-a"}),
+        json!({"name": name, "external_id": external_id}),
     )
     .await;
     acc["id"].as_str().unwrap().to_string()
 }
 
+/// Replaces the emulator's fault rules (`PUT /_emulator/faults`).
 pub async fn emu_faults(http: &reqwest::Client, emu: &RunningEmulator, rules: Value) {
     let resp = http
         .put(format!("{}/_emulator/faults", emu.url()))

@@ -15,7 +15,9 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use super::proxy::{emu_post, eventually, metric, proxy_config, start_emulator, PLATFORM_KEY};
+use super::proxy::{
+    emu_account, emu_post, eventually, metric, proxy_config, start_emulator, PLATFORM_KEY,
+};
 
 const CREDYT_SECRET: &str = "whsec_relaytestsecret0000000000";
 /// The Python side of these tests: the official SDK, the Standard Webhooks library, and a
@@ -221,24 +223,8 @@ impl Relayed {
         let emulator = start_emulator().await;
         let http = reqwest::Client::new();
         let dir = tempfile::tempdir().unwrap();
-        let account = |name: &str| {
-            let (http, emulator) = (&http, &emulator);
-            let name = name.to_string();
-            async move {
-                emu_post(
-                    http,
-                    emulator,
-                    "/accounts",
-                    None,
-                    json!({"name": name, "external_id": name}),
-                )
-                .await["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            }
-        };
-        let (acc_a, acc_b) = (account("tenant-a").await, account("tenant-b").await);
+        let acc_a = emu_account(&http, &emulator, "tenant-a", "tenant-a").await;
+        let acc_b = emu_account(&http, &emulator, "tenant-b", "tenant-b").await;
         let (a, b) = (Receiver::start().await, Receiver::start().await);
         let (_, hash_a) = credyt_proxy::identity::tenants::generate_key();
         let (_, hash_b) = credyt_proxy::identity::tenants::generate_key();
@@ -626,15 +612,8 @@ async fn unroutable_and_never_delivered_webhooks_become_dead_letters_and_replay_
     let w = Relayed::start("retry_schedule_ms = [50, 50]").await;
     let cust = w.customer(&w.acc_a, "user-1").await;
     // An account no tenant owns: answered 200 (Credyt stops retrying), kept as a dead letter.
-    let stranger = emu_post(
-        &w.http,
-        &w.emulator,
-        "/accounts",
-        None,
-        json!({"name": "x", "external_id": "x"}),
-    )
-    .await;
-    let stranger = stranger["id"].as_str().unwrap();
+    let stranger = emu_account(&w.http, &w.emulator, "x", "x").await;
+    let stranger = stranger.as_str();
     assert_eq!(
         outcome(
             w.post_signed(&threshold_hit("whe_stranger", stranger, "cust_x"))
@@ -763,15 +742,7 @@ async fn a_webhook_acknowledged_to_credyt_survives_sigkill_and_is_delivered_once
     let emulator = start_emulator().await;
     let http = reqwest::Client::new();
     let dir = tempfile::tempdir().unwrap();
-    let acc = emu_post(
-        &http,
-        &emulator,
-        "/accounts",
-        None,
-        json!({"name": "a", "external_id": "a"}),
-    )
-    .await;
-    let acc = acc["id"].as_str().unwrap().to_string();
+    let acc = emu_account(&http, &emulator, "a", "a").await;
     let receiver = Receiver::start().await;
     let (_, hash) = credyt_proxy::identity::tenants::generate_key();
     std::fs::write(
