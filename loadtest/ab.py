@@ -9,8 +9,8 @@ pinned with the emulator to the server core) against the same emulator and tenan
 
 With --e2e the forwarder is on (every fee charged to the emulator, which shares the server
 core) and each slot's rate is acknowledged events / (slot + time until the outbox drained), as
-in the kit's sustained phase; the emulator is the binary run.py would use
-(target/release/credyt-proxy).
+in the kit's sustained phase. The emulator and loadgen are the binaries run.py would use (in
+$CARGO_TARGET_DIR/release, else target/release).
 """
 
 import argparse
