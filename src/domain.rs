@@ -349,6 +349,29 @@ pub fn transaction_id(tenant: &TenantId, event: &EventId, price_id: &str) -> Uui
     uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
+/// Percent-decodes `text` once (`%XX`, hex of either case); `None` for a malformed escape or
+/// bytes that are not UTF-8. Borrows when there is nothing to decode.
+pub fn percent_decode(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !text.contains('%') {
+        return Some(std::borrow::Cow::Borrowed(text));
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let mut b = [0u8; 1];
+            hex::decode_to_slice(bytes.get(i + 1..i + 3)?, &mut b).ok()?;
+            out.push(b[0]);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
+}
+
 /// Lowercase Crockford base32 (`0-9a-z` without `i l o u`), the alphabet of Credyt ids.
 pub fn base32(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";

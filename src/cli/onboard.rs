@@ -39,12 +39,7 @@ fn settings(config: &Path) -> anyhow::Result<Settings> {
 /// A failed Credyt call: the step, the whole cause chain, what Credyt said, and `outcome` (what
 /// was left as it was).
 fn credyt_failed(step: &dyn std::fmt::Display, e: &UpstreamError, outcome: &str) -> anyhow::Error {
-    let mut message = format!("{step}: {e}");
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        message.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
+    let mut message = format!("{step}: {}", crate::upstream::error_chain(e));
     if let UpstreamError::Status { body, .. } = e {
         if !body.trim().is_empty() {
             message.push_str(&format!("\ncredyt said: {}", body.trim()));

@@ -170,32 +170,16 @@ fn parse_attributes(p: &mut Problems, key: &str, text: &str) -> Vec<(String, Str
     let mut out = Vec::new();
     for pair in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => match percent_decode(v.trim()) {
-                Some(v) => out.push((k.trim().to_string(), v)),
-                None => p.push(key, format!("the value of `{}` is not valid", k.trim())),
-            },
+            Some((k, v)) if !k.trim().is_empty() => {
+                match crate::domain::percent_decode(v.trim()).map(|v| v.into_owned()) {
+                    Some(v) => out.push((k.trim().to_string(), v)),
+                    None => p.push(key, format!("the value of `{}` is not valid", k.trim())),
+                }
+            }
             _ => p.push(key, format!("`{pair}` is not key=value")),
         }
     }
     out
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let mut b = [0u8; 1];
-            hex::decode_to_slice(bytes.get(i + 1..i + 3)?, &mut b).ok()?;
-            out.push(b[0]);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn sampler(p: &mut Problems, s: &Source<'_>) -> SamplerSetting {

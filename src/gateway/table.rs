@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+use crate::domain::percent_decode;
+
 /// A group of endpoints a platform allows a tenant, by name in the tenants file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Group {
@@ -367,27 +369,6 @@ fn decode_segment(raw: &str) -> Option<Cow<'_, str>> {
         || s == ".."
         || s.chars().any(|c| c == '/' || c == '\\' || c.is_control());
     (!bad).then_some(s)
-}
-
-fn percent_decode(raw: &str) -> Option<Cow<'_, str>> {
-    if !raw.contains('%') {
-        return Some(Cow::Borrowed(raw));
-    }
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// Encodes one id segment for the path sent upstream.

@@ -149,6 +149,19 @@ impl UpstreamError {
     }
 }
 
+/// An error and its causes, `: `-separated (for messages that must say what really failed,
+/// e.g. `connection refused` under a transport error).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// A call to Credyt run inside its client span.
 type TracedCall<'f, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'f>>;
 

@@ -395,20 +395,12 @@ async fn attempt(
             body: None,
         }),
         Err(e) => Err(Failure {
-            reason: format!("the endpoint could not be reached: {}", error_chain(&e)),
+            reason: format!(
+                "the endpoint could not be reached: {}",
+                crate::upstream::error_chain(&e)
+            ),
             status: None,
             body: None,
         }),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
