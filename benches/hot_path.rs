@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{test, web, App};
+use credyt_proxy::balance::Gate;
 use credyt_proxy::config::traces::{SamplerSetting, TraceSettings};
 use credyt_proxy::config::Settings;
 use credyt_proxy::domain::AccountId;
@@ -128,8 +129,14 @@ async fn fixture() -> Fixture {
     let metrics = Metrics::new(&settings.telemetry);
     let client =
         CredytClient::with_metrics(&settings.credyt, Some(metrics.upstream.clone())).unwrap();
-    let identity =
-        Arc::new(Identity::new(client, &settings.identity).with_metrics(metrics.identity.clone()));
+    let identity = Arc::new(
+        Identity::new(client.clone(), &settings.identity).with_metrics(metrics.identity.clone()),
+    );
+    let gate = Arc::new(Gate::new(
+        client,
+        settings.balance.clone(),
+        metrics.balance.clone(),
+    ));
     let outbox = Outbox::open(OutboxSettings {
         sync: SyncPolicy::Interval(Duration::from_millis(500)),
         max_pending: usize::MAX,
@@ -147,6 +154,7 @@ async fn fixture() -> Fixture {
         sink: Sink::Durable(outbox.clone()),
         outbox: Some(outbox),
         metrics: Arc::new(metrics),
+        gate,
     });
     Fixture {
         state,

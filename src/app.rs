@@ -16,6 +16,7 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
 use crate::admin::{AdminState, Readiness};
+use crate::balance::Gate;
 use crate::config::{AckMode, Settings, SyncMode};
 use crate::identity::{Identity, Tenants};
 use crate::ingest::conn::ProblemIo;
@@ -125,6 +126,7 @@ async fn start_relay(
     settings: &Settings,
     tenants: &Arc<Tenants>,
     identity: &Arc<Identity>,
+    gate: &Arc<Gate>,
     metrics: &Metrics,
 ) -> anyhow::Result<Option<RelayParts>> {
     let Some(w) = settings.webhooks.clone() else {
@@ -155,13 +157,16 @@ async fn start_relay(
     let listener = TcpListener::bind(w.listen).with_context(|| format!("binding {}", w.listen))?;
     let addr = listener.local_addr()?;
     let path = w.path.clone();
-    let relay = web::Data::new(Relay::new(
-        w,
-        Arc::clone(tenants),
-        Arc::clone(identity),
-        outbox.clone(),
-        metrics.webhooks.clone(),
-    ));
+    let relay = web::Data::new(
+        Relay::new(
+            w,
+            Arc::clone(tenants),
+            Arc::clone(identity),
+            outbox.clone(),
+            metrics.webhooks.clone(),
+        )
+        .with_gate(Arc::clone(gate)),
+    );
     let server = HttpServer::new(move || {
         App::new()
             .app_data(relay.clone())
@@ -179,6 +184,31 @@ async fn start_relay(
         deliverer,
         outbox,
     }))
+}
+
+/// Balance gating holds what gated tenants' end users owe already: every debit of theirs still
+/// pending in the outbox (accepted before a restart, not yet confirmed by Credyt).
+fn hold_pending_debits(outbox: &Outbox, tenants: &Tenants, gate: &Gate) {
+    let table = tenants.current();
+    if table.iter().all(|t| t.gate.is_none()) {
+        return;
+    }
+    let mut held = 0usize;
+    for delivery in outbox.pending_deliveries() {
+        if let crate::domain::Delivery::Charge(debit) = delivery {
+            if table
+                .get(debit.tenant.as_str())
+                .is_some_and(|t| t.gate.is_some())
+            {
+                gate.track(&debit);
+                held += 1;
+            }
+        }
+    }
+    tracing::info!(
+        held,
+        "balance gating holds the pending debits of gated tenants"
+    );
 }
 
 /// Opens (and recovers) the outbox before anything is accepted.
@@ -251,14 +281,23 @@ impl Application {
             Identity::new(client.clone(), &settings.identity)
                 .with_metrics(metrics.identity.clone()),
         );
-        let gateway = web::Data::new(crate::gateway::Gateway::new(
-            Arc::clone(&tenants),
-            Arc::clone(&identity),
+        let gate = Arc::new(Gate::new(
             client.clone(),
-            settings.gateway.default_quota,
-            settings.server.max_body_bytes,
-            metrics.gateway.clone(),
+            settings.balance.clone(),
+            metrics.balance.clone(),
         ));
+        tasks.push(gate.spawn_sweeper());
+        let gateway = web::Data::new(
+            crate::gateway::Gateway::new(
+                Arc::clone(&tenants),
+                Arc::clone(&identity),
+                client.clone(),
+                settings.gateway.default_quota,
+                settings.server.max_body_bytes,
+                metrics.gateway.clone(),
+            )
+            .with_gate(Arc::clone(&gate)),
+        );
         let (sink, outbox, forwarder) = match settings.ingest.ack {
             AckMode::Upstream => (
                 Sink::upstream(Forwarder::new(client), &settings.ingest),
@@ -267,6 +306,7 @@ impl Application {
             ),
             AckMode::Durable => {
                 let outbox = open_outbox(&settings, &metrics).await?;
+                hold_pending_debits(&outbox, &tenants, &gate);
                 let forwarder = settings.outbox.forwarder.then(|| {
                     let (min, max) = settings.outbox.forwarder_concurrency;
                     ForwarderHandle::spawn(
@@ -277,6 +317,7 @@ impl Application {
                             concurrency_max: max,
                             max_age: settings.outbox.retry_max_age,
                             coalesce_window: settings.outbox.coalesce_window,
+                            gate: Some(Arc::clone(&gate)),
                             ..ForwarderSettings::default()
                         },
                         Arc::clone(&credentials),
@@ -291,7 +332,7 @@ impl Application {
                 (Sink::Durable(outbox.clone()), Some(outbox), forwarder)
             }
         };
-        let relay = start_relay(&settings, &tenants, &identity, &metrics).await?;
+        let relay = start_relay(&settings, &tenants, &identity, &gate, &metrics).await?;
         let readiness = Arc::new(Readiness::default());
         metrics.register_live(LiveState {
             readiness: Arc::clone(&readiness),
@@ -311,6 +352,7 @@ impl Application {
             sink,
             outbox: outbox.clone(),
             metrics: Arc::new(metrics),
+            gate,
         });
         tasks.push(tenants.spawn_watcher(settings.tenants.reload_interval));
         tasks.push(pricing.spawn_watcher(settings.pricing.reload_interval));

@@ -25,8 +25,13 @@
 //!    only on a miss), keyed so that a tenants-file reload applies to the next request. The
 //!    `X-CREDYT-ACCOUNT` sent upstream comes from here only.
 //! 7. The pipeline builds immutable [`domain::Debit`] records (amount, asset, deterministic
-//!    `transaction_id` = UUIDv5(tenant, event id, price id)) and hands them to the sink
-//!    ([`ingest::sink`]):
+//!    `transaction_id` = UUIDv5(tenant, event id, price id)).
+//! 8. For a tenant with balance gating on, [`balance`] judges each event against the end
+//!    user's available balance (Credyt's, cached, less the debits the proxy holds that Credyt
+//!    has not confirmed) and holds the debits of the ones it allows, atomically per customer:
+//!    `/events` refuses the whole request with 402 `insufficient_balance`, `/v1/events` that
+//!    event only. The holds end when the forwarder reports Credyt's answer.
+//! 9. The debits go to the sink ([`ingest::sink`]):
 //!    - `ack = "durable"` (default): one atomic, group-committed append to the [`outbox`]
 //!      claims the event ids and stores the debits; the answer waits for it to be durable per
 //!      the sync policy (503 `Retry-After` if it cannot be). The [`upstream::forwarder`] then
@@ -35,8 +40,8 @@
 //!      refusal; optionally coalescing a hot customer's fees.
 //!    - `ack = "upstream"`: the charges are sent now and the answer waits for Credyt (502/503
 //!      when it does not confirm; a retry with the same ids is safe).
-//! 8. Every event gets exactly one [`outcome::Outcome`]: accepted (with its fees), duplicate, or
-//!    rejected with a stable code; `/events` answers 204, `/v1/events` 200 with the results.
+//! 10. Every event gets exactly one [`outcome::Outcome`]: accepted (with its fees), duplicate, or
+//!     rejected with a stable code; `/events` answers 204, `/v1/events` 200 with the results.
 //!
 //! With traces configured ([`telemetry::traces`], off by default), the request is a server
 //! span continuing the caller's `traceparent`; its identity lookups, commit wait and (upstream
@@ -62,6 +67,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod domain;

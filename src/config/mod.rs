@@ -243,6 +243,15 @@ pub struct GatewaySettings {
     pub default_quota: crate::ratelimit::TenantQuota,
 }
 
+/// Balance gating's view of Credyt's balances (see `crate::balance`).
+#[derive(Debug, Clone)]
+pub struct BalanceSettings {
+    /// How long a balance read from Credyt is used before it is read again.
+    pub ttl: Duration,
+    /// How long a failed read is remembered: meanwhile `on_unknown` decides without asking.
+    pub unknown_ttl: Duration,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -261,6 +270,7 @@ pub struct Settings {
     /// `None`: the webhook relay is off.
     pub webhooks: Option<WebhookSettings>,
     pub gateway: GatewaySettings,
+    pub balance: BalanceSettings,
 }
 
 impl Settings {

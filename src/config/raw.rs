@@ -27,9 +27,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
-    AckMode, AdminSettings, ConfigErrors, CredytSettings, GatewaySettings, IdentitySettings,
-    IngestSettings, LogFormat, LogSettings, OutboxSettings, PricingSettings, Problems,
-    RateLimitDefaults, Secret, ServerSettings, Settings, ShutdownSettings, SyncMode,
+    AckMode, AdminSettings, BalanceSettings, ConfigErrors, CredytSettings, GatewaySettings,
+    IdentitySettings, IngestSettings, LogFormat, LogSettings, OutboxSettings, PricingSettings,
+    Problems, RateLimitDefaults, Secret, ServerSettings, Settings, ShutdownSettings, SyncMode,
     TelemetrySettings, TenantsSettings, WebhookSettings,
 };
 
@@ -51,6 +51,25 @@ pub struct RawSettings {
     pub shutdown: RawShutdown,
     pub webhooks: RawWebhooks,
     pub gateway: RawGateway,
+    pub balance: RawBalance,
+}
+
+/// `[balance]`: the balances balance gating judges events against (see `crate::balance`).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBalance {
+    pub ttl_ms: u64,
+    pub unknown_ttl_ms: u64,
+}
+
+impl Default for RawBalance {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 30_000,
+            unknown_ttl_ms: 1_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -681,6 +700,7 @@ impl RawSettings {
             shutdown: section(&mut p, c, &mut root, "shutdown"),
             webhooks: section(&mut p, c, &mut root, "webhooks"),
             gateway: section(&mut p, c, &mut root, "gateway"),
+            balance: section(&mut p, c, &mut root, "balance"),
         };
         // What is left is not a section of the file.
         let mut unknown: Vec<String> = root.into_keys().collect();
@@ -957,6 +977,13 @@ impl RawSettings {
             },
         };
 
+        let balance = BalanceSettings {
+            ttl: Duration::from_millis(p.nonzero("balance.ttl_ms", self.balance.ttl_ms)),
+            unknown_ttl: Duration::from_millis(
+                p.nonzero("balance.unknown_ttl_ms", self.balance.unknown_ttl_ms),
+            ),
+        };
+
         let rate_limit = RateLimitDefaults {
             per_second: nonzero_u32(&mut p, "rate_limit.per_second", self.rate_limit.per_second),
             burst: nonzero_u32(&mut p, "rate_limit.burst", self.rate_limit.burst),
@@ -1000,6 +1027,7 @@ impl RawSettings {
             shutdown,
             webhooks,
             gateway,
+            balance,
         })
     }
 }

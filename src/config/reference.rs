@@ -400,6 +400,7 @@ fn the_serialized_defaults_are_the_keys_the_loader_reads() {
         ("shutdown", raw::struct_fields::<raw::RawShutdown>()),
         ("webhooks", raw::struct_fields::<raw::RawWebhooks>()),
         ("gateway", raw::struct_fields::<raw::RawGateway>()),
+        ("balance", raw::struct_fields::<raw::RawBalance>()),
     ];
     let names: Vec<&str> = loader.iter().map(|(s, _)| *s).collect();
     assert_eq!(

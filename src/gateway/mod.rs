@@ -61,6 +61,8 @@ pub struct Gateway {
     /// the quota replaces it).
     limiters: Mutex<HashMap<TenantId, (TenantQuota, Arc<TenantLimiter>)>>,
     metrics: GatewayMetrics,
+    /// Told of wallet adjustments and charges made through the gateway.
+    gate: Option<Arc<crate::balance::Gate>>,
 }
 
 impl Gateway {
@@ -80,7 +82,14 @@ impl Gateway {
             max_body_bytes,
             limiters: Mutex::new(HashMap::new()),
             metrics,
+            gate: None,
         }
+    }
+
+    /// Tells balance gating of the wallet adjustments and charges made through the gateway.
+    pub fn with_gate(mut self, gate: Arc<crate::balance::Gate>) -> Gateway {
+        self.gate = Some(gate);
+        self
     }
 
     fn limiter(&self, tenant: &Tenant) -> Arc<TenantLimiter> {
@@ -204,6 +213,11 @@ async fn serve(
         .map_err(ApiError::Upstream)?;
     let status = resp.status();
     if let Some(tx) = money_tx {
+        // The end user's balance moved (or may have, whatever the answer): gating reads it
+        // again before judging the next event.
+        if let (Some(gate), Some(customer)) = (&gateway.gate, ids.first()) {
+            gate.invalidate(&account, &CustomerId::new(customer.as_str()));
+        }
         gateway.metrics.money_call(endpoint.operation);
         tracing::info!(
             tenant = %tenant.id,

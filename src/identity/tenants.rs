@@ -133,6 +133,8 @@ pub struct Tenant {
     pub account: AccountRef,
     pub webhook: Option<TenantWebhook>,
     pub gateway: GatewayPolicy,
+    /// Balance gating (see [`crate::balance`]); `None`: off.
+    pub gate: Option<crate::balance::GatePolicy>,
     pub create_customers: bool,
     pub forward: ForwardMode,
     pub limiter: Arc<TenantLimiter>,
@@ -223,6 +225,24 @@ struct RawTenant {
     rate_limit: Option<RawRate>,
     webhook: Option<RawWebhook>,
     gateway: Option<RawGateway>,
+    gate: Option<RawGate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    mode: String,
+    min_available: Option<RawAmount>,
+    on_unknown: Option<String>,
+}
+
+/// A decimal string (`"0.50"`) or an integer; a float is refused (it is not exact).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAmount {
+    Text(String),
+    Integer(i64),
+    Float(f64),
 }
 
 #[derive(Debug, Deserialize)]
@@ -417,6 +437,57 @@ impl TenantTable {
                     GatewayPolicy { allow, rate_limit }
                 }
             };
+            let gate = t.gate.and_then(|g| {
+                let before = problems.len();
+                match g.mode.as_str() {
+                    "balance" | "off" => {}
+                    other => problems.push(format!(
+                        "{at}: gate.mode `{other}` is not one of: balance, off"
+                    )),
+                }
+                let min_available = match g.min_available {
+                    None => rust_decimal::Decimal::ZERO,
+                    Some(RawAmount::Integer(n)) => rust_decimal::Decimal::from(n),
+                    Some(RawAmount::Text(text)) => {
+                        match rust_decimal::Decimal::from_str_exact(text.trim()) {
+                            Ok(d) => d,
+                            Err(_) => {
+                                problems.push(format!(
+                                    "{at}: gate.min_available `{text}` is not a decimal number"
+                                ));
+                                rust_decimal::Decimal::ZERO
+                            }
+                        }
+                    }
+                    Some(RawAmount::Float(f)) => {
+                        problems.push(format!(
+                            "{at}: gate.min_available {f} is a float; write it as a string, e.g. \"{f}\""
+                        ));
+                        rust_decimal::Decimal::ZERO
+                    }
+                };
+                let on_unknown = match g.on_unknown.as_deref() {
+                    None | Some("deny") => crate::balance::OnUnknown::Deny,
+                    Some("allow") => crate::balance::OnUnknown::Allow,
+                    Some(other) => {
+                        problems.push(format!(
+                            "{at}: gate.on_unknown `{other}` is not one of: deny, allow"
+                        ));
+                        crate::balance::OnUnknown::Deny
+                    }
+                };
+                if g.mode == "balance" && forward == ForwardMode::Events {
+                    problems.push(format!(
+                        "{at}: gate.mode = \"balance\" needs forward = \"charges\" (events forwarded unpriced have no amount to judge)"
+                    ));
+                }
+                (problems.len() == before && g.mode == "balance").then_some(
+                    crate::balance::GatePolicy {
+                        min_available,
+                        on_unknown,
+                    },
+                )
+            });
             let id = TenantId::new(t.id.as_str());
             let limiter = previous
                 .and_then(|p| p.by_id.get(&id))
@@ -429,6 +500,7 @@ impl TenantTable {
                 account,
                 webhook,
                 gateway,
+                gate,
                 create_customers: t.create_customers,
                 forward,
                 limiter,

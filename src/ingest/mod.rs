@@ -9,6 +9,9 @@
 //! - `POST /v1/events` takes the same body and answers 200 with one result per event
 //!   (`accepted` with its fees, `duplicate`, or `rejected` with a stable code).
 //! - `POST /v1/quote` prices one event without accepting it ([`crate::pricing::Quote`]).
+//! - `POST /v1/balance/check` answers whether an end user's balance covers an amount, or a
+//!   prospective event priced with the tenant's book, as balance gating would judge it now
+//!   ([`crate::balance`]); it records and holds nothing.
 //! - Amounts in every JSON answer are decimal strings (`"0.50"`), never JSON numbers.
 //! - The tenant key comes in `X-CREDYT-API-KEY` (what the SDK sends) or `Authorization: Bearer`.
 //! - With traces on, each request to these three routes is a server span ([`trace`]) that
@@ -56,6 +59,8 @@ pub struct AppState {
     pub outbox: Option<crate::outbox::Outbox>,
     /// This proxy's metrics (see `telemetry::metrics`).
     pub metrics: Arc<Metrics>,
+    /// Balance gating (used only for tenants with `gate` on).
+    pub gate: Arc<crate::balance::Gate>,
 }
 
 pub type State = Arc<AppState>;
@@ -65,6 +70,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events", web::post().to(post_events))
         .route("/v1/events", web::post().to(post_v1_events))
         .route("/v1/quote", web::post().to(post_quote))
+        .route("/v1/balance/check", web::post().to(post_balance_check))
         .route("/healthz", web::get().to(healthz));
 }
 
@@ -114,6 +120,7 @@ pub fn not_served(req: &HttpRequest, gateway_allow: Option<&'static str>) -> Htt
         "/events" => (Some(Endpoint::Events), "POST"),
         "/v1/events" => (Some(Endpoint::V1Events), "POST"),
         "/v1/quote" => (Some(Endpoint::V1Quote), "POST"),
+        "/v1/balance/check" => (Some(Endpoint::V1BalanceCheck), "POST"),
         "/healthz" => (Some(Endpoint::Healthz), "GET"),
         _ => (None, ""),
     };
@@ -277,4 +284,200 @@ async fn quote(
     let pricing = state.pricing.current();
     let quote = Quote::build(&pricing, tenant.id.as_str(), &event)?;
     Ok(HttpResponse::Ok().json(quote))
+}
+
+/// `POST /v1/balance/check` body: an end user (as in an events request) and either an amount
+/// in an asset or a prospective event.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    customer_id: Option<String>,
+    customer_external_id: Option<String>,
+    amount: Option<serde_json::Value>,
+    asset: Option<String>,
+    event: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct CheckLineBody {
+    asset: std::sync::Arc<str>,
+    #[serde(with = "rust_decimal::serde::str")]
+    available: rust_decimal::Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    required: rust_decimal::Decimal,
+    allowed: bool,
+}
+
+#[derive(Serialize)]
+struct CheckResponse {
+    allowed: bool,
+    /// The asset that decides (the first that falls short, else the first required); absent
+    /// when nothing is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    asset: Option<std::sync::Arc<str>>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
+    available: Option<rust_decimal::Decimal>,
+    #[serde(with = "rust_decimal::serde::str")]
+    required: rust_decimal::Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    min_available: rust_decimal::Decimal,
+    /// Whether the tenant's events are gated (without gating the answer is informational).
+    gated: bool,
+    assets: Vec<CheckLineBody>,
+}
+
+async fn post_balance_check(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    timed(
+        &state,
+        Endpoint::V1BalanceCheck,
+        balance_check(&state, req, payload),
+    )
+    .await
+}
+
+fn invalid(field: &str, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::Validation(vec![Rejection {
+        code,
+        field: field.into(),
+        message: message.into(),
+    }])
+}
+
+async fn balance_check(
+    state: &AppState,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    use rust_decimal::Decimal;
+    let tenant = pipeline::authenticate(state, api_key(&req))?;
+    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
+    let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
+    let check: CheckRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let required: Vec<(Arc<str>, Decimal)> = match (check.amount, check.asset, check.event) {
+        (Some(amount), Some(asset), None) => {
+            let text = match &amount {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                _ => {
+                    return Err(invalid(
+                        "amount",
+                        "invalid_amount",
+                        "amount must be a decimal",
+                    ))
+                }
+            };
+            let amount = Decimal::from_str_exact(text.trim())
+                .ok()
+                .filter(|a| !a.is_sign_negative())
+                .ok_or_else(|| {
+                    invalid(
+                        "amount",
+                        "invalid_amount",
+                        "amount must be a decimal of at least 0",
+                    )
+                })?;
+            let asset = asset.trim();
+            if asset.is_empty() || asset.len() > 32 {
+                return Err(invalid(
+                    "asset",
+                    "invalid_asset",
+                    "asset must be an asset code, e.g. USD",
+                ));
+            }
+            vec![(Arc::from(asset), amount)]
+        }
+        (None, None, Some(event)) => {
+            let wrapped = serde_json::json!({ "customer_id": "check", "events": [event] });
+            let bytes =
+                serde_json::to_vec(&wrapped).map_err(|e| ApiError::BadJson(e.to_string()))?;
+            let parsed = wire::parse_request(&bytes, &state.settings.ingest, chrono::Utc::now())?;
+            let event = parsed
+                .events
+                .into_iter()
+                .next()
+                .ok_or_else(|| ApiError::BadJson("no event".into()))?
+                .map_err(|mut r| {
+                    r.field = r.field.replacen("events[0]", "event", 1);
+                    ApiError::Validation(vec![r])
+                })?;
+            let fees = state
+                .pricing
+                .current()
+                .price(tenant.id.as_str(), &event)
+                .map_err(|e| invalid("event", e.code(), e.to_string()))?;
+            fees.into_iter()
+                .filter(|f| !f.amount.is_zero())
+                .map(|f| (f.asset, f.amount))
+                .collect()
+        }
+        _ => {
+            return Err(invalid(
+                "amount",
+                "invalid_check",
+                "give either amount and asset, or event",
+            ))
+        }
+    };
+    let account = state.identity.account(&tenant).await?;
+    let customer = match (check.customer_id, check.customer_external_id) {
+        (Some(id), None) => {
+            state
+                .identity
+                .check_customer(&account, &crate::domain::CustomerId::new(id.as_str()))
+                .await?
+        }
+        (None, Some(ext)) => {
+            state
+                .identity
+                .customer_by_external_id(&account, &ext, false)
+                .await?
+        }
+        _ => {
+            return Err(invalid(
+                "customer_id",
+                "invalid_customer",
+                "give either customer_id or customer_external_id",
+            ))
+        }
+    };
+    let policy = tenant.gate.clone().unwrap_or(crate::balance::GatePolicy {
+        min_available: Decimal::ZERO,
+        on_unknown: crate::balance::OnUnknown::Deny,
+    });
+    let lines = if required.is_empty() {
+        Vec::new()
+    } else {
+        state
+            .gate
+            .check(&policy, &account, &customer, &required)
+            .await
+            .map_err(ApiError::BalanceUnavailable)?
+    };
+    let deciding = lines.iter().find(|l| !l.allowed).or(lines.first());
+    let resp = CheckResponse {
+        allowed: lines.iter().all(|l| l.allowed),
+        asset: deciding.map(|l| l.asset.clone()),
+        available: deciding.map(|l| l.available),
+        required: deciding.map_or(Decimal::ZERO, |l| l.required),
+        min_available: policy.min_available,
+        gated: tenant.gate.is_some(),
+        assets: lines
+            .into_iter()
+            .map(|l| CheckLineBody {
+                asset: l.asset,
+                available: l.available,
+                required: l.required,
+                allowed: l.allowed,
+            })
+            .collect(),
+    };
+    Ok(HttpResponse::Ok().json(resp))
 }

@@ -19,6 +19,7 @@ use super::problem::ApiError;
 use super::sink::{AcceptedEvent, Submitted};
 use super::wire::{parse_request, CustomerRef};
 use super::State;
+use crate::balance::{Charge, Judgement, Reservation, Verdict};
 
 /// How a request with some invalid events is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,10 @@ fn pricing_field(index: usize, err: &PricingError) -> String {
 /// after all of them ran.
 type Plan = Vec<Result<Vec<crate::domain::Fee>, Rejection>>;
 
+/// What `accept` hands on: the accepted events, the plan, and (balance gating on) the hold on
+/// the accepted events' debits, in the order of the accepted events.
+type Accepted = (Vec<AcceptedEvent>, Plan, Option<Reservation>);
+
 /// Runs one request through the pipeline. Takes the body, to let go of it once parsed.
 pub async fn process(
     state: &State,
@@ -64,7 +69,7 @@ pub async fn process(
     mode: Mode,
 ) -> Result<Vec<Outcome>, ApiError> {
     let tenant_label = state.metrics.events.tenant_label(tenant.id.as_str());
-    let (accepted, plan) = accept(state, tenant, &tenant_label, body, mode).await?;
+    let (accepted, plan, reservation) = accept(state, tenant, &tenant_label, body, mode).await?;
     // From here on the request is being accepted: the hand-off and the counting finish even if
     // the client goes away (see the finish module).
     let sink = state.sink.clone();
@@ -82,6 +87,7 @@ pub async fn process(
     // Traced, the work keeps its dispatch also if it has to finish as a task of its own.
     Finish::new(
         async move {
+            let charged_now = matches!(sink, super::sink::Sink::Upstream(_));
             let submitted = if accepted.is_empty() {
                 Vec::new()
             } else if stage.is_disabled() {
@@ -96,6 +102,13 @@ pub async fn process(
                 }
                 submitted?
             };
+            // The holds follow the sink's answers (a failure above dropped, and so released, them).
+            if let Some(r) = reservation {
+                r.settle(
+                    submitted.iter().map(|s| *s == Submitted::Accepted),
+                    charged_now,
+                );
+            }
             // The sink answers once per submitted event, in order; an accepted event's fees move
             // from the plan into its outcome (no copy).
             let mut submitted = submitted.into_iter();
@@ -159,7 +172,7 @@ async fn accept(
     tenant_label: &TenantLabel,
     body: web::BytesMut,
     mode: Mode,
-) -> Result<(Vec<AcceptedEvent>, Plan), ApiError> {
+) -> Result<Accepted, ApiError> {
     let now = Utc::now();
     let parsed = parse_request(&body, &state.settings.ingest, now)?;
     drop(body);
@@ -273,5 +286,110 @@ async fn accept(
         });
         plan.push(Ok(fees));
     }
-    Ok((accepted, plan))
+    let reservation = match &tenant.gate {
+        Some(policy) if !accepted.is_empty() => Some(
+            gate(
+                state,
+                tenant_label,
+                policy,
+                (&account, &customer),
+                mode,
+                &mut accepted,
+                &mut plan,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    Ok((accepted, plan, reservation))
+}
+
+/// Balance gating ([`crate::balance`]): judges the accepted events' debits against the end
+/// user's balance and holds the allowed ones'. A refused event that was accepted before (a
+/// resend) is left to the sink, which answers it `duplicate`. Otherwise, on `/events` one
+/// refusal refuses the request (402, nothing held); on `/v1/events` the event becomes a
+/// rejection and leaves `accepted`.
+async fn gate(
+    state: &State,
+    tenant_label: &TenantLabel,
+    policy: &crate::balance::GatePolicy,
+    (account, customer): (&crate::domain::AccountId, &CustomerId),
+    mode: Mode,
+    accepted: &mut Vec<AcceptedEvent>,
+    plan: &mut Plan,
+) -> Result<Reservation, ApiError> {
+    let charges: Vec<Vec<Charge>> = accepted
+        .iter()
+        .map(|e| {
+            e.deliveries
+                .iter()
+                .filter_map(|d| match d {
+                    Delivery::Charge(debit) => Some(Charge::of(debit)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let Judgement {
+        verdicts,
+        mut reservation,
+    } = state
+        .gate
+        .judge(policy, account, customer, &charges)
+        .await
+        .map_err(ApiError::BalanceUnavailable)?;
+    if verdicts.iter().all(|v| *v == Verdict::Allowed) {
+        return Ok(reservation);
+    }
+    // The plan index of each accepted event (accepted events are the plan's `Ok`s, in order).
+    let at: Vec<usize> = plan
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.is_ok().then_some(i))
+        .collect();
+    let mut keep = Vec::with_capacity(verdicts.len());
+    for (k, verdict) in verdicts.into_iter().enumerate() {
+        let Verdict::Refused(shortfall) = verdict else {
+            keep.push(true);
+            continue;
+        };
+        let event = &accepted[k];
+        if state.sink.was_accepted(&event.tenant, &event.event_id)? {
+            keep.push(true);
+            continue;
+        }
+        let index = at[k];
+        match mode {
+            Mode::Atomic => {
+                state
+                    .metrics
+                    .events
+                    .record(tenant_label, EventOutcome::Rejected, 1, 0);
+                return Err(ApiError::InsufficientBalance {
+                    index,
+                    event_id: event.event_id.as_str().to_string(),
+                    shortfall,
+                });
+            }
+            Mode::Partial => {
+                plan[index] = Err(Rejection {
+                    code: "insufficient_balance",
+                    field: format!("events[{index}]"),
+                    message: format!(
+                        "the end user's available {} balance is {}; this event needs {} and at least {} must remain",
+                        shortfall.asset, shortfall.available, shortfall.required, shortfall.min_available
+                    ),
+                });
+                keep.push(false);
+            }
+        }
+    }
+    reservation.retain(&keep);
+    let mut k = 0;
+    accepted.retain(|_| {
+        let kept = keep[k];
+        k += 1;
+        kept
+    });
+    Ok(reservation)
 }

@@ -77,6 +77,17 @@ pub enum ApiError {
     /// A signed webhook body that is not a Credyt webhook envelope (the relay listener).
     #[error("{0}")]
     InvalidWebhook(String),
+    /// `/events`: an event the end user's balance cannot pay for (balance gating).
+    #[error("events[{index}] (`{event_id}`) needs {} {} but {} is available for the end user (at least {} must remain); nothing of the request was accepted", .shortfall.required, .shortfall.asset, .shortfall.available, .shortfall.min_available)]
+    InsufficientBalance {
+        index: usize,
+        event_id: String,
+        shortfall: crate::balance::Shortfall,
+    },
+    /// Balance gating could not read the end user's balance and the tenant's `on_unknown` is
+    /// `deny`.
+    #[error("{0}")]
+    BalanceUnavailable(#[source] crate::balance::GateError),
 }
 
 impl From<Refusal> for ApiError {
@@ -152,6 +163,8 @@ impl ApiError {
             ApiError::Signature(SignatureError::Mismatch) => "invalid_signature",
             ApiError::InvalidWebhook(_) => "invalid_webhook",
             ApiError::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            ApiError::InsufficientBalance { .. } => "insufficient_balance",
+            ApiError::BalanceUnavailable(_) => "balance_unavailable",
         }
     }
 
@@ -187,6 +200,8 @@ impl ApiError {
             ApiError::Signature(_) => "Unauthorized",
             ApiError::InvalidWebhook(_) => "Bad Request",
             ApiError::EndpointNotAllowed(_) => "Forbidden",
+            ApiError::InsufficientBalance { .. } => "Payment Required",
+            ApiError::BalanceUnavailable(_) => "Service Unavailable",
         }
     }
 
@@ -207,7 +222,7 @@ impl ApiError {
                     .map(|d| d.as_secs().clamp(1, 60))
                     .unwrap_or(1),
             ),
-            ApiError::Unavailable(_) => Some(1),
+            ApiError::Unavailable(_) | ApiError::BalanceUnavailable(_) => Some(1),
             _ => None,
         }
     }
@@ -261,6 +276,8 @@ impl ResponseError for ApiError {
             ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
             ApiError::EndpointNotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::InsufficientBalance { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::BalanceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -316,6 +333,9 @@ impl ApiError {
                 "the events were not recorded; retry with the same event ids".to_string()
             }
             ApiError::Outbox(_) => "internal error".to_string(),
+            ApiError::BalanceUnavailable(_) => {
+                "the end user's balance could not be read from the billing service; nothing was accepted; retry with the same event ids".to_string()
+            }
             other => other.to_string(),
         };
         let errors = match self {
@@ -328,6 +348,18 @@ impl ApiError {
                 }
                 Some(map)
             }
+            ApiError::InsufficientBalance {
+                index, shortfall, ..
+            } => Some(BTreeMap::from([(
+                format!("events[{index}]"),
+                vec![format!(
+                    "{} {} needed, {} available ({})",
+                    shortfall.required,
+                    shortfall.asset,
+                    shortfall.available,
+                    "insufficient_balance"
+                )],
+            )])),
             _ => None,
         };
         let body = Problem {

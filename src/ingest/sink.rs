@@ -51,6 +51,16 @@ impl Sink {
         }))
     }
 
+    /// Whether the event was accepted before (within the dedupe window, as far as this sink
+    /// knows it): what submitting it again would answer `Duplicate`. Balance gating asks this
+    /// of an event it is about to refuse, so a resend of an accepted event is never refused.
+    pub fn was_accepted(&self, tenant: &TenantId, event: &EventId) -> Result<bool, ApiError> {
+        match self {
+            Sink::Upstream(s) => Ok(s.seen.contains_key(&(tenant.clone(), event.clone()))),
+            Sink::Durable(outbox) => outbox.is_recorded(tenant, event).map_err(ApiError::Outbox),
+        }
+    }
+
     pub async fn submit(&self, events: Vec<AcceptedEvent>) -> Result<Vec<Submitted>, ApiError> {
         match self {
             Sink::Upstream(s) => s.submit(events).await,

@@ -264,6 +264,7 @@ struct Inner {
     shared: Arc<Shared>,
     /// Keeps the keyspace (and the directory lock) alive for reads such as `dead_letters`.
     store: Arc<Store>,
+    dedupe_window: Duration,
 }
 
 /// Decodes leased records, outside the queue lock. A record that does not decode (we wrote
@@ -371,6 +372,7 @@ impl Outbox {
             .name("outbox-sync".into())
             .spawn(move || syncer.run(sync_rx))
             .map_err(OutboxError::Io)?;
+        let dedupe_window = settings.dedupe_window;
         let (control, rx) = mpsc::channel();
         let commit = Arc::new(Commit::new(Committer::new(
             Arc::clone(&store),
@@ -392,6 +394,7 @@ impl Outbox {
                 control,
                 shared,
                 store,
+                dedupe_window,
             }),
         })
     }
@@ -437,6 +440,32 @@ impl Outbox {
         let result = self.call(|reply| Msg::Append { events, reply }).await;
         metrics.observe_commit_wait(started.elapsed());
         result
+    }
+
+    /// Whether the event was accepted (durably) within the dedupe window: what an append of it
+    /// would answer `Duplicate`, except for an append in flight. A read of the dedupe index
+    /// (memory, or a point lookup in its partition), for the rare caller that must know before
+    /// appending (balance gating, about to refuse an event that may be a resend).
+    pub fn is_recorded(&self, tenant: &TenantId, event: &EventId) -> Result<bool, OutboxError> {
+        let key = dedupe::key(tenant, event);
+        let now_ms = dedupe::now_ms();
+        let window = self.inner.dedupe_window;
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        if let Some(at) = self.inner.shared.index.lock().recent(&key) {
+            return Ok(at.saturating_add(window_ms) >= now_ms);
+        }
+        self.inner.store.is_seen(&key, now_ms, window)
+    }
+
+    /// Every undelivered delivery (pending or leased), decoded: for a stage that must know what
+    /// is owed at start (balance gating holds the pending debits). Copies the queue's records
+    /// under its lock and decodes them outside it.
+    pub fn pending_deliveries(&self) -> Vec<Delivery> {
+        let records = self.inner.shared.queue.lock().records();
+        records
+            .iter()
+            .filter_map(|r| record::decode(r).ok())
+            .collect()
     }
 
     /// Leases up to `max` pending deliveries that are not currently leased, oldest first.

@@ -174,6 +174,14 @@ impl Queue {
         n
     }
 
+    /// Every record in the queue (cheap clones).
+    pub(crate) fn records(&self) -> Vec<Encoded> {
+        self.entries
+            .values()
+            .map(|e| Arc::clone(&e.record))
+            .collect()
+    }
+
     #[cfg(test)]
     pub(crate) fn snapshot(&self) -> Vec<(u64, crate::domain::Delivery)> {
         self.entries

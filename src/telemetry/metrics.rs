@@ -112,15 +112,17 @@ pub enum Endpoint {
     Events,
     V1Events,
     V1Quote,
+    V1BalanceCheck,
     Healthz,
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 5] = [
+    pub const ALL: [Endpoint; 6] = [
         Endpoint::Events,
         Endpoint::V1Events,
         Endpoint::V1Quote,
+        Endpoint::V1BalanceCheck,
         Endpoint::Healthz,
         Endpoint::Other,
     ];
@@ -130,6 +132,7 @@ impl Endpoint {
             Endpoint::Events => "/events",
             Endpoint::V1Events => "/v1/events",
             Endpoint::V1Quote => "/v1/quote",
+            Endpoint::V1BalanceCheck => "/v1/balance/check",
             Endpoint::Healthz => "/healthz",
             Endpoint::Other => OTHER,
         }
@@ -195,6 +198,9 @@ pub enum Operation {
     ListWebhooks,
     /// A tenant's call through the gateway (see `crate::gateway`).
     Gateway,
+    /// `GET /customers/{id}/wallet`: an end user's balances, for balance gating (see
+    /// `crate::balance`).
+    WalletBalance,
 }
 
 impl Operation {
@@ -212,6 +218,7 @@ impl Operation {
             Operation::CreateWebhook => "create_webhook",
             Operation::ListWebhooks => "list_webhooks",
             Operation::Gateway => "gateway",
+            Operation::WalletBalance => "wallet_balance",
         }
     }
 
@@ -232,6 +239,7 @@ impl Operation {
             Operation::CreateWebhook => ("POST /webhooks", "POST"),
             Operation::ListWebhooks => ("GET /webhooks", "GET"),
             Operation::Gateway => ("gateway", "GET"),
+            Operation::WalletBalance => ("GET /customers/{id}/wallet", "GET"),
         };
         super::traces::Call {
             name,
@@ -387,7 +395,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct HttpMetrics {
     duration: HistogramFamily<RequestLabels>,
     /// The family's children, resolved once each: an observe costs no label hashing.
-    cells: Arc<[[OnceLock<Histogram>; 5]; 5]>,
+    cells: Arc<[[OnceLock<Histogram>; 5]; Endpoint::ALL.len()]>,
     events_per_request: Histogram,
 }
 
@@ -671,6 +679,71 @@ impl GatewayMetrics {
     }
 }
 
+/// Balance gating (see `crate::balance`): events refused for balance, balance lookups, and the
+/// decisions taken while Credyt's balance was unknown.
+#[derive(Debug, Clone, Default)]
+pub struct BalanceMetrics {
+    refused: Family<StaticLabel, Counter>,
+    lookups: Family<StaticLabel, Counter>,
+    unknown: Family<StaticLabel, Counter>,
+}
+
+/// How a gated request found the end user's balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceLookup {
+    /// A cached balance within its time to live.
+    Hit,
+    /// No usable cached balance: this request read it from Credyt (or waited for another
+    /// request's read of the same wallet).
+    Miss,
+    /// The read failed, now or within the last `balance.unknown_ttl_ms`.
+    Error,
+}
+
+impl BalanceLookup {
+    fn as_str(self) -> &'static str {
+        match self {
+            BalanceLookup::Hit => "hit",
+            BalanceLookup::Miss => "miss",
+            BalanceLookup::Error => "error",
+        }
+    }
+}
+
+/// Why an event was refused for balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceRefusal {
+    /// Credyt's own available balance is too low for it.
+    Insufficient,
+    /// Credyt's balance would cover it, but debits the proxy accepted (or is accepting) and
+    /// Credyt has not confirmed yet take that room: a reservation conflict.
+    Reserved,
+}
+
+impl BalanceMetrics {
+    /// `n` events refused (`insufficient_balance`).
+    pub fn refused(&self, why: BalanceRefusal, n: u64) {
+        let reason = match why {
+            BalanceRefusal::Insufficient => "insufficient",
+            BalanceRefusal::Reserved => "reserved",
+        };
+        self.refused
+            .get_or_create(&StaticLabel("reason", reason))
+            .inc_by(n);
+    }
+    pub fn lookup(&self, result: BalanceLookup) {
+        self.lookups
+            .get_or_create(&StaticLabel("result", result.as_str()))
+            .inc();
+    }
+    /// A gated request decided by `on_unknown` (`allow` or `deny`).
+    pub fn unknown(&self, decision: &'static str) {
+        self.unknown
+            .get_or_create(&StaticLabel("decision", decision))
+            .inc();
+    }
+}
+
 /// Event outcomes, fees and rate-limited events; per tenant when configured.
 #[derive(Debug)]
 pub struct EventMetrics {
@@ -809,6 +882,7 @@ pub struct Metrics {
     pub events: EventMetrics,
     pub webhooks: WebhookMetrics,
     pub gateway: GatewayMetrics,
+    pub balance: BalanceMetrics,
 }
 
 impl Metrics {
@@ -913,6 +987,23 @@ impl Metrics {
             gateway.money.clone(),
         );
 
+        let balance = BalanceMetrics::default();
+        r.register(
+            "credyt_proxy_balance_refused_events",
+            "usage events refused for balance (insufficient_balance), by reason (insufficient: credyt's balance; reserved: debits not yet confirmed by credyt)",
+            balance.refused.clone(),
+        );
+        r.register(
+            "credyt_proxy_balance_lookups",
+            "balance reads of gated requests, by result (hit: cached; miss: read from credyt; error: credyt's balance unknown)",
+            balance.lookups.clone(),
+        );
+        r.register(
+            "credyt_proxy_balance_unknown_decisions",
+            "gated requests decided by on_unknown while credyt's balance was unknown, by decision (allow, deny)",
+            balance.unknown.clone(),
+        );
+
         let webhooks = WebhookMetrics::new();
         r.register(
             "credyt_proxy_webhooks_received",
@@ -950,6 +1041,7 @@ impl Metrics {
             events,
             webhooks,
             gateway,
+            balance,
         }
     }
 
@@ -1275,7 +1367,14 @@ mod tests {
         let names: Vec<&str> = Endpoint::ALL.iter().map(|e| e.as_str()).collect();
         assert_eq!(
             names,
-            ["/events", "/v1/events", "/v1/quote", "/healthz", "other"]
+            [
+                "/events",
+                "/v1/events",
+                "/v1/quote",
+                "/v1/balance/check",
+                "/healthz",
+                "other"
+            ]
         );
         for (i, e) in Endpoint::ALL.iter().enumerate() {
             assert_eq!(e.index(), i);

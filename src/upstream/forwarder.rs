@@ -85,6 +85,9 @@ pub struct ForwarderSettings {
     pub coalesce_window: Option<Duration>,
     /// Most records in one coalesced charge.
     pub max_batch_members: usize,
+    /// Balance gating, told of each debit Credyt confirmed or refused for good (see
+    /// [`crate::balance::Gate::settled`]).
+    pub gate: Option<Arc<crate::balance::Gate>>,
 }
 
 impl Default for ForwarderSettings {
@@ -102,6 +105,7 @@ impl Default for ForwarderSettings {
             max_age: Duration::from_secs(72 * 3600),
             coalesce_window: None,
             max_batch_members: 100,
+            gate: None,
         }
     }
 }
@@ -194,6 +198,19 @@ async fn call(client: &CredytClient, unit: &Unit) -> Result<(), UpstreamError> {
                 })
                 .collect();
             client.charge_coalesced(*id, &debits).await
+        }
+    }
+}
+
+/// Calls `f` with each charge `unit` carries.
+fn for_each_debit(unit: &Unit, mut f: impl FnMut(&Debit)) {
+    let members = match unit {
+        Unit::Single(p) => std::slice::from_ref(p.as_ref()),
+        Unit::Batch { members, .. } => members.as_slice(),
+    };
+    for p in members {
+        if let Delivery::Charge(d) = &p.delivery {
+            f(d);
         }
     }
 }
@@ -485,13 +502,20 @@ impl Forwarder {
             }
             _ => (None, None),
         };
-        if let Err(err) = self
+        match self
             .outbox
             .dead_letter(p.seq, code, e.to_string(), status, body)
             .await
         {
-            tracing::error!(seq = p.seq, error = %err, "cannot dead-letter a record; it stays pending");
-            retry.push(p.seq);
+            Ok(()) => {
+                if let (Some(gate), Delivery::Charge(debit)) = (&self.settings.gate, &p.delivery) {
+                    gate.settled(debit, false);
+                }
+            }
+            Err(err) => {
+                tracing::error!(seq = p.seq, error = %err, "cannot dead-letter a record; it stays pending");
+                retry.push(p.seq);
+            }
         }
     }
 }
@@ -709,6 +733,9 @@ impl Pipeline {
                 self.concurrency.on_response(now, latency, Signal::Answered);
                 self.breaker.on_success();
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                if let Some(gate) = &self.f.settings.gate {
+                    for_each_debit(&job.unit, |d| gate.settled(d, true));
+                }
                 match job.unit {
                     Unit::Single(p) => {
                         // The receiver lives as long as the pipeline.

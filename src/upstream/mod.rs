@@ -512,6 +512,42 @@ impl CredytClient {
         .await
     }
 
+    /// `GET /customers/{id}/wallet` on `account`: the available balance of each of the
+    /// customer's wallet accounts. A customer Credyt does not know (404) has none.
+    pub async fn wallet(
+        &self,
+        account: &AccountId,
+        customer: &CustomerId,
+    ) -> Result<Vec<wire::WalletAccount>, UpstreamError> {
+        let call = async {
+            let path = format!("/customers/{}/wallet", urlencode(customer.as_str()));
+            match self
+                .send(
+                    Operation::WalletBalance,
+                    self.request(reqwest::Method::GET, &path, Some(account)),
+                )
+                .await
+            {
+                Ok(resp) => {
+                    let wallet: wire::Wallet = Self::json(resp).await?;
+                    Ok(wallet.accounts)
+                }
+                Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                    Ok(Vec::new())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        traced(
+            Operation::WalletBalance.call(),
+            None,
+            0,
+            std::iter::empty(),
+            call,
+        )
+        .await
+    }
+
     /// `POST /customers/{id}/wallet/charges`: one fee. Success means Credyt has it (a replayed
     /// `transaction_id` answers the original 201).
     pub async fn charge(&self, debit: &Debit) -> Result<(), UpstreamError> {

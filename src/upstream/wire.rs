@@ -86,6 +86,28 @@ fn enabled_by_default() -> bool {
     true
 }
 
+/// `GET /customers/{id}/wallet` answer.
+#[derive(Debug, Deserialize)]
+pub struct Wallet {
+    #[serde(default)]
+    pub accounts: Vec<WalletAccount>,
+}
+
+/// One wallet account of [`Wallet`]: one (name, asset) and its available balance.
+#[derive(Debug, Deserialize)]
+pub struct WalletAccount {
+    #[serde(default = "default_account_name")]
+    pub name: String,
+    pub asset: String,
+    /// Exact: read from the JSON number's text.
+    #[serde(with = "rust_decimal::serde::arbitrary_precision")]
+    pub available: Decimal,
+}
+
+fn default_account_name() -> String {
+    "default".to_string()
+}
+
 /// `POST /customers/{id}/wallet/charges` body.
 #[derive(Debug, Serialize)]
 pub struct ChargeRequest<'a> {

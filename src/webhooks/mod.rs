@@ -13,7 +13,9 @@
 //!   is ([`Identity::tenant_of_account`]: tenants configured by `account` or by
 //!   `account_external_id`), and `data.customer_id` is enriched with the end user's external
 //!   id ([`Identity::external_id_of`]); both through the identity caches. An upstream failure
-//!   of those lookups answers 503 (Credyt retries later) and stores nothing.
+//!   of those lookups answers 503 (Credyt retries later) and stores nothing. A verified
+//!   webhook naming a customer of an account also marks that customer's cached balance stale
+//!   for balance gating ([`crate::balance::Gate::invalidate`]).
 //! * **Durable before 2xx**: the webhook is appended to the relay's own [`Outbox`] (the same
 //!   storage and recovery as the events', in `webhooks.dir`), its id claimed in the same atomic
 //!   write (dedupe window `webhooks.dedupe_window_secs`, at least 7 days), and Credyt gets its
@@ -60,9 +62,17 @@ pub struct Relay {
     identity: Arc<Identity>,
     outbox: Outbox,
     metrics: WebhookMetrics,
+    /// Told of every webhook naming a customer (its balance may have moved).
+    gate: Option<Arc<crate::balance::Gate>>,
 }
 
 impl Relay {
+    /// Tells balance gating of each verified webhook that names a customer of an account.
+    pub fn with_gate(mut self, gate: Arc<crate::balance::Gate>) -> Relay {
+        self.gate = Some(gate);
+        self
+    }
+
     pub fn new(
         settings: WebhookSettings,
         tenants: Arc<Tenants>,
@@ -76,6 +86,7 @@ impl Relay {
             identity,
             outbox,
             metrics,
+            gate: None,
         }
     }
 
@@ -107,6 +118,11 @@ impl Relay {
             .as_deref()
             .filter(|a| a.starts_with("acc_"))
             .map(AccountId::new);
+        // A balance webhook (or any other naming a customer): gating reads the balance again
+        // before judging that customer's next event, whatever becomes of the webhook here.
+        if let (Some(gate), Some(a), Some(c)) = (&self.gate, &account, inbound.customer_id()) {
+            gate.invalidate(a, &CustomerId::new(c));
+        }
         let table = self.tenants.current();
         let tenant = match &account {
             Some(a) => self.identity.tenant_of_account(&table, a).await?,
