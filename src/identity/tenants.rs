@@ -659,6 +659,70 @@ mod tests {
     }
 
     #[test]
+    fn a_gate_entry_is_checked_whole_and_off_by_default() {
+        use crate::balance::{GatePolicy, OnUnknown};
+        use rust_decimal_macros::dec;
+        let (_, hash) = generate_key();
+        let entry = |gate: &str| {
+            format!(
+                "[[tenants]]\nid = \"t\"\nkey_hashes = [\"{hash}\"]\naccount = \"acc_1\"\n{gate}\n"
+            )
+        };
+        let gate_of = |gate: &str| {
+            TenantTable::parse(&entry(gate), quota(), None)
+                .map(|t| t.get("t").unwrap().gate.clone())
+        };
+        assert_eq!(gate_of(""), Ok(None));
+        assert_eq!(gate_of("gate = { mode = \"off\" }"), Ok(None));
+        assert_eq!(
+            gate_of("gate = { mode = \"balance\" }"),
+            Ok(Some(GatePolicy {
+                min_available: dec!(0),
+                on_unknown: OnUnknown::Deny
+            }))
+        );
+        assert_eq!(
+            gate_of(
+                "gate = { mode = \"balance\", min_available = \"-2.50\", on_unknown = \"allow\" }"
+            ),
+            Ok(Some(GatePolicy {
+                min_available: dec!(-2.50),
+                on_unknown: OnUnknown::Allow
+            }))
+        );
+        assert_eq!(
+            gate_of("gate = { mode = \"balance\", min_available = 3 }")
+                .map(|g| g.map(|g| g.min_available)),
+            Ok(Some(dec!(3)))
+        );
+        for (bad, says) in [
+            ("gate = { mode = \"credit\" }", "gate.mode"),
+            (
+                "gate = { mode = \"balance\", min_available = 0.1 }",
+                "is a float",
+            ),
+            (
+                "gate = { mode = \"balance\", min_available = \"ten\" }",
+                "not a decimal",
+            ),
+            (
+                "gate = { mode = \"balance\", on_unknown = \"maybe\" }",
+                "gate.on_unknown",
+            ),
+            (
+                "gate = { mode = \"balance\" }\nforward = \"events\"",
+                "needs forward",
+            ),
+        ] {
+            let problems = gate_of(bad).unwrap_err();
+            assert!(
+                problems.iter().any(|p| p.contains(says)),
+                "{bad}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn keys_authenticate_only_their_tenant() {
         let (ka, ha) = generate_key();
         let (kb, hb) = generate_key();

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod balance;
 mod cli;
 mod coalesce;
 mod crash;

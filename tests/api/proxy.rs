@@ -61,6 +61,9 @@ pub struct Options {
     pub credyt_config: String,
     /// Files written into the world's directory before the proxy starts (name, content).
     pub files: Vec<(&'static str, String)>,
+    /// Extra lines of tenant A's and tenant B's tenants-file entries (e.g. `gate = {...}`).
+    pub tenant_a_extra: String,
+    pub tenant_b_extra: String,
 }
 
 impl Default for Options {
@@ -73,6 +76,8 @@ impl Default for Options {
             forward_b: "charges",
             credyt_config: format!("api_key = \"{PLATFORM_KEY}\"\ntimeout_ms = 5000"),
             files: Vec::new(),
+            tenant_a_extra: String::new(),
+            tenant_b_extra: String::new(),
         }
     }
 }
@@ -205,12 +210,14 @@ impl World {
         let (key_b, hash_b) = credyt_proxy::identity::tenants::generate_key();
         let tenants = format!(
             "[[tenants]]\nid = \"tenant-a\"\nkey_hashes = [\"{hash_a}\"]\naccount = \"{}\"\ncreate_customers = true\n\
-             rate_limit = {{ per_second = {}, burst = {} }}\n\n\
-             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\nforward = \"{}\"\n",
+             rate_limit = {{ per_second = {}, burst = {} }}\n{}\n\n\
+             [[tenants]]\nid = \"tenant-b\"\nkey_hashes = [\"{hash_b}\"]\naccount_external_id = \"tenant-b\"\ncreate_customers = false\nforward = \"{}\"\n{}\n",
             acc_a["id"].as_str().unwrap(),
             opts.rate_a.0,
             opts.rate_a.1,
+            opts.tenant_a_extra,
             opts.forward_b,
+            opts.tenant_b_extra,
         );
         std::fs::write(dir.path().join("tenants.toml"), tenants).unwrap();
         for (name, content) in &opts.files {
