@@ -110,6 +110,24 @@ fn literal(s: &str) -> &str {
     &s[..s.find('"').unwrap()]
 }
 
+/// Each string literal that follows `prefix` in `src`'s code before its tests (whitespace
+/// removed), with the text from that literal on.
+fn literals_after(src: &str, prefix: &str) -> Vec<(String, String)> {
+    let code: String = src
+        .split("#[cfg(test)]")
+        .next()
+        .unwrap()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    code.match_indices(prefix)
+        .map(|(at, _)| {
+            let rest = &code[at + prefix.len()..];
+            (literal(rest).to_string(), rest.to_string())
+        })
+        .collect()
+}
+
 /// (METHOD, path) of every route a `routes` function registers: `.route("/p", web::get()...)`
 /// and `web::resource("/p")...route(web::post()...)`. Panics on a form it does not know (a
 /// scope, a method-less route, a service that is not a resource, a routing macro), so that a
@@ -465,6 +483,12 @@ fn openapi_documents_every_problem_and_rejection_code_the_code_gives() {
     // results, and the `errors` of a ValidationProblem).
     let mut rejections = wire_codes();
     rejections.extend(code_fn_codes("src/pricing/engine.rs"));
+    // The pipeline's own (balance gating): each `code: "..."` literal of a rejection it builds.
+    rejections.extend(
+        literals_after(&source("src/ingest/pipeline.rs"), "code:\"")
+            .into_iter()
+            .map(|(code, _)| code),
+    );
     assert!(rejections.len() > 20, "{rejections:?}");
     let mut doc_rejections = enum_of(&doc, "EventRejectionCode");
     doc_rejections.extend(enum_of(&doc, "RequestRejectionCode"));
@@ -473,6 +497,15 @@ fn openapi_documents_every_problem_and_rejection_code_the_code_gives() {
         "rejection codes of src/ingest/wire.rs and src/pricing/engine.rs vs \
          EventRejectionCode + RequestRejectionCode"
     );
+    // `POST /v1/balance/check`'s own: the code of each `invalid(field, code, ...)`.
+    let check: BTreeSet<String> = literals_after(&source("src/ingest/mod.rs"), "invalid(\"")
+        .into_iter()
+        .filter_map(|(field, rest)| {
+            let code = rest[field.len()..].strip_prefix("\",\"")?;
+            Some(literal(code).to_string())
+        })
+        .collect();
+    assert_eq!(check, enum_of(&doc, "BalanceCheckRejectionCode"));
 }
 
 /// The response `status` of `method path` in the document, its `$ref` resolved.
