@@ -42,6 +42,9 @@ use credyt_proxy::upstream::CredytClient;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const KEY: &str = "cpk_bench_key_not_a_secret";
+/// A second tenant on the same account, with balance gating on (an overdraft allowance so
+/// large that nothing is refused: every event takes the whole judging path).
+const GATED_KEY: &str = "cpk_bench_gated_key_not_a_secret";
 const ACCOUNT: &str = "acc_4benchbenchbenchbenchbench";
 const PLATFORM_KEY: &str = "bench-platform-key";
 
@@ -105,8 +108,12 @@ async fn fixture() -> Fixture {
         &tenants_file,
         format!(
             "[[tenants]]\nid = \"bench\"\nkey_hashes = [\"{}\"]\naccount = \"{ACCOUNT}\"\n\
-             create_customers = true\nrate_limit = {{ per_second = 1000000000, burst = 1000000000 }}\n",
-            credyt_proxy::identity::tenants::key_hash(KEY)
+             create_customers = true\nrate_limit = {{ per_second = 1000000000, burst = 1000000000 }}\n\
+             [[tenants]]\nid = \"bench-gated\"\nkey_hashes = [\"{}\"]\naccount = \"{ACCOUNT}\"\n\
+             create_customers = true\nrate_limit = {{ per_second = 1000000000, burst = 1000000000 }}\n\
+             gate = {{ mode = \"balance\", min_available = \"-1000000000000\" }}\n",
+            credyt_proxy::identity::tenants::key_hash(KEY),
+            credyt_proxy::identity::tenants::key_hash(GATED_KEY)
         ),
     )
     .unwrap();
@@ -114,7 +121,7 @@ async fn fixture() -> Fixture {
     let settings = Settings::from_toml(
         &format!(
             "[credyt]\nbase_url = \"{}\"\napi_key = \"{PLATFORM_KEY}\"\n[tenants]\nfile = \"{}\"\n\
-             [pricing]\ndir = \"{pricing_dir}\"\n",
+             [pricing]\ndir = \"{pricing_dir}\"\n[balance]\nttl_ms = 3600000\n",
             emulator.url(),
             tenants_file.display()
         ),
@@ -230,15 +237,16 @@ fn pieces(c: &mut Criterion) {
             .configure(ingest::routes),
     ));
     let seq = AtomicU64::new(0);
-    let request = |n: usize| {
+    let request_as = |key: &str, n: usize| {
         let b = body(n, "w", seq.fetch_add(1, Ordering::Relaxed));
         test::TestRequest::post()
             .uri("/events")
             .insert_header(("content-type", "application/json"))
-            .insert_header(("x-credyt-api-key", KEY))
+            .insert_header(("x-credyt-api-key", key))
             .set_payload(b)
             .to_request()
     };
+    let request = |n: usize| request_as(KEY, n);
     // warm: identity miss + customer creation on the emulator
     let resp = sys.block_on(test::call_service(&app, request(1)));
     assert_eq!(resp.status(), 204);
@@ -252,6 +260,26 @@ fn pieces(c: &mut Criterion) {
     g.bench_function("whole_request_100_events", |b| {
         b.iter(|| {
             let resp = sys.block_on(test::call_service(&app, request(100)));
+            assert_eq!(resp.status(), 204);
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+
+    // The same requests by a tenant with balance gating on, its end user's balance cached
+    // (read once from the emulator here, then kept for `balance.ttl_ms`). Nothing confirms the
+    // holds (no forwarder runs), so each accepted debit stays held, as while Credyt lags.
+    let resp = sys.block_on(test::call_service(&app, request_as(GATED_KEY, 1)));
+    assert_eq!(resp.status(), 204);
+    g.bench_function("whole_request_1_event_gated", |b| {
+        b.iter(|| {
+            let resp = sys.block_on(test::call_service(&app, request_as(GATED_KEY, 1)));
+            assert_eq!(resp.status(), 204);
+        })
+    });
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("whole_request_100_events_gated", |b| {
+        b.iter(|| {
+            let resp = sys.block_on(test::call_service(&app, request_as(GATED_KEY, 100)));
             assert_eq!(resp.status(), 204);
         })
     });
