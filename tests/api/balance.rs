@@ -151,6 +151,15 @@ async fn sixty_four_connections_spend_exactly_the_wallet_and_every_other_event_i
         wallet(&state, &cust, "USD"),
         Some((dec!(0.00), 20, dec!(10.00)))
     );
+    // 256 requests, one read of the balance: concurrent misses share it, then it is cached.
+    let wallet_path = format!("/customers/{cust}/wallet");
+    let reads = w
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r["method"] == "GET" && r["path"] == wallet_path.as_str())
+        .count();
+    assert_eq!(reads, 1);
     let text = scrape(&w).await;
     let refused_metric: u64 = text
         .lines()
