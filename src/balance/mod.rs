@@ -6,11 +6,11 @@
 //! - A tenant with `gate = { mode = "balance" }` in the tenants file ([`GatePolicy`]) has each
 //!   priced event judged before the durable append: the event is allowed only if, for every
 //!   asset it is charged in, `available − required ≥ min_available`, where `required` is the
-//!   sum of its fees in that asset and `available` is
-//!   Credyt's available balance of the end user's `default:<ASSET>` wallet account
-//!   − every debit of that customer and asset the proxy accepted and Credyt has not confirmed
-//!     yet (outbox records waiting, in a retry or a coalescing window, or in flight)
-//!   − the reservations of requests being judged at the same moment.
+//!   sum of its fees in that asset and `available` is Credyt's available balance of the end
+//!   user's `default:<ASSET>` wallet account, less every debit of that customer and asset the
+//!   proxy accepted and Credyt has not confirmed yet (outbox records waiting, in a retry or a
+//!   coalescing window, or in flight), less the reservations of requests being judged at the
+//!   same moment.
 //! - **Atomic per (account, customer).** Judging an event and reserving its debits happen
 //!   under one lock of that customer's entry, so concurrent requests can never both spend the
 //!   last credit. A reservation is keyed by the debit's `transaction_id`: an event whose
@@ -47,7 +47,7 @@
 //! operators.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -304,9 +304,7 @@ impl Gate {
     }
 
     fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, Entry>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
     /// Runs `f` on the customer's entry, created if missing.
