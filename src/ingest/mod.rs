@@ -272,18 +272,27 @@ async fn quote(
     let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
     let event: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
-    let wrapped = serde_json::json!({ "customer_id": "quote", "events": [event] });
+    let event = one_event(state, event)?;
+    let pricing = state.pricing.current();
+    let quote = Quote::build(&pricing, tenant.id.as_str(), &event)?;
+    Ok(HttpResponse::Ok().json(quote))
+}
+
+/// One usage event object, validated as `events[0]` of an events request is (a rejection
+/// names `events[0].<field>`).
+fn one_event(
+    state: &AppState,
+    event: serde_json::Value,
+) -> Result<crate::domain::UsageEvent, ApiError> {
+    let wrapped = serde_json::json!({ "customer_id": "one", "events": [event] });
     let bytes = serde_json::to_vec(&wrapped).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let parsed = wire::parse_request(&bytes, &state.settings.ingest, chrono::Utc::now())?;
-    let event = parsed
+    parsed
         .events
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::BadJson("no event".into()))?
-        .map_err(|r| ApiError::Validation(vec![r]))?;
-    let pricing = state.pricing.current();
-    let quote = Quote::build(&pricing, tenant.id.as_str(), &event)?;
-    Ok(HttpResponse::Ok().json(quote))
+        .map_err(|r| ApiError::Validation(vec![r]))
 }
 
 /// `POST /v1/balance/check` body: an end user (as in an events request) and either an amount
@@ -395,19 +404,7 @@ async fn balance_check(
             vec![(Arc::from(asset), amount)]
         }
         (None, None, Some(event)) => {
-            let wrapped = serde_json::json!({ "customer_id": "check", "events": [event] });
-            let bytes =
-                serde_json::to_vec(&wrapped).map_err(|e| ApiError::BadJson(e.to_string()))?;
-            let parsed = wire::parse_request(&bytes, &state.settings.ingest, chrono::Utc::now())?;
-            let event = parsed
-                .events
-                .into_iter()
-                .next()
-                .ok_or_else(|| ApiError::BadJson("no event".into()))?
-                .map_err(|mut r| {
-                    r.field = r.field.replacen("events[0]", "event", 1);
-                    ApiError::Validation(vec![r])
-                })?;
+            let event = one_event(state, event)?;
             let fees = state
                 .pricing
                 .current()

@@ -110,16 +110,20 @@ fn literal(s: &str) -> &str {
     &s[..s.find('"').unwrap()]
 }
 
-/// Each string literal that follows `prefix` in `src`'s code before its tests (whitespace
-/// removed), with the text from that literal on.
-fn literals_after(src: &str, prefix: &str) -> Vec<(String, String)> {
-    let code: String = src
-        .split("#[cfg(test)]")
+/// `src` up to its tests, without whitespace (so that a pattern does not depend on layout).
+fn code_without_tests_or_whitespace(src: &str) -> String {
+    src.split("#[cfg(test)]")
         .next()
         .unwrap()
         .chars()
         .filter(|c| !c.is_whitespace())
-        .collect();
+        .collect()
+}
+
+/// Each string literal that follows `prefix` in `src`'s code before its tests (whitespace
+/// removed), with the text from that literal on.
+fn literals_after(src: &str, prefix: &str) -> Vec<(String, String)> {
+    let code = code_without_tests_or_whitespace(src);
     code.match_indices(prefix)
         .map(|(at, _)| {
             let rest = &code[at + prefix.len()..];
@@ -355,14 +359,7 @@ fn code_fn_codes(path: &str) -> BTreeSet<String> {
 /// The codes `wire.rs` rejects a request or an event with: the literal first argument of
 /// `reject(`, `whole(` and of the `(code, message)` pairs of `parse_time`.
 fn wire_codes() -> BTreeSet<String> {
-    let src = source("src/ingest/wire.rs");
-    let code: String = src
-        .split("#[cfg(test)]")
-        .next()
-        .unwrap()
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
+    let code = code_without_tests_or_whitespace(&source("src/ingest/wire.rs"));
     let snake = |s: &str| s.contains('_') && s.chars().all(|c| c.is_ascii_lowercase() || c == '_');
     code.match_indices("(\"")
         .map(|(at, _)| literal(&code[at + 2..]))
