@@ -205,7 +205,7 @@ struct Entry {
     /// The last read failed: until then, the balance is unknown.
     unknown: Option<(Instant, Arc<UpstreamError>)>,
     /// Debits held: accepted (or being accepted) and not confirmed by Credyt yet.
-    held: HashMap<Uuid, (Arc<str>, Decimal)>,
+    held: HashMap<Uuid, (Arc<str>, Decimal), foldhash::fast::RandomState>,
     held_sum: Assets,
     used: Instant,
 }
@@ -218,7 +218,7 @@ impl Entry {
             charged_while_reading: Assets::default(),
             invalidated_while_reading: false,
             unknown: None,
-            held: HashMap::new(),
+            held: HashMap::default(),
             held_sum: Assets::default(),
             used: now,
         }
@@ -273,7 +273,7 @@ pub struct Gate {
     client: CredytClient,
     settings: BalanceSettings,
     shards: Box<[Mutex<HashMap<Key, Entry>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     /// Entries over all shards (the forwarder's reports skip every lock while none exist).
     entries: AtomicUsize,
     metrics: BalanceMetrics,
