@@ -310,6 +310,7 @@ fn pieces(c: &mut Criterion) {
                 tenant: "bench".into(),
                 event_id: credyt_proxy::domain::EventId::new(format!("a-{n}")),
                 deliveries: vec![delivery.clone()],
+                totals: Vec::new(),
             };
             sys.block_on(outbox.append(vec![e])).unwrap()
         })

@@ -71,6 +71,7 @@ pub(crate) fn event(tenant: &str, id: &str, prices: usize) -> AcceptedEvent {
         deliveries: (0..prices)
             .map(|p| debit(tenant, id, &format!("p{p}")))
             .collect(),
+        totals: Vec::new(),
     }
 }
 
