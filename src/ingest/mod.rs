@@ -285,7 +285,7 @@ async fn quote(
         )?,
         (None, Sink::Durable(outbox)) if query.names_customer() => {
             let account = state.identity.account(&tenant).await?;
-            let customer = match (query.customer_id, query.external_customer_id) {
+            let customer = match (query.customer_id, query.customer_external_id) {
                 (Some(id), _) => crate::domain::CustomerId::new(id.as_str()),
                 (None, Some(ext)) => {
                     state
@@ -314,12 +314,12 @@ async fn quote(
 }
 
 /// The query of `POST /v1/quote`: whose running totals to rate period-tiered prices against
-/// (`customer_id` or `external_customer_id`), or `total`, "as if the total were N".
+/// (`customer_id` or `customer_external_id`), or `total`, "as if the total were N".
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct QuoteQuery {
     customer_id: Option<String>,
-    external_customer_id: Option<String>,
+    customer_external_id: Option<String>,
     #[serde(skip)]
     total: Option<rust_decimal::Decimal>,
     #[serde(rename = "total")]
@@ -350,6 +350,6 @@ impl QuoteQuery {
     }
 
     fn names_customer(&self) -> bool {
-        self.customer_id.is_some() || self.external_customer_id.is_some()
+        self.customer_id.is_some() || self.customer_external_id.is_some()
     }
 }
