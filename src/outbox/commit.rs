@@ -490,8 +490,14 @@ impl Committer {
             }
             match msg {
                 Msg::Append { events, reply } => {
-                    match self.stage_append(events, keys, &mut claimed, &mut totals, pending, now_ms)
-                    {
+                    match self.stage_append(
+                        events,
+                        keys,
+                        &mut claimed,
+                        &mut totals,
+                        pending,
+                        now_ms,
+                    ) {
                         Ok((outcomes, added)) => {
                             pending += added.len();
                             g.needs_sync |= outcomes.outcomes.contains(&AppendOutcome::Accepted);

@@ -355,10 +355,11 @@ impl Store {
         match self.totals.get(key.as_bytes())? {
             None => Ok(rust_decimal::Decimal::ZERO),
             Some(v) => {
-                let bytes: [u8; 16] = v.as_ref().try_into().map_err(|_| OutboxError::Malformed {
-                    partition: "totals",
-                    what: "a total is not 16 bytes",
-                })?;
+                let bytes: [u8; 16] =
+                    v.as_ref().try_into().map_err(|_| OutboxError::Malformed {
+                        partition: "totals",
+                        what: "a total is not 16 bytes",
+                    })?;
                 Ok(rust_decimal::Decimal::deserialize(bytes))
             }
         }
@@ -366,7 +367,11 @@ impl Store {
 
     /// Adds a running total to `batch`.
     pub(crate) fn stage_total(&self, batch: &mut Batch, key: &str, total: rust_decimal::Decimal) {
-        batch.insert(&self.totals, key.as_bytes().to_vec(), total.serialize().to_vec());
+        batch.insert(
+            &self.totals,
+            key.as_bytes().to_vec(),
+            total.serialize().to_vec(),
+        );
     }
 
     pub(crate) fn batch(&self) -> Batch {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 
 use super::book::{Basis, Price, ResolvedBook, Row, Tier, VolumePart};
-use super::period::{self, PeriodPart};
 use super::money::{self, parse_decimal};
+use super::period::{self, PeriodPart};
 use crate::domain::{DataValue, EventData, Fee, UsageEvent};
 
 /// Why an event could not be priced. `code()` is stable and goes on the wire.
@@ -160,11 +160,10 @@ pub struct BandUse {
 }
 
 pub(crate) fn rate(price: &Price, data: &EventData) -> Result<Rated, PricingError> {
-    let (row_index, row) =
-        match_row(price, data).ok_or_else(|| PricingError::NoMatchingPrice {
-            price_id: price.id.to_string(),
-            found: describe_dimensions(price, data),
-        })?;
+    let (row_index, row) = match_row(price, data).ok_or_else(|| PricingError::NoMatchingPrice {
+        price_id: price.id.to_string(),
+        found: describe_dimensions(price, data),
+    })?;
     let volume = match &row.rates.volume {
         Some(_) => Some(read_volume(price, data)?),
         None => None,
@@ -444,6 +443,7 @@ fn graduated(
 
 #[cfg(test)]
 mod tests {
+    use super::super::book::PricingModel;
     use super::*;
     use proptest::prelude::*;
     use rust_decimal_macros::dec;
@@ -551,6 +551,113 @@ mod tests {
         ]
     }
 
+    fn period_price(
+        model: PricingModel,
+        tiers: Box<[Tier]>,
+        basis: Basis,
+        precision: u32,
+    ) -> Price {
+        let volume = match model {
+            PricingModel::Bulk => VolumePart::Bulk {
+                tiers,
+                package_size: None,
+            },
+            _ => VolumePart::Tiered {
+                tiers,
+                package_size: None,
+            },
+        };
+        Price {
+            id: "p".into(),
+            name: None,
+            event_type: "e".into(),
+            usage_type: crate::domain::UsageType::Volume,
+            model,
+            volume_field: Some("q".into()),
+            asset: "X".into(),
+            precision,
+            dimensions: Box::new([]),
+            rows: Box::new([Row {
+                values: Box::new([]),
+                specificity: 0,
+                rates: super::super::book::Rates {
+                    unit_price: None,
+                    volume: Some(volume),
+                    min_amount: None,
+                    max_amount: None,
+                },
+            }]),
+            tiering: Some(super::super::book::Tiering {
+                period: super::super::book::Period::Monthly,
+                basis,
+            }),
+        }
+    }
+
+    #[test]
+    fn period_walk_starts_at_the_running_total() {
+        let price = period_price(PricingModel::Tiered, standard_tiers(), Basis::Volume, 2);
+        let row = &price.rows[0];
+        let at = |q, before| rate_row(&price, row, Some(q), before, None).unwrap();
+        // (90, 110]: 10 at 0.10 + 10 at 0.05, two bands, no single rate.
+        let mut bands = Vec::new();
+        let r = rate_row(&price, row, Some(dec!(20)), dec!(90), Some(&mut bands)).unwrap();
+        assert_eq!(r.amount, dec!(1.50));
+        assert_eq!(r.volume_rate, None);
+        assert_eq!(bands.len(), 2);
+        assert_eq!((bands[0].from, bands[0].to), (dec!(90), dec!(100)));
+        assert_eq!((bands[1].from, bands[1].to), (dec!(100), dec!(110)));
+        // Past the first band entirely.
+        assert_eq!(at(dec!(10), dec!(100)).amount, dec!(0.50));
+        assert_eq!(at(dec!(10), dec!(100)).volume_rate, Some(dec!(0.05)));
+        // Into the open band.
+        assert_eq!(at(dec!(10), dec!(995)).amount, dec!(0.30));
+        // Zero quantity: nothing, at the rate of the band holding the total.
+        assert_eq!(at(dec!(0), dec!(500)).amount, dec!(0));
+        assert_eq!(at(dec!(0), dec!(500)).volume_rate, Some(dec!(0.05)));
+
+        let bulk = period_price(PricingModel::Bulk, standard_tiers(), Basis::Volume, 2);
+        let b = |q, before| rate_row(&bulk, &bulk.rows[0], Some(q), before, None).unwrap();
+        // The band of total + q, for all of q.
+        assert_eq!(b(dec!(10), dec!(90)).amount, dec!(1.00));
+        assert_eq!(b(dec!(10), dec!(91)).amount, dec!(0.50));
+        assert_eq!(b(dec!(10), dec!(991)).amount, dec!(0.10));
+
+        // Unit basis: the event is unit number total + 1, all of q at that band.
+        let unit = period_price(PricingModel::Tiered, standard_tiers(), Basis::Unit, 2);
+        let u = |q, before| rate_row(&unit, &unit.rows[0], Some(q), before, None).unwrap();
+        assert_eq!(u(dec!(50), dec!(99)).amount, dec!(5.00));
+        assert_eq!(u(dec!(50), dec!(100)).amount, dec!(2.50));
+    }
+
+    fn small_qty() -> impl Strategy<Value = Decimal> {
+        // Up to 10^9 with up to 3 decimals: with rates of up to 6 decimals every product and
+        // sum stays within Decimal's 28 digits, so sums are exact.
+        (0i64..1_000_000_000_000, 0u32..=3).prop_map(|(m, s)| Decimal::new(m, s))
+    }
+
+    fn small_tiers() -> impl Strategy<Value = Box<[Tier]>> {
+        proptest::collection::vec(
+            (1i64..1_000_000, 0u32..=3, 0i64..100_000_000, 0u32..=6),
+            1..5,
+        )
+        .prop_map(|v| {
+            let mut bound = Decimal::ZERO;
+            let n = v.len();
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (step, s, r, rs))| {
+                    bound += Decimal::new(step, s);
+                    Tier {
+                        up_to: (i + 1 < n).then_some(bound),
+                        volume_rate: Decimal::new(r, rs),
+                        unit_price: None,
+                    }
+                })
+                .collect()
+        })
+    }
+
     proptest! {
         #[test]
         fn amount_is_non_negative(p in part(), q in qty(), prec in 0u32..=8) {
@@ -622,6 +729,35 @@ mod tests {
             data.insert("q".into(), DataValue::Number(q));
             let rated = rate(&price, &data).unwrap();
             prop_assert_eq!(money::round_fee(rated.row_rated.raw_amount, prec), expected);
+        }
+
+        #[test]
+        fn graduated_over_a_period_is_split_invariant(
+            t in small_tiers(),
+            split in proptest::collection::vec(small_qty(), 1..12),
+            prec in 0u32..=6,
+        ) {
+            // One customer's events in one window: rated one after the other against the
+            // running total, their exact fees sum to the exact fee of one event carrying the
+            // summed quantity, however it is split.
+            let price = period_price(PricingModel::Tiered, t, Basis::Volume, prec);
+            let row = &price.rows[0];
+            let mut total = Decimal::ZERO;
+            let mut exact = Decimal::ZERO;
+            let mut rounded = Decimal::ZERO;
+            for q in &split {
+                let r = rate_row(&price, row, Some(*q), total, None).unwrap();
+                exact += r.raw_amount;
+                rounded += r.amount;
+                total += *q;
+            }
+            let whole = rate_row(&price, row, Some(total), Decimal::ZERO, None).unwrap();
+            prop_assert_eq!(exact, whole.raw_amount);
+            // Each event is rounded once: at most half a unit of the precision apart each.
+            let half = Decimal::new(5, prec + 1);
+            let bound = half * Decimal::from(split.len());
+            prop_assert!((rounded - whole.raw_amount).abs() <= bound,
+                "{rounded} vs {} (bound {bound})", whole.raw_amount);
         }
     }
 }

@@ -1661,6 +1661,116 @@ rows = [
         assert_eq!(price.rows[2].rates.unit_price, Some(dec!(1)));
     }
 
+    fn price(body: &str) -> String {
+        format!(
+            "[[versions]]\neffective_from = 2026-01-01T00:00:00Z\n[[versions.prices]]\nid = \"p\"\nevent_type = \"e\"\nasset = \"USD\"\n{body}"
+        )
+    }
+
+    fn codes(book: &str) -> Vec<&'static str> {
+        match build(&files(book)) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors().iter().map(|e| e.code()).collect(),
+        }
+    }
+
+    #[test]
+    fn tiering_unit_prices_per_tier_and_bounds_are_validated() {
+        let tiered = "usage_type = \"volume\"\nvolume_field = \"q\"\npricing_model = \"tiered\"\ntiers = [{ up_to = 10, volume_rate = 1 }, { volume_rate = 0.5 }]\n";
+        // Accepted: every period and basis, basis defaulting to volume.
+        for t in [
+            "tiering = { period = \"monthly\" }",
+            "tiering = { period = \"quarterly\", basis = \"unit\" }",
+            "tiering = { period = \"yearly\", basis = \"volume\" }",
+            "tiering = { period = \"lifetime\" }",
+        ] {
+            assert_eq!(
+                codes(&price(&format!("{tiered}{t}\n"))),
+                Vec::<&str>::new(),
+                "{t}"
+            );
+        }
+        let set = build(&files(&price(&format!(
+            "{tiered}tiering = {{ period = \"monthly\" }}\n"
+        ))))
+        .unwrap();
+        assert!(set.has_period_tiers());
+        let p = &set.book("b").unwrap().timeline[0].prices[0];
+        assert_eq!(
+            p.tiering,
+            Some(Tiering {
+                period: Period::Monthly,
+                basis: Basis::Volume
+            })
+        );
+        assert!(!build(&files(&price(tiered))).unwrap().has_period_tiers());
+        // Refused: an unknown period or basis, a key too many, tiering on a flat price.
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ period = \"custom\" }}\n"
+            ))),
+            vec!["unknown_period"]
+        );
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ period = \"monthly\", basis = \"package\" }}\n"
+            ))),
+            vec!["unknown_basis"]
+        );
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ period = \"monthly\", reset = 1 }}\n"
+            ))),
+            vec!["unknown_key"]
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"volume\"\nvolume_field = \"q\"\nvolume_rate = 1\ntiering = { period = \"monthly\" }\n")),
+            vec!["tiering_not_allowed"]
+        );
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ basis = \"unit\" }}\n"
+            ))),
+            vec!["missing_key"]
+        );
+        // A tier's unit price: only on unit_and_volume, where it may stand in for the price's.
+        assert_eq!(
+            codes(&price("usage_type = \"volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = 2 }, { volume_rate = 0.5 }]\n")),
+            vec!["rate_not_allowed"]
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"unit_and_volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = 2 }, { volume_rate = 0.5, unit_price = 1 }]\n")),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"unit_and_volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = 2 }, { volume_rate = 0.5 }]\n")),
+            vec!["missing_rate"]
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"unit_and_volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = -2 }, { volume_rate = 0.5 }]\nunit_price = 1\n")),
+            vec!["negative_price"]
+        );
+        // Floor and cap: non-negative, the floor not above the cap; on any model.
+        assert_eq!(
+            codes(&price(
+                "usage_type = \"unit\"\nunit_price = 1\nmin_amount = 0.5\nmax_amount = 2\n"
+            )),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            codes(&price(
+                "usage_type = \"unit\"\nunit_price = 1\nmin_amount = 3\nmax_amount = 2\n"
+            )),
+            vec!["min_above_max"]
+        );
+        assert_eq!(
+            codes(&price(
+                "usage_type = \"unit\"\nunit_price = 1\nmax_amount = -1\n"
+            )),
+            vec!["negative_price"]
+        );
+    }
+
     #[test]
     fn duplicate_effective_from_and_duplicate_rows_are_errors() {
         let errors = build(&files(
