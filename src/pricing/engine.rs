@@ -155,7 +155,8 @@ pub struct BandUse {
     pub from: Decimal,
     pub to: Decimal,
     pub volume_rate: Decimal,
-    /// Exact, before any package division, floor, cap or rounding.
+    /// Exact: the band's share at its rate (per package when the rate is), before any floor,
+    /// cap or rounding.
     pub amount: Decimal,
 }
 
@@ -306,6 +307,24 @@ pub(crate) fn volume_amount(part: &VolumePart, q: Decimal) -> Option<VolumeOutco
 /// in; on a `unit` basis the event is one unit, so its band is the one `before + 1` falls in
 /// and all of q is rated there. Flat and package parts ignore `before`.
 pub(crate) fn volume_amount_at(
+    part: &VolumePart,
+    q: Decimal,
+    before: Decimal,
+    basis: Basis,
+    mut bands: Option<&mut Vec<BandUse>>,
+) -> Option<VolumeOutcome> {
+    let first_band = bands.as_ref().map_or(0, |b| b.len());
+    let out = volume_amount_walk(part, q, before, basis, bands.as_deref_mut())?;
+    // Bands are shown per package too when the rate is quoted per package.
+    if let (Some(bands), Some(size)) = (bands, out.package_size) {
+        for band in bands.iter_mut().skip(first_band) {
+            band.amount = band.amount.checked_div(size)?;
+        }
+    }
+    Some(out)
+}
+
+fn volume_amount_walk(
     part: &VolumePart,
     q: Decimal,
     before: Decimal,
