@@ -398,7 +398,10 @@ fn period_tiers(
             .remove(0)
             .unwrap();
         g.bench_function(format!("price_1_event_{kind}"), |b| {
-            b.iter(|| set.price_parts(black_box("bench"), black_box(&event)).unwrap())
+            b.iter(|| {
+                set.price_parts(black_box("bench"), black_box(&event))
+                    .unwrap()
+            })
         });
     }
     let app = sys.block_on(test::init_service(
@@ -414,7 +417,10 @@ fn period_tiers(
                 .uri("/events")
                 .insert_header(("content-type", "application/json"))
                 .insert_header(("x-credyt-api-key", KEY))
-                .set_payload(tokens_body(&event_type, seq.fetch_add(1, Ordering::Relaxed)))
+                .set_payload(tokens_body(
+                    &event_type,
+                    seq.fetch_add(1, Ordering::Relaxed),
+                ))
                 .to_request()
         };
         let resp = sys.block_on(test::call_service(&app, request()));

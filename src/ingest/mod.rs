@@ -316,7 +316,6 @@ async fn quote(
 /// The query of `POST /v1/quote`: whose running totals to rate period-tiered prices against
 /// (`customer_id` or `customer_external_id`), or `total`, "as if the total were N".
 #[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct QuoteQuery {
     customer_id: Option<String>,
     customer_external_id: Option<String>,

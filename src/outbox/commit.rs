@@ -10,8 +10,10 @@
 //! group, in order:
 //!
 //! 1. decide every request against the store and the group so far (dedupe lookups: the group,
-//!    the keys not indexed yet, then the partition; `Full`), staging its changes into the
-//!    group's log frame (records, delivered marks, dedupe keys) and fjall batch (dead letters,
+//!    the keys not indexed yet, then the partition; `Full`), rating the period-tiered fees of
+//!    its new events against the running totals as the group so far left them, staging its
+//!    changes into the group's log frame (records, delivered marks, dedupe keys, running
+//!    totals) and fjall batch (dead letters,
 //!    batch memberships; see the `store` module for what goes where and in which order);
 //! 2. write the frame to the log and then the batch to fjall, both to the OS only;
 //! 3. with [`SyncPolicy::Interval`], apply the group to the in-memory queue, wake the

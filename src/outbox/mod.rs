@@ -14,6 +14,10 @@
 //!   [`SyncPolicy`]. An event id is `Duplicate` only if its commit is durable; an id whose
 //!   commit is in flight is answered with the result of that commit, because groups are
 //!   decided strictly one after the other (under one lock) and answers leave in that order.
+//! * Period-tiered fees (`pricing::period`) are rated by the commit, for the new events only
+//!   and in the order groups are decided, against running totals that the same frame moves
+//!   ([`Appended::rated`]); the totals follow the log into fjall like the dedupe keys, and are
+//!   recovered at open from the partition plus the log ([`Outbox::running_total`] reads them).
 //! * A failed write or sync answers the whole group with an error and claims nothing. A failed
 //!   sync (or any storage error after bytes may have reached the file) poisons the outbox: every
 //!   later write fails with [`OutboxError::Poisoned`] until the process restarts. No fsync is
