@@ -564,3 +564,52 @@ async fn period_golden_sequences() {
     }
     w.stop().await;
 }
+
+/// A reload that brings period tiers into a proxy with `ack = "upstream"` (which has no outbox
+/// for running totals): their events are rejected with `period_needs_outbox`, never priced as
+/// if each were the first of its period.
+#[actix_web::test]
+async fn period_tiers_reloaded_under_upstream_ack_are_rejected() {
+    use super::proxy::{Ingest, Options, World};
+    let pricing = tempfile::tempdir().unwrap();
+    let books = repo("tests/golden/pricing/periods/books");
+    let book = std::fs::read_to_string(books.join("periods.toml")).unwrap();
+    std::fs::copy(
+        books.join("assignments.toml"),
+        pricing.path().join("assignments.toml"),
+    )
+    .unwrap();
+    // Started without `tiering` (per-event tiers): accepted under upstream.
+    let per_event: String = book
+        .lines()
+        .filter(|l| !l.starts_with("tiering"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(pricing.path().join("periods.toml"), &per_event).unwrap();
+    let w = World::start_with(Options {
+        ingest: Ingest {
+            pricing_dir: Some(pricing.path().to_path_buf()),
+            config: "past_window_secs = 3153600000".into(),
+        },
+        ..Default::default()
+    })
+    .await;
+    let event = |id: &str| {
+        serde_json::json!({"customer_external_id": "reload-user", "events": [{
+            "id": id, "event_type": "tokens_used", "occurred_at": super::proxy::ago(5),
+            "data": {"tokens": 1000}}]})
+    };
+    let r: Value = w.post("/v1/events", &w.a.key, &event("r1")).await.json().await.unwrap();
+    assert_eq!(r["results"][0]["status"], "accepted", "{r}");
+    std::fs::write(pricing.path().join("periods.toml"), &book).unwrap();
+    let handle = w.app.state().pricing.clone();
+    super::proxy::eventually(Duration::from_secs(10), "the pricing reload", || {
+        let handle = handle.clone();
+        async move { handle.current().has_period_tiers().then_some(()) }
+    })
+    .await;
+    let r: Value = w.post("/v1/events", &w.a.key, &event("r2")).await.json().await.unwrap();
+    assert_eq!(r["results"][0]["status"], "rejected", "{r}");
+    assert_eq!(r["results"][0]["code"], "period_needs_outbox", "{r}");
+    w.stop().await;
+}
