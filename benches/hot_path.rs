@@ -9,6 +9,8 @@
 //! identity cache; identity misses go to an in-process Credyt emulator, warmed before timing).
 //! The whole request again with traces on (`whole_request_1_event_traced_*`: sampled at 100%
 //! and 1%, exported over OTLP/HTTP to a receiver on a thread of its own that answers 200).
+//! Period tiers against the same tiers per event (`price_1_event_{tiered,period}`,
+//! `whole_request_1_event_{tiered,period}`): a book written for the bench, the same outbox.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
