@@ -599,7 +599,12 @@ async fn period_tiers_reloaded_under_upstream_ack_are_rejected() {
             "id": id, "event_type": "tokens_used", "occurred_at": super::proxy::ago(5),
             "data": {"tokens": 1000}}]})
     };
-    let r: Value = w.post("/v1/events", &w.a.key, &event("r1")).await.json().await.unwrap();
+    let r: Value = w
+        .post("/v1/events", &w.a.key, &event("r1"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["results"][0]["status"], "accepted", "{r}");
     std::fs::write(pricing.path().join("periods.toml"), &book).unwrap();
     let handle = w.app.state().pricing.clone();
@@ -608,7 +613,12 @@ async fn period_tiers_reloaded_under_upstream_ack_are_rejected() {
         async move { handle.current().has_period_tiers().then_some(()) }
     })
     .await;
-    let r: Value = w.post("/v1/events", &w.a.key, &event("r2")).await.json().await.unwrap();
+    let r: Value = w
+        .post("/v1/events", &w.a.key, &event("r2"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["results"][0]["status"], "rejected", "{r}");
     assert_eq!(r["results"][0]["code"], "period_needs_outbox", "{r}");
     w.stop().await;
