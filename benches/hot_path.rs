@@ -9,6 +9,8 @@
 //! identity cache; identity misses go to an in-process Credyt emulator, warmed before timing).
 //! The whole request again with traces on (`whole_request_1_event_traced_*`: sampled at 100%
 //! and 1%, exported over OTLP/HTTP to a receiver on a thread of its own that answers 200).
+//! Period tiers against the same tiers per event (`price_1_event_{tiered,period}`,
+//! `whole_request_1_event_{tiered,period}`): a book written for the bench, the same outbox.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -346,10 +348,12 @@ fn pieces(c: &mut Criterion) {
                 tenant: "bench".into(),
                 event_id: credyt_proxy::domain::EventId::new(format!("a-{n}")),
                 deliveries: vec![delivery.clone()],
+                totals: Vec::new(),
             };
             sys.block_on(outbox.append(vec![e])).unwrap()
         })
     });
+    period_tiers(&mut g, &sys, &fx, &seq);
     g.finish();
     let stats = outbox.stats();
     eprintln!(
@@ -359,6 +363,113 @@ fn pieces(c: &mut Criterion) {
         stats.syncs,
         outbox.depth()
     );
+}
+
+/// A book of two prices with the same tiers, one per event and one over a month
+/// (`tiering`), for the A/B of period tiers on the request path.
+const PERIOD_BOOK: &str = r#"
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+
+[[versions.prices]]
+id = "tokens_tiered"
+event_type = "tokens_tiered"
+usage_type = "volume"
+volume_field = "tokens"
+asset = "USD"
+pricing_model = "tiered"
+package_size = 1_000_000
+tiers = [{ up_to = 1_000_000, volume_rate = 2.00 }, { volume_rate = 1.50 }]
+
+[[versions.prices]]
+id = "tokens_period"
+event_type = "tokens_period"
+usage_type = "volume"
+volume_field = "tokens"
+asset = "USD"
+pricing_model = "tiered"
+tiering = { period = "monthly" }
+package_size = 1_000_000
+tiers = [{ up_to = 1_000_000, volume_rate = 2.00 }, { volume_rate = 1.50 }]
+"#;
+
+fn tokens_body(event_type: &str, seq: u64) -> Vec<u8> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    format!(
+        r#"{{"customer_external_id":"u1","events":[{{"id":"{event_type}-{seq}","event_type":"{event_type}","occurred_at":"{now}","data":{{"tokens":1000}}}}]}}"#
+    )
+    .into_bytes()
+}
+
+/// Period tiers against the same tiers per event: pricing one event, and one whole request
+/// (the period one is rated in the outbox commit against the customer's running total, which
+/// grows with every iteration).
+fn period_tiers(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    sys: &actix_web::rt::SystemRunner,
+    fx: &Fixture,
+    seq: &AtomicU64,
+) {
+    let dir = fx._dir.path().join("period-pricing");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("assignments.toml"), "default = \"book\"\n").unwrap();
+    std::fs::write(dir.join("book.toml"), PERIOD_BOOK).unwrap();
+    let pricing = Arc::new(Pricing::load(&dir).unwrap());
+    let s = &fx.state;
+    let state = Arc::new(AppState {
+        settings: s.settings.clone(),
+        tenants: s.tenants.clone(),
+        identity: s.identity.clone(),
+        pricing: pricing.clone(),
+        sink: s.sink.clone(),
+        outbox: s.outbox.clone(),
+        metrics: s.metrics.clone(),
+    });
+    let limits = s.settings.ingest.clone();
+    let now = chrono::Utc::now();
+    let set = pricing.current();
+    for kind in ["tiered", "period"] {
+        let event_type = format!("tokens_{kind}");
+        let event = parse_request(&tokens_body(&event_type, 0), &limits, now)
+            .unwrap()
+            .events
+            .remove(0)
+            .unwrap();
+        g.bench_function(format!("price_1_event_{kind}"), |b| {
+            b.iter(|| {
+                set.price_parts(black_box("bench"), black_box(&event))
+                    .unwrap()
+            })
+        });
+    }
+    let app = sys.block_on(test::init_service(
+        App::new()
+            .app_data(web::Data::from(state))
+            .wrap(ingest::TraceRequests::new(None))
+            .configure(ingest::routes),
+    ));
+    for kind in ["tiered", "period"] {
+        let event_type = format!("tokens_{kind}");
+        let request = || {
+            test::TestRequest::post()
+                .uri("/events")
+                .insert_header(("content-type", "application/json"))
+                .insert_header(("x-credyt-api-key", KEY))
+                .set_payload(tokens_body(
+                    &event_type,
+                    seq.fetch_add(1, Ordering::Relaxed),
+                ))
+                .to_request()
+        };
+        let resp = sys.block_on(test::call_service(&app, request()));
+        assert_eq!(resp.status(), 204);
+        g.bench_function(format!("whole_request_1_event_{kind}"), |b| {
+            b.iter(|| {
+                let resp = sys.block_on(test::call_service(&app, request()));
+                assert_eq!(resp.status(), 204);
+            })
+        });
+    }
 }
 
 /// An OTLP/HTTP receiver on a thread (and actix system) of its own: reads each export and

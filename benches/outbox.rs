@@ -58,6 +58,7 @@ fn event(n: u64) -> AcceptedEvent {
         tenant,
         event_id,
         deliveries: vec![delivery],
+        totals: Vec::new(),
     }
 }
 

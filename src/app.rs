@@ -255,6 +255,13 @@ impl Application {
             Pricing::load(&settings.pricing.dir)
                 .map_err(|e| anyhow::anyhow!("pricing rejected:\n{e}"))?,
         );
+        // Running totals of period tiers are kept in the outbox only: refused without one
+        // (a reload that brings them in later has their events rejected, `period_needs_outbox`).
+        if settings.ingest.ack == AckMode::Upstream && pricing.current().has_period_tiers() {
+            anyhow::bail!(
+                "pricing rejected: a price uses `tiering` (tiers over a period), whose running totals are kept in the outbox; ack = \"upstream\" has none: use ack = \"durable\" or remove `tiering`"
+            );
+        }
         // The idle pool keeps a connection for every slot the forwarder may use: reopening
         // connections at high concurrency cost a third of the forwarder's CPU.
         let mut credyt = settings.credyt.clone();

@@ -115,6 +115,10 @@ pub enum Command {
         /// (`unknown_tenant`) instead of being priced with the default book.
         #[arg(long)]
         tenants: Option<PathBuf>,
+        /// Rate prices with `tiering` as if the running total were this (default: 0; the CLI
+        /// reads no outbox).
+        #[arg(long)]
+        total: Option<String>,
     },
     /// Print a fresh tenant API key and the hash line for the tenants file.
     TenantKey,
@@ -332,7 +336,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             pricing,
             tenant,
             tenants,
-        } => quote(&pricing, &tenant, tenants.as_deref()),
+            total,
+        } => quote(&pricing, &tenant, tenants.as_deref(), total.as_deref()),
         Command::TenantKey => {
             let (key, hash) = crate::identity::tenants::generate_key();
             println!("key:  {key}");
@@ -434,9 +439,24 @@ fn load_settings(path: &Path) -> anyhow::Result<Settings> {
 
 /// `credyt-proxy quote`: the [`crate::pricing::Quote`] on stdout, or the problem+json body the
 /// tenant API would answer for the same failure on stderr (non-zero exit).
-fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result<ExitCode> {
+fn quote(
+    pricing: &Path,
+    tenant: &str,
+    tenants: Option<&Path>,
+    total: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     use crate::ingest::problem::ApiError;
     use crate::outcome::Rejection;
+    use crate::pricing::quote::Totals;
+
+    let totals = match total {
+        None => Totals::Zero,
+        Some(text) => match crate::pricing::money::parse_decimal(text, true) {
+            Ok(t) if !t.is_sign_negative() || t.is_zero() => Totals::AsIf(t),
+            Ok(t) => anyhow::bail!("--total: {t} is negative"),
+            Err(e) => anyhow::bail!("--total: {e}"),
+        },
+    };
 
     let set = crate::pricing::PricingSet::load_dir(pricing)
         .map_err(|e| anyhow::anyhow!("pricing rejected:\n{e}"))?;
@@ -462,7 +482,7 @@ fn quote(pricing: &Path, tenant: &str, tenants: Option<&Path>) -> anyhow::Result
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
     let quote = crate::pricing::parse_event(&input)
-        .and_then(|event| crate::pricing::Quote::build(&set, tenant, &event));
+        .and_then(|event| crate::pricing::Quote::build_with(&set, tenant, &event, totals));
     match quote {
         Ok(q) => {
             write_stdout(&[serde_json::to_string_pretty(&q)?])?;

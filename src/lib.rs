@@ -18,7 +18,8 @@
 //!    could never pass, being larger than the burst).
 //! 5. [`pricing`] prices each valid event with the tenant's price book: one [`domain::Fee`] per
 //!    matching price, rounded once, stamped with the book version and content hash. Pure, no
-//!    I/O, over an `Arc` snapshot. On `/events` any invalid or unpriceable event fails the whole
+//!    I/O, over an `Arc` snapshot. A price that tiers over a period ([`pricing::period`]) leaves
+//!    a part to be rated against the customer's running total by the outbox's commit (7). On `/events` any invalid or unpriceable event fails the whole
 //!    request with a 422 ValidationProblem naming `events[i].field`; nothing is accepted.
 //! 6. [`identity`] maps the tenant to its connected account and the end user to its Credyt
 //!    customer through moka caches (the only I/O on the request path besides the append, and
@@ -33,8 +34,9 @@
 //!    event only. The holds end when the forwarder reports Credyt's answer.
 //! 9. The debits go to the sink ([`ingest::sink`]):
 //!    - `ack = "durable"` (default): one atomic, group-committed append to the [`outbox`]
-//!      claims the event ids and stores the debits; the answer waits for it to be durable per
-//!      the sync policy (503 `Retry-After` if it cannot be). The [`upstream::forwarder`] then
+//!      claims the event ids, rates the period-tiered fees of the new events against their
+//!      running totals (moving the totals in the same write) and stores the debits; the answer
+//!      waits for it to be durable per the sync policy (503 `Retry-After` if it cannot be). The [`upstream::forwarder`] then
 //!      delivers each record to Credyt (`POST /customers/{id}/wallet/charges`), retrying with
 //!      backoff behind a circuit breaker until Credyt confirms, or dead-lettering a permanent
 //!      refusal; optionally coalescing a hot customer's fees.

@@ -273,8 +273,42 @@ async fn quote(
     let event: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let event = one_event(state, event)?;
+    let query = QuoteQuery::parse(req.query_string())?;
     let pricing = state.pricing.current();
-    let quote = Quote::build(&pricing, tenant.id.as_str(), &event)?;
+    let quote = match (query.total, &state.sink) {
+        (Some(total), _) => Quote::build_with(
+            &pricing,
+            tenant.id.as_str(),
+            &event,
+            crate::pricing::quote::Totals::AsIf(total),
+        )?,
+        (None, Sink::Durable(outbox)) if query.names_customer() => {
+            let account = state.identity.account(&tenant).await?;
+            let customer = match (query.customer_id, query.customer_external_id) {
+                (Some(id), _) => crate::domain::CustomerId::new(id.as_str()),
+                (None, Some(ext)) => {
+                    state
+                        .identity
+                        .customer_by_external_id(&account, &ext, false)
+                        .await?
+                }
+                (None, None) => return Err(ApiError::BadJson("no customer".into())),
+            };
+            // A point read of the outbox's totals (memory, else one fjall lookup).
+            let lookup = |part: &crate::pricing::period::PeriodPart| {
+                outbox
+                    .running_total(&part.key(tenant.id.as_str(), customer.as_str()))
+                    .map_err(|e| crate::pricing::QuoteError::Totals(e.to_string()))
+            };
+            Quote::build_with(
+                &pricing,
+                tenant.id.as_str(),
+                &event,
+                crate::pricing::quote::Totals::Recorded(&lookup),
+            )?
+        }
+        _ => Quote::build(&pricing, tenant.id.as_str(), &event)?,
+    };
     Ok(HttpResponse::Ok().json(quote))
 }
 
@@ -477,4 +511,44 @@ async fn balance_check(
             .collect(),
     };
     Ok(HttpResponse::Ok().json(resp))
+}
+
+/// The query of `POST /v1/quote`: whose running totals to rate period-tiered prices against
+/// (`customer_id` or `customer_external_id`), or `total`, "as if the total were N".
+#[derive(Debug, Default, serde::Deserialize)]
+struct QuoteQuery {
+    customer_id: Option<String>,
+    customer_external_id: Option<String>,
+    #[serde(skip)]
+    total: Option<rust_decimal::Decimal>,
+    #[serde(rename = "total")]
+    total_text: Option<String>,
+}
+
+impl QuoteQuery {
+    fn parse(query: &str) -> Result<QuoteQuery, ApiError> {
+        let invalid = |field: &str, message: String| {
+            ApiError::Validation(vec![Rejection {
+                code: "invalid_query",
+                field: field.into(),
+                message,
+            }])
+        };
+        let mut q: QuoteQuery = web::Query::<QuoteQuery>::from_query(query)
+            .map_err(|e| invalid("query", e.to_string()))?
+            .into_inner();
+        if let Some(text) = &q.total_text {
+            let total = crate::pricing::money::parse_decimal(text, false)
+                .map_err(|e| invalid("total", format!("total: {e}")))?;
+            if total.is_sign_negative() && !total.is_zero() {
+                return Err(invalid("total", format!("total: {total} is negative")));
+            }
+            q.total = Some(total);
+        }
+        Ok(q)
+    }
+
+    fn names_customer(&self) -> bool {
+        self.customer_id.is_some() || self.customer_external_id.is_some()
+    }
 }

@@ -10,6 +10,7 @@ use tracing::Instrument;
 use crate::domain::{transaction_id, CustomerId, Debit, Delivery, ForwardedUsage, UsageEvent};
 use crate::identity::{ForwardMode, Tenant};
 use crate::outcome::{Outcome, Rejection};
+use crate::pricing::period::{PeriodPart, TotalClaim};
 use crate::pricing::PricingError;
 use crate::telemetry::metrics::{EventOutcome, TenantLabel};
 use crate::telemetry::traces;
@@ -61,6 +62,10 @@ type Plan = Vec<Result<Vec<crate::domain::Fee>, Rejection>>;
 /// the accepted events' debits, in the order of the accepted events.
 type Accepted = (Vec<AcceptedEvent>, Plan, Option<Reservation>);
 
+/// An event judged acceptable: its fees and, for period-tiered prices, the parts the outbox
+/// rates against the running totals.
+type Judged = (UsageEvent, Vec<crate::domain::Fee>, Vec<PeriodPart>);
+
 /// Runs one request through the pipeline. Takes the body, to let go of it once parsed.
 pub async fn process(
     state: &State,
@@ -105,7 +110,9 @@ pub async fn process(
             // The holds follow the sink's answers (a failure above dropped, and so released, them).
             if let Some(r) = reservation {
                 r.settle(
-                    submitted.iter().map(|s| *s == Submitted::Accepted),
+                    submitted
+                        .iter()
+                        .map(|s| matches!(s, Submitted::Accepted(_))),
                     charged_now,
                 );
             }
@@ -116,8 +123,18 @@ pub async fn process(
             for p in plan {
                 outcomes.push(match p {
                     Err(rejection) => Outcome::Rejected(rejection),
-                    Ok(fees) => match submitted.next() {
-                        Some(Submitted::Accepted) => Outcome::Accepted { fees },
+                    Ok(mut fees) => match submitted.next() {
+                        Some(Submitted::Accepted(rated)) => {
+                            // Period-tiered fees as the outbox rated them at their totals.
+                            for r in rated {
+                                if let Some(fee) = fees.get_mut(r.fee) {
+                                    fee.amount = r.amount;
+                                    fee.unit_price = r.unit_price;
+                                    fee.volume_rate = r.volume_rate;
+                                }
+                            }
+                            Outcome::Accepted { fees }
+                        }
                         Some(Submitted::Duplicate) => Outcome::Duplicate,
                         None => {
                             return Err(ApiError::Unavailable("the sink lost track of an event"))
@@ -186,13 +203,25 @@ async fn accept(
 
     // Judge every event before any I/O, so an invalid /events batch costs no lookup.
     let pricing = state.pricing.current();
-    let mut judged: Vec<Result<(UsageEvent, Vec<crate::domain::Fee>), Rejection>> =
-        Vec::with_capacity(parsed.events.len());
+    let durable = matches!(state.sink, super::sink::Sink::Durable(_));
+    let mut judged: Vec<Result<Judged, Rejection>> = Vec::with_capacity(parsed.events.len());
     for (i, event) in parsed.events.into_iter().enumerate() {
         judged.push(event.and_then(|event| match tenant.forward {
-            ForwardMode::Events => Ok((event, Vec::new())),
-            ForwardMode::Charges => match pricing.price(tenant.id.as_str(), &event) {
-                Ok(fees) => Ok((event, fees)),
+            ForwardMode::Events => Ok((event, Vec::new(), Vec::new())),
+            ForwardMode::Charges => match pricing.price_parts(tenant.id.as_str(), &event) {
+                // Running totals live in the outbox only (a reload may bring period tiers
+                // into a proxy that started without them).
+                Ok((_, parts)) if !durable && !parts.is_empty() => {
+                    let e = PricingError::PeriodNeedsOutbox {
+                        price_id: parts[0].price.id.to_string(),
+                    };
+                    Err(Rejection {
+                        code: e.code(),
+                        field: pricing_field(i, &e),
+                        message: e.to_string(),
+                    })
+                }
+                Ok((fees, parts)) => Ok((event, fees, parts)),
                 Err(e) => Err(Rejection {
                     code: e.code(),
                     field: pricing_field(i, &e),
@@ -243,7 +272,7 @@ async fn accept(
     let mut accepted = Vec::new();
     let mut plan = Vec::with_capacity(judged.len());
     for j in judged {
-        let (event, fees) = match j {
+        let (event, fees, parts) = match j {
             Ok(ok) => ok,
             Err(rejection) => {
                 plan.push(Err(rejection));
@@ -251,6 +280,7 @@ async fn accept(
             }
         };
         let event_id = event.id.clone();
+        let mut totals = Vec::with_capacity(parts.len());
         let deliveries = match tenant.forward {
             ForwardMode::Events => vec![Delivery::Usage(ForwardedUsage {
                 tenant: tenant.id.clone(),
@@ -262,8 +292,19 @@ async fn accept(
             })],
             ForwardMode::Charges => fees
                 .iter()
-                .filter(|fee| !fee.amount.is_zero())
-                .map(|fee| {
+                .enumerate()
+                // A period-tiered fee gets its amount in the commit: its charge is kept until
+                // then (and dropped there if it comes to zero).
+                .filter(|(i, fee)| !fee.amount.is_zero() || parts.iter().any(|p| p.fee == *i))
+                .enumerate()
+                .map(|(delivery, (i, fee))| {
+                    if let Some(part) = parts.iter().find(|p| p.fee == i) {
+                        totals.push(TotalClaim {
+                            key: part.key(tenant.id.as_str(), customer.as_str()),
+                            delivery,
+                            part: part.clone(),
+                        });
+                    }
                     Delivery::Charge(Debit {
                         transaction_id: transaction_id(&tenant.id, &event.id, &fee.price_id),
                         tenant: tenant.id.clone(),
@@ -283,6 +324,7 @@ async fn accept(
             tenant: tenant.id.clone(),
             event_id,
             deliveries,
+            totals,
         });
         plan.push(Ok(fees));
     }

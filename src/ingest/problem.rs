@@ -234,6 +234,7 @@ impl From<QuoteError> for ApiError {
     fn from(e: QuoteError) -> Self {
         match e {
             QuoteError::InvalidJson(m) => ApiError::BadJson(m),
+            QuoteError::Totals(_) => ApiError::Unavailable("the running total could not be read"),
             other => ApiError::Validation(vec![Rejection {
                 code: other.code(),
                 field: "event".into(),

@@ -19,17 +19,20 @@ use moka::sync::Cache;
 
 use crate::config::IngestSettings;
 use crate::domain::{Delivery, EventId, TenantId};
-use crate::outbox::{AppendOutcome, Outbox};
+use crate::outbox::{AppendOutcome, Outbox, OutboxError};
+use crate::outcome::Rejection;
+use crate::pricing::period::PeriodRated;
 use crate::upstream::forward::Forwarder;
 
 use super::problem::ApiError;
 
 pub use crate::outbox::AcceptedEvent;
 
-/// Whether a submitted event was new.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether a submitted event was new; if so, its period-tiered fees as the outbox rated them
+/// against their running totals (empty for every other price).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submitted {
-    Accepted,
+    Accepted(Vec<PeriodRated>),
     Duplicate,
 }
 
@@ -64,16 +67,30 @@ impl Sink {
     pub async fn submit(&self, events: Vec<AcceptedEvent>) -> Result<Vec<Submitted>, ApiError> {
         match self {
             Sink::Upstream(s) => s.submit(events).await,
-            Sink::Durable(outbox) => Ok(outbox
-                .append(events)
-                .await
-                .map_err(ApiError::Outbox)?
-                .into_iter()
-                .map(|o| match o {
-                    AppendOutcome::Accepted => Submitted::Accepted,
-                    AppendOutcome::Duplicate => Submitted::Duplicate,
-                })
-                .collect()),
+            Sink::Durable(outbox) => {
+                let appended = outbox.append_rated(events).await.map_err(|e| match e {
+                    // A period-tiered fee that overflows at its running total: nothing of the
+                    // request was written.
+                    OutboxError::Rating(p) => ApiError::Validation(vec![Rejection {
+                        code: p.code(),
+                        field: "events".into(),
+                        message: p.to_string(),
+                    }]),
+                    other => ApiError::Outbox(other),
+                })?;
+                let mut rated = appended.rated.into_iter();
+                Ok(appended
+                    .outcomes
+                    .into_iter()
+                    .map(|o| {
+                        let r = rated.next().unwrap_or_default();
+                        match o {
+                            AppendOutcome::Accepted => Submitted::Accepted(r),
+                            AppendOutcome::Duplicate => Submitted::Duplicate,
+                        }
+                    })
+                    .collect())
+            }
         }
     }
 }
@@ -93,14 +110,14 @@ impl UpstreamSink {
             if self.seen.contains_key(&key) {
                 result.push(Submitted::Duplicate);
             } else {
-                result.push(Submitted::Accepted);
+                result.push(Submitted::Accepted(Vec::new()));
                 fresh.push(key);
             }
         }
         let deliveries: Vec<Delivery> = events
             .into_iter()
             .zip(&result)
-            .filter(|(_, s)| **s == Submitted::Accepted)
+            .filter(|(_, s)| matches!(s, Submitted::Accepted(_)))
             .flat_map(|(e, _)| e.deliveries)
             .collect();
         self.forwarder

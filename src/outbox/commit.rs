@@ -10,8 +10,10 @@
 //! group, in order:
 //!
 //! 1. decide every request against the store and the group so far (dedupe lookups: the group,
-//!    the keys not indexed yet, then the partition; `Full`), staging its changes into the
-//!    group's log frame (records, delivered marks, dedupe keys) and fjall batch (dead letters,
+//!    the keys not indexed yet, then the partition; `Full`), rating the period-tiered fees of
+//!    its new events against the running totals as the group so far left them, staging its
+//!    changes into the group's log frame (records, delivered marks, dedupe keys, running
+//!    totals) and fjall batch (dead letters,
 //!    batch memberships; see the `store` module for what goes where and in which order);
 //! 2. write the frame to the log and then the batch to fjall, both to the OS only;
 //! 3. with [`SyncPolicy::Interval`], apply the group to the in-memory queue, wake the
@@ -47,9 +49,42 @@ use super::queue::Encoded;
 use super::store::{encode_dead, seq_key, store_batch_value, Store};
 use super::syncer::ToSyncer;
 use super::{
-    dedupe, record, AcceptedEvent, AppendOutcome, DeadLetter, OutboxError, OutboxSettings, Shared,
-    SyncPolicy,
+    dedupe, record, AcceptedEvent, AppendOutcome, Appended, DeadLetter, OutboxError,
+    OutboxSettings, Shared, SyncPolicy,
 };
+use crate::domain::Delivery;
+use crate::pricing::period::PeriodRated;
+use rust_decimal::Decimal;
+
+/// Running totals staged by a call or a group: in the order written (the frame's order; the
+/// last of a key wins) and the latest by key.
+#[derive(Default)]
+pub(crate) struct Totals {
+    pub(crate) order: Vec<(Box<str>, Decimal)>,
+    latest: std::collections::HashMap<Box<str>, Decimal>,
+}
+
+impl Totals {
+    fn set(&mut self, key: &str, total: Decimal) {
+        self.order.push((key.into(), total));
+        self.latest.insert(key.into(), total);
+    }
+
+    fn get(&self, key: &str) -> Option<Decimal> {
+        self.latest.get(key).copied()
+    }
+
+    fn extend(&mut self, other: Totals) {
+        for (k, t) in &other.order {
+            self.latest.insert(k.clone(), *t);
+        }
+        self.order.extend(other.order);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
 
 /// How often the commit checks whether a pass over the dedupe index is due (see
 /// `SeenFilter::pass_due`).
@@ -76,7 +111,7 @@ type Added = Vec<(u64, Encoded, u64)>;
 pub(crate) enum Msg {
     Append {
         events: Vec<AcceptedEvent>,
-        reply: Reply<Vec<AppendOutcome>>,
+        reply: Reply<Appended>,
     },
     Delivered {
         seqs: Vec<u64>,
@@ -121,8 +156,8 @@ pub(crate) enum Control {
 /// A request decided and staged into the group's batch, waiting for the commit.
 pub(crate) enum Staged {
     Append {
-        reply: Reply<Vec<AppendOutcome>>,
-        outcomes: Vec<AppendOutcome>,
+        reply: Reply<Appended>,
+        outcomes: Appended,
         added: Added,
     },
     Delivered {
@@ -425,6 +460,8 @@ impl Committer {
         let mut staged = Vec::with_capacity(group.len());
         // The dedupe keys of the group's new events; they are written last, in key order.
         let mut claimed = dedupe::KeySet::default();
+        // Running totals the group's calls moved, in order (see `pricing::period`).
+        let mut totals = Totals::default();
         // Records of groups still at the sync thread count too: they are applied shortly. Both
         // read under the queue lock, under which the sync thread moves them into the queue.
         let mut pending = {
@@ -455,10 +492,17 @@ impl Committer {
             }
             match msg {
                 Msg::Append { events, reply } => {
-                    match self.stage_append(events, keys, &mut claimed, pending, now_ms) {
+                    match self.stage_append(
+                        events,
+                        keys,
+                        &mut claimed,
+                        &mut totals,
+                        pending,
+                        now_ms,
+                    ) {
                         Ok((outcomes, added)) => {
                             pending += added.len();
-                            g.needs_sync |= outcomes.contains(&AppendOutcome::Accepted);
+                            g.needs_sync |= outcomes.outcomes.contains(&AppendOutcome::Accepted);
                             g.added += added.len();
                             appends += 1;
                             staged.push(Staged::Append {
@@ -635,11 +679,15 @@ impl Committer {
             for key in &keys {
                 ix.recent.insert(*key, now_ms);
             }
-            if !keys.is_empty() || !g.forget_batches.is_empty() {
+            for (key, total) in &totals.latest {
+                ix.totals.insert(key.clone(), *total);
+            }
+            if !keys.is_empty() || !g.forget_batches.is_empty() || !totals.is_empty() {
                 ix.deferred.push_back(Deferred {
                     lsn: written,
                     keys: keys.into_iter().map(|k| (k, now_ms)).collect(),
                     forget_batches: std::mem::take(&mut g.forget_batches),
+                    totals: totals.order,
                 });
             }
             if g.added > 0 {
@@ -680,14 +728,22 @@ impl Committer {
     /// Decides one append call: outcomes, and the records of its new events staged into the
     /// log's frame. Their dedupe keys go into `claimed`, which the caller writes for the group.
     /// `keys` are the events' dedupe keys, in order.
+    ///
+    /// Period-tiered fees of the new events are rated here, in decision order, against the
+    /// running totals as the group so far left them (`group_totals`, to which the call's own
+    /// are appended only if the call is staged whole); see `pricing::period`.
     fn stage_append(
         &mut self,
         events: Vec<AcceptedEvent>,
         keys: Vec<dedupe::Key>,
         claimed: &mut dedupe::KeySet,
+        group_totals: &mut Totals,
         pending: usize,
         now_ms: u64,
-    ) -> Result<(Vec<AppendOutcome>, Added), OutboxError> {
+    ) -> Result<(Appended, Added), OutboxError> {
+        let n_events = events.len();
+        let any_totals = events.iter().any(|ev| !ev.totals.is_empty());
+        let mut fresh_at: Vec<usize> = Vec::new();
         let window = self.settings.dedupe_window;
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         // Keys written but not yet in the partition (see the `index` module).
@@ -717,7 +773,45 @@ impl Committer {
                 outcomes.push(AppendOutcome::Duplicate);
             } else {
                 outcomes.push(AppendOutcome::Accepted);
+                if any_totals {
+                    fresh_at.push(i);
+                }
                 fresh.push((key, ev));
+            }
+        }
+        // Rated only once the event is known to be new: a duplicate adds nothing.
+        let mut rated: Vec<Vec<PeriodRated>> = Vec::new();
+        let mut call_totals = Totals::default();
+        if any_totals {
+            rated.resize_with(n_events, Vec::new);
+            for ((_, ev), &i) in fresh.iter_mut().zip(&fresh_at) {
+                let mut zero: Vec<usize> = Vec::new();
+                for claim in &ev.totals {
+                    let before = self.running_total(&claim.key, &call_totals, group_totals)?;
+                    let r = claim.part.rate(before).map_err(OutboxError::Rating)?;
+                    let after = claim.part.after(before).map_err(OutboxError::Rating)?;
+                    if let Some(Delivery::Charge(debit)) = ev.deliveries.get_mut(claim.delivery) {
+                        debit.fee.amount = r.amount;
+                        debit.fee.unit_price = r.unit_price;
+                        debit.fee.volume_rate = r.volume_rate;
+                        if r.amount.is_zero() {
+                            // Credyt refuses charges of 0; the total still moves.
+                            zero.push(claim.delivery);
+                        }
+                    }
+                    call_totals.set(&claim.key, after);
+                    if let Some(slot) = rated.get_mut(i) {
+                        slot.push(r);
+                    }
+                }
+                if !zero.is_empty() {
+                    let mut at = 0usize;
+                    ev.deliveries.retain(|_| {
+                        let keep = !zero.contains(&at);
+                        at += 1;
+                        keep
+                    });
+                }
             }
         }
         let new_records: usize = fresh.iter().map(|(_, ev)| ev.deliveries.len()).sum();
@@ -749,6 +843,9 @@ impl Committer {
                 seq += 1;
             }
         }
+        for (key, total) in &call_totals.order {
+            self.log.frame().total(key, *total);
+        }
         // The queue keeps the encoded bytes, copied out of the frame (see the `queue` module).
         let seg = self.log.segment();
         let frame = self.log.frame();
@@ -762,7 +859,25 @@ impl Committer {
             self.seen.insert(&key);
             claimed.insert(key);
         }
-        Ok((outcomes, added))
+        group_totals.extend(call_totals);
+        Ok((Appended { outcomes, rated }, added))
+    }
+
+    /// The running total under `key` as the commit stands: this call's staged totals, the
+    /// group's, those written and not yet indexed, then the partition (zero when none).
+    fn running_total(
+        &self,
+        key: &str,
+        call: &Totals,
+        group: &Totals,
+    ) -> Result<Decimal, OutboxError> {
+        if let Some(total) = call.get(key).or_else(|| group.get(key)) {
+            return Ok(total);
+        }
+        if let Some(total) = self.shared.index.lock().totals.get(key) {
+            return Ok(*total);
+        }
+        self.store.total(key)
     }
 
     /// Writes the group: its frame to the log (to the OS; the sync is the sync thread's), then

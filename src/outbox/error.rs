@@ -52,6 +52,10 @@ pub enum OutboxError {
         found: String,
         expected: &'static str,
     },
+    /// A period-tiered fee could not be rated against its running total (the amount overflows
+    /// the decimal range); nothing of the call was written.
+    #[error(transparent)]
+    Rating(crate::pricing::PricingError),
 }
 
 impl OutboxError {
@@ -91,6 +95,7 @@ impl OutboxError {
             OutboxError::UnknownSeq { .. } => "outbox_unknown_seq",
             OutboxError::Locked { .. } => "outbox_locked",
             OutboxError::Format { .. } => "outbox_format",
+            OutboxError::Rating(e) => e.code(),
         }
     }
 

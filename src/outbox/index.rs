@@ -15,6 +15,10 @@
 //!   [`INDEX_EVERY`] and takes every frame synced meanwhile. It is not woken by each sync:
 //!   with `always` under load there are hundreds of syncs a second, and a wake-up and a small
 //!   fjall batch for each took a tenth of the core the request path runs on.
+//! * Running totals of period-tiered prices (`pricing::period`) go the same way: a total is in
+//!   [`Indexing::totals`] from the moment its frame is written, reaches the `totals` partition
+//!   once the frame is durable, and leaves the map when the partition holds that same value.
+//!   The commit reads the map first, then the partition.
 //! * On open every key of every segment still on disk is put into the partition again
 //!   (idempotent), so whatever the partition had not made durable comes back.
 //! * A segment is deleted, oldest first, once it is sealed and synced, none of its records is
@@ -44,6 +48,8 @@ pub(crate) struct Deferred {
     pub(crate) lsn: Lsn,
     pub(crate) keys: Vec<(Key, u64)>,
     pub(crate) forget_batches: Vec<Uuid>,
+    /// Running totals as the frame left them, in the order written.
+    pub(crate) totals: Vec<(Box<str>, rust_decimal::Decimal)>,
 }
 
 /// Shared between the commit (which adds) and the index thread (which drains).
@@ -51,6 +57,9 @@ pub(crate) struct Deferred {
 pub(crate) struct Indexing {
     /// Claimed dedupe keys not yet in the partition, with their acceptance time (ms).
     pub(crate) recent: KeyMap<u64>,
+    /// Running totals written to the log and not yet in the `totals` partition (the newest
+    /// value of each key).
+    pub(crate) totals: std::collections::HashMap<Box<str>, rust_decimal::Decimal>,
     pub(crate) deferred: VecDeque<Deferred>,
     /// Completed batches taken from `deferred` whose removal is being written.
     pub(crate) forgetting: Vec<Uuid>,
@@ -155,6 +164,17 @@ impl Indexer {
             for (k, at) in &keys {
                 self.store.stage_seen(&mut batch, k, *at);
             }
+            // The newest value of each key among the frames taken.
+            let mut totals: std::collections::HashMap<&str, rust_decimal::Decimal> =
+                std::collections::HashMap::new();
+            for d in &due {
+                for (k, t) in &d.totals {
+                    totals.insert(k, *t);
+                }
+            }
+            for (k, t) in &totals {
+                self.store.stage_total(&mut batch, k, *t);
+            }
             for d in &due {
                 for id in &d.forget_batches {
                     batch.remove(&self.store.batches, id.as_bytes().to_vec());
@@ -166,6 +186,11 @@ impl Indexer {
             for (k, at) in &keys {
                 if ix.recent.get(k) == Some(at) {
                     ix.recent.remove(k);
+                }
+            }
+            for (k, t) in &totals {
+                if ix.totals.get(*k) == Some(t) {
+                    ix.totals.remove(*k);
                 }
             }
         }

@@ -9,7 +9,9 @@
 //! One commit group is one frame. A frame's body holds what the group changed, in order, each
 //! entry a tag and its fields: a record added (`1`, seq, length, bytes as `record.rs` encodes
 //! them), a seq removed (`2`: delivered), a dedupe key the group claimed (`3`, key, acceptance
-//! time in ms). A frame is whole or absent: on
+//! time in ms), a running total of a period-tiered price as it stands after the group's events
+//! (`4`, key length (u32 LE), key, total as `rust_decimal`'s 16-byte serialization; see
+//! `pricing::period`). A frame is whole or absent: on
 //! open, the frames of each segment are read in order, and the first one whose length or
 //! checksum does not hold ends the log. That is only legitimate in the last segment holding a
 //! frame (a write torn by a crash; the file is truncated there so later frames do not follow
@@ -151,11 +153,14 @@ pub(crate) struct Frame {
     pub(crate) adds: Vec<(u64, Vec<u8>)>,
     pub(crate) removes: Vec<u64>,
     pub(crate) keys: Vec<(dedupe::Key, u64)>,
+    /// Running totals as they stood after the frame's events, in the order written.
+    pub(crate) totals: Vec<(Box<str>, rust_decimal::Decimal)>,
 }
 
 const ADD: u8 = 1;
 const REMOVE: u8 = 2;
 const KEY: u8 = 3;
+const TOTAL: u8 = 4;
 
 /// A frame being built by the writer (reused from group to group): the head's room, then the
 /// entries as they are staged, each a tag and its fields, so the frame is written as it was
@@ -223,6 +228,15 @@ impl FrameBuf {
         self.buf.extend_from_slice(&at_ms.to_le_bytes());
     }
 
+    pub(crate) fn total(&mut self, key: &str, total: rust_decimal::Decimal) {
+        self.buf.push(TOTAL);
+        // Keys are a few ids long; one over 4 GiB cannot be built.
+        let len = u32::try_from(key.len()).unwrap_or(u32::MAX);
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(key.as_bytes());
+        self.buf.extend_from_slice(&total.serialize());
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.buf.len() == FRAME_HEAD
     }
@@ -285,6 +299,14 @@ fn decode_body(body: &[u8]) -> Option<Frame> {
             KEY => {
                 let key = dedupe::Key::try_from(c.take(16)?).ok()?;
                 frame.keys.push((key, c.u64()?));
+            }
+            TOTAL => {
+                let len = usize::try_from(c.u32()?).ok()?;
+                let key = std::str::from_utf8(c.take(len)?).ok()?;
+                let total: [u8; 16] = c.take(16)?.try_into().ok()?;
+                frame
+                    .totals
+                    .push((key.into(), rust_decimal::Decimal::deserialize(total)));
             }
             _ => return None,
         }
@@ -787,6 +809,7 @@ mod tests {
         log.frame().add(0, b"zero");
         log.frame().add(1, b"one");
         log.frame().key(&key(7), 42);
+        log.frame().total("k", rust_decimal::Decimal::new(15, 1));
         log.write(2).unwrap();
         log.frame().remove(0);
         log.write(2).unwrap();
@@ -801,6 +824,7 @@ mod tests {
                 adds: vec![(0, b"zero".to_vec()), (1, b"one".to_vec())],
                 removes: vec![],
                 keys: vec![(key(7), 42)],
+                totals: vec![("k".into(), rust_decimal::Decimal::new(15, 1))],
             }
         );
         assert_eq!(f[1].removes, vec![0]);

@@ -14,6 +14,10 @@
 //!   [`SyncPolicy`]. An event id is `Duplicate` only if its commit is durable; an id whose
 //!   commit is in flight is answered with the result of that commit, because groups are
 //!   decided strictly one after the other (under one lock) and answers leave in that order.
+//! * Period-tiered fees (`pricing::period`) are rated by the commit, for the new events only
+//!   and in the order groups are decided, against running totals that the same frame moves
+//!   ([`Appended::rated`]); the totals follow the log into fjall like the dedupe keys, and are
+//!   recovered at open from the partition plus the log ([`Outbox::running_total`] reads them).
 //! * A failed write or sync answers the whole group with an error and claims nothing. A failed
 //!   sync (or any storage error after bytes may have reached the file) poisons the outbox: every
 //!   later write fails with [`OutboxError::Poisoned`] until the process restarts. No fsync is
@@ -53,6 +57,7 @@ use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
 use crate::domain::{Delivery, EventId, TenantId};
+use crate::pricing::period::{PeriodRated, TotalClaim};
 use crate::telemetry::metrics::OutboxMetrics;
 
 use commit::{Commit, Committer, Control, Msg};
@@ -130,6 +135,17 @@ pub struct AcceptedEvent {
     pub tenant: TenantId,
     pub event_id: EventId,
     pub deliveries: Vec<Delivery>,
+    /// Fees of period-tiered prices, rated against their running totals by the commit if the
+    /// event is new (see `pricing::period`); empty for every other price.
+    pub totals: Vec<TotalClaim>,
+}
+
+/// What an append call decided: one outcome per event, and for each event the period-tiered
+/// fees the commit rated (empty unless the event was accepted and has such prices).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    pub outcomes: Vec<AppendOutcome>,
+    pub rated: Vec<Vec<PeriodRated>>,
 }
 
 /// What happened to one event of an append call.
@@ -433,6 +449,16 @@ impl Outbox {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        Ok(self.append_rated(events).await?.outcomes)
+    }
+
+    /// As [`Outbox::append`], also answering the period-tiered fees the commit rated against
+    /// their running totals (see `pricing::period`).
+    pub async fn append_rated(&self, events: Vec<AcceptedEvent>) -> Result<Appended, OutboxError> {
+        self.check_poisoned()?;
+        if events.is_empty() {
+            return Ok(Appended::default());
+        }
         let Some(metrics) = &self.inner.shared.metrics else {
             return self.call(|reply| Msg::Append { events, reply }).await;
         };
@@ -466,6 +492,16 @@ impl Outbox {
             .iter()
             .filter_map(|r| record::decode(r).ok())
             .collect()
+    }
+
+    /// The running total recorded under `key` (see `pricing::period`): what the next accepted
+    /// event would be rated against. Reads the store on a miss in memory: blocking (but a
+    /// point read; `POST /v1/quote` calls it).
+    pub fn running_total(&self, key: &str) -> Result<rust_decimal::Decimal, OutboxError> {
+        if let Some(total) = self.inner.shared.index.lock().totals.get(key) {
+            return Ok(*total);
+        }
+        self.inner.store.total(key)
     }
 
     /// Leases up to `max` pending deliveries that are not currently leased, oldest first.

@@ -8,6 +8,7 @@
 //!   dead              seq (u64 BE)                      -> JSON DeadLetter
 //!   dedupe            dedupe key (16 bytes, dedupe.rs)  -> accepted_at ms (u64 BE)
 //!   batches           batch id (16-byte UUID)           -> JSON [seq, ...] (coalesced sends)
+//!   totals            running-total key (UTF-8)         -> total (rust_decimal, 16 bytes)
 //!   meta              "format"                          -> FORMAT (checked on open)
 //!   records           format 2 only: seq -> record; moved into the log on open
 //! ```
@@ -15,7 +16,9 @@
 //! The log is the commit point of the request path: a group's records, delivered marks and
 //! dedupe keys are one frame, whole or absent after a crash. fjall follows it: dedupe keys
 //! reach the `dedupe` partition only after their frame is durable, and are put there again
-//! from every segment on disk at open (see the `index` module). The rarer changes go to fjall
+//! from every segment on disk at open (see the `index` module); running totals of
+//! period-tiered prices follow the log the same way (each frame carries the totals as they
+//! stand after it, so putting them again in log order is idempotent). The rarer changes go to fjall
 //! directly, ordered so that no crash loses a record or sends one twice under two ids:
 //! a dead letter is written to `dead` only (the log keeps its record, and on open a record
 //! that is also a dead letter is a dead letter); a replay is written to the log and synced
@@ -67,6 +70,7 @@ pub(crate) struct Store {
     pub(crate) dedupe: PartitionHandle,
     pub(crate) batches: PartitionHandle,
     pub(crate) meta: PartitionHandle,
+    pub(crate) totals: PartitionHandle,
     _lock: File,
 }
 
@@ -196,6 +200,7 @@ impl Store {
             dedupe: open("dedupe")?,
             batches: open("batches")?,
             meta: open("meta")?,
+            totals: open("totals")?,
             keyspace,
             _lock: lock,
         };
@@ -264,6 +269,9 @@ impl Store {
             Log::open(&log_dir(dir), segment_bytes, preallocate, |n| n.max(floor))?;
         let mut indexing = Indexing::default();
         let mut pending: BTreeMap<u64, (Vec<u8>, u64)> = BTreeMap::new();
+        // The totals as the newest frame holding each left them (frames are read in order).
+        let mut totals: std::collections::HashMap<Box<str>, rust_decimal::Decimal> =
+            std::collections::HashMap::new();
         for seg in segments {
             indexing.segments.insert(seg.id);
             let mut keys = Vec::new();
@@ -279,6 +287,7 @@ impl Store {
                     pending.remove(&seq);
                 }
                 keys.extend(frame.keys);
+                totals.extend(frame.totals);
             }
             keys.sort_by_key(|(k, _)| *k);
             let mut batch = self.batch();
@@ -306,6 +315,9 @@ impl Store {
             batch.commit()?;
         }
         let mut batch = self.batch();
+        for (key, total) in &totals {
+            self.stage_total(&mut batch, key, *total);
+        }
         if self.meta.get(FORMAT_KEY)?.as_deref() != Some(FORMAT.as_bytes()) {
             batch.insert(&self.meta, FORMAT_KEY, FORMAT.as_bytes());
         }
@@ -336,6 +348,30 @@ impl Store {
             log,
             indexing,
         })
+    }
+
+    /// The running total stored under `key` (zero when none is).
+    pub(crate) fn total(&self, key: &str) -> Result<rust_decimal::Decimal, OutboxError> {
+        match self.totals.get(key.as_bytes())? {
+            None => Ok(rust_decimal::Decimal::ZERO),
+            Some(v) => {
+                let bytes: [u8; 16] =
+                    v.as_ref().try_into().map_err(|_| OutboxError::Malformed {
+                        partition: "totals",
+                        what: "a total is not 16 bytes",
+                    })?;
+                Ok(rust_decimal::Decimal::deserialize(bytes))
+            }
+        }
+    }
+
+    /// Adds a running total to `batch`.
+    pub(crate) fn stage_total(&self, batch: &mut Batch, key: &str, total: rust_decimal::Decimal) {
+        batch.insert(
+            &self.totals,
+            key.as_bytes().to_vec(),
+            total.serialize().to_vec(),
+        );
     }
 
     pub(crate) fn batch(&self) -> Batch {

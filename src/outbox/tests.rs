@@ -71,6 +71,7 @@ pub(crate) fn event(tenant: &str, id: &str, prices: usize) -> AcceptedEvent {
         deliveries: (0..prices)
             .map(|p| debit(tenant, id, &format!("p{p}")))
             .collect(),
+        totals: Vec::new(),
     }
 }
 
@@ -1480,6 +1481,236 @@ fn a_backlog_is_left_in_its_segments() {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!((segments(dir.path()), bytes()), before);
         assert_eq!(ob.depth(), 200);
+        ob.close().await.unwrap();
+    });
+}
+
+/// A price tiered over a month: the first 10 units at 1.00, then 0.50 (precision 2).
+fn monthly_price() -> std::sync::Arc<crate::pricing::book::Price> {
+    use crate::pricing::book::{
+        Basis, Period, Price, PricingModel, Rates, Row, Tier, Tiering, VolumePart,
+    };
+    std::sync::Arc::new(Price {
+        id: "tier".into(),
+        name: None,
+        event_type: "e".into(),
+        usage_type: UsageType::Volume,
+        model: PricingModel::Tiered,
+        volume_field: Some("q".into()),
+        asset: "USD".into(),
+        precision: 2,
+        dimensions: Box::new([]),
+        rows: Box::new([Row {
+            values: Box::new([]),
+            specificity: 0,
+            rates: Rates {
+                unit_price: None,
+                volume: Some(VolumePart::Tiered {
+                    tiers: Box::new([
+                        Tier {
+                            up_to: Some(Decimal::from(10)),
+                            volume_rate: Decimal::ONE,
+                            unit_price: None,
+                        },
+                        Tier {
+                            up_to: None,
+                            volume_rate: Decimal::new(5, 1),
+                            unit_price: None,
+                        },
+                    ]),
+                    package_size: None,
+                }),
+                min_amount: None,
+                max_amount: None,
+            },
+        }]),
+        tiering: Some(Tiering {
+            period: Period::Monthly,
+            basis: Basis::Volume,
+        }),
+    })
+}
+
+/// An event of `q` units of [`monthly_price`] under the running-total key `key`.
+fn tiered_event(id: &str, key: &str, q: i64) -> AcceptedEvent {
+    use crate::pricing::period::{PeriodPart, TotalClaim};
+    let mut e = event("t", id, 1);
+    e.totals = vec![TotalClaim {
+        key: key.into(),
+        delivery: 0,
+        part: PeriodPart {
+            fee: 0,
+            price: monthly_price(),
+            row: 0,
+            volume: Some(Decimal::from(q)),
+            add: Decimal::from(q),
+            window: "2026-01".into(),
+        },
+    }];
+    e
+}
+
+fn amount_of(d: &Delivery) -> Decimal {
+    match d {
+        Delivery::Charge(c) => c.fee.amount,
+        Delivery::Usage(_) | Delivery::Webhook(_) => Decimal::ZERO,
+    }
+}
+
+fn rated_amounts(a: &Appended) -> Vec<Option<Decimal>> {
+    (0..a.outcomes.len())
+        .map(|i| a.rated.get(i).and_then(|r| r.first()).map(|r| r.amount))
+        .collect()
+}
+
+#[test]
+fn running_totals_move_with_accepted_events_only() {
+    for sync in [
+        SyncPolicy::Always,
+        SyncPolicy::Interval(Duration::from_millis(5)),
+    ] {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let ob = Outbox::open(settings(dir.path(), sync)).unwrap();
+            let d = |s: &str| Decimal::from_str_exact(s).unwrap();
+            // 6 at 1.00; then (6, 12]: 4 at 1.00 + 2 at 0.50.
+            let a = ob
+                .append_rated(vec![tiered_event("e1", "k", 6)])
+                .await
+                .unwrap();
+            assert_eq!(rated_amounts(&a), vec![Some(d("6"))]);
+            assert_eq!(a.rated[0][0].total, Decimal::ZERO);
+            let a = ob
+                .append_rated(vec![tiered_event("e2", "k", 6)])
+                .await
+                .unwrap();
+            assert_eq!(rated_amounts(&a), vec![Some(d("5"))]);
+            assert_eq!(a.rated[0][0].total, d("6"));
+            // A duplicate is not rated and adds nothing; the new event beside it is rated at 12.
+            let a = ob
+                .append_rated(vec![tiered_event("e1", "k", 6), tiered_event("e3", "k", 1)])
+                .await
+                .unwrap();
+            assert_eq!(
+                a.outcomes,
+                vec![AppendOutcome::Duplicate, AppendOutcome::Accepted]
+            );
+            assert_eq!(rated_amounts(&a), vec![None, Some(d("0.5"))]);
+            assert_eq!(ob.running_total("k").unwrap(), d("13"));
+            // Two events of one key in one call: the second is rated after the first.
+            let a = ob
+                .append_rated(vec![tiered_event("e4", "j", 8), tiered_event("e5", "j", 4)])
+                .await
+                .unwrap();
+            assert_eq!(rated_amounts(&a), vec![Some(d("8")), Some(d("3"))]);
+            // A failed write moves no total.
+            if sync == SyncPolicy::Always {
+                ob.shared().faults.fail_write.store(true, Ordering::SeqCst);
+                ob.append_rated(vec![tiered_event("e6", "k", 100)])
+                    .await
+                    .unwrap_err();
+                assert_eq!(ob.running_total("k").unwrap(), d("13"));
+            }
+            // A zero fee: accepted, no charge, and the total still counts it (here by 0).
+            let depth = ob.depth();
+            let a = ob
+                .append_rated(vec![tiered_event("e7", "k", 0)])
+                .await
+                .unwrap();
+            assert_eq!(rated_amounts(&a), vec![Some(Decimal::ZERO)]);
+            assert_eq!(ob.depth(), depth, "a zero charge is not queued");
+            // The queued charges carry the rated amounts.
+            let mut queued: Vec<Decimal> = ob
+                .next_batch(100)
+                .iter()
+                .map(|p| amount_of(&p.delivery))
+                .collect();
+            queued.sort();
+            assert_eq!(queued, vec![d("0.5"), d("3"), d("5"), d("6"), d("8")]);
+            assert_eq!(ob.running_total("unknown").unwrap(), Decimal::ZERO);
+            ob.close().await.unwrap();
+        });
+    }
+}
+
+#[test]
+fn concurrent_appends_never_rate_against_the_same_total() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(settings(
+            dir.path(),
+            SyncPolicy::Interval(Duration::from_millis(5)),
+        ))
+        .unwrap();
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let ob = ob.clone();
+                tokio::spawn(async move {
+                    ob.append_rated(vec![tiered_event(&format!("c{i}"), "k", 1)])
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut totals = Vec::new();
+        let mut sum = Decimal::ZERO;
+        for t in tasks {
+            let a = t.await.unwrap();
+            totals.push(a.rated[0][0].total);
+            sum += a.rated[0][0].amount;
+        }
+        totals.sort();
+        // Every event saw a total of its own: 0, 1, ..., 39.
+        assert_eq!(totals, (0..40).map(Decimal::from).collect::<Vec<_>>());
+        // 10 at 1.00 + 30 at 0.50, as one event of 40 would be.
+        assert_eq!(sum, Decimal::from(25));
+        assert_eq!(ob.running_total("k").unwrap(), Decimal::from(40));
+        ob.close().await.unwrap();
+    });
+}
+
+#[test]
+fn running_totals_survive_a_crash_from_the_log_and_from_the_index() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), SyncPolicy::Always);
+        let ob = Outbox::open(s.clone()).unwrap();
+        ob.append(vec![tiered_event("e1", "k", 6)]).await.unwrap();
+        ob.append(vec![tiered_event("e2", "k", 3)]).await.unwrap();
+        // Crashed before the index thread moved the totals: recovered from the log.
+        ob.crash().await;
+        let ob = Outbox::open(s.clone()).unwrap();
+        assert_eq!(ob.running_total("k").unwrap(), Decimal::from(9));
+        let a = ob
+            .append_rated(vec![tiered_event("e3", "k", 2)])
+            .await
+            .unwrap();
+        assert_eq!(a.rated[0][0].total, Decimal::from(9));
+        assert_eq!(a.rated[0][0].amount, Decimal::new(15, 1));
+        // Once the index thread has the totals in the partition (and the memory let go of
+        // them), a crash recovers them from there and from the log alike.
+        let mut waited = 0;
+        while !ob.shared().index.lock().totals.is_empty() {
+            assert!(waited < 2_000, "the index thread never took the totals");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            waited += 1;
+        }
+        assert_eq!(ob.inner.store.total("k").unwrap(), Decimal::from(11));
+        assert_eq!(ob.running_total("k").unwrap(), Decimal::from(11));
+        ob.crash().await;
+        let ob = Outbox::open(s.clone()).unwrap();
+        assert_eq!(ob.running_total("k").unwrap(), Decimal::from(11));
+        // A duplicate after the restart still adds nothing.
+        let a = ob
+            .append_rated(vec![tiered_event("e1", "k", 6), tiered_event("e4", "k", 1)])
+            .await
+            .unwrap();
+        assert_eq!(
+            a.outcomes,
+            vec![AppendOutcome::Duplicate, AppendOutcome::Accepted]
+        );
+        assert_eq!(a.rated[1][0].total, Decimal::from(11));
+        assert_eq!(ob.running_total("k").unwrap(), Decimal::from(12));
         ob.close().await.unwrap();
     });
 }

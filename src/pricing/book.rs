@@ -39,6 +39,55 @@ impl PricingModel {
 pub struct Tier {
     pub up_to: Option<Decimal>,
     pub volume_rate: Decimal,
+    /// Charged once by the tier that holds the quantity (`unit_and_volume` prices only); it
+    /// replaces the price's own `unit_price` for that event.
+    pub unit_price: Option<Decimal>,
+}
+
+/// Credyt's `tiering.period`: when a running total starts again from zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Period {
+    Lifetime,
+    Monthly,
+    Quarterly,
+    Yearly,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Lifetime => "lifetime",
+            Period::Monthly => "monthly",
+            Period::Quarterly => "quarterly",
+            Period::Yearly => "yearly",
+        }
+    }
+}
+
+/// Credyt's `tiering.basis`: what a running total counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Basis {
+    /// The quantity of `volume_field`, summed.
+    Volume,
+    /// Events: each adds one.
+    Unit,
+}
+
+impl Basis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Basis::Volume => "volume",
+            Basis::Unit => "unit",
+        }
+    }
+}
+
+/// Tiers that apply to a running total per (tenant, customer, price, period window) instead
+/// of one event's quantity (see `pricing::period`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiering {
+    pub period: Period,
+    pub basis: Basis,
 }
 
 /// The volume part of a rate, by pricing model.
@@ -71,6 +120,9 @@ pub enum VolumePart {
 pub struct Rates {
     pub unit_price: Option<Decimal>,
     pub volume: Option<VolumePart>,
+    /// Per-event floor and cap, applied to the exact amount before the one rounding.
+    pub min_amount: Option<Decimal>,
+    pub max_amount: Option<Decimal>,
 }
 
 /// One dimension row: a value (or wildcard `None`) per price dimension, in the price's
@@ -100,6 +152,8 @@ pub struct Price {
     /// Sorted by specificity, most specific first; at most one row per specificity can match
     /// any event (checked at load), so the first match is the answer.
     pub rows: Box<[Row]>,
+    /// Tiers over a running total (tiered and bulk prices only); `None`: per event.
+    pub tiering: Option<Tiering>,
 }
 
 /// A book as in force over one interval: its own prices merged over its parent's.

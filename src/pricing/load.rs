@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::book::{
-    Price, PricingModel, Rates, ResolvedBook, ResolvedVersion, Row, Tier, VolumePart,
+    Basis, Period, Price, PricingModel, Rates, ResolvedBook, ResolvedVersion, Row, Tier, Tiering,
+    VolumePart,
 };
 use super::money::{self, DecimalTextError};
 use super::PricingSet;
@@ -610,7 +611,14 @@ fn parse_version(
     })
 }
 
-const RATE_KEYS: [&str; 4] = ["unit_price", "volume_rate", "package_size", "tiers"];
+const RATE_KEYS: [&str; 6] = [
+    "unit_price",
+    "volume_rate",
+    "package_size",
+    "tiers",
+    "min_amount",
+    "max_amount",
+];
 
 #[derive(Clone, Default)]
 struct RateFields {
@@ -618,6 +626,8 @@ struct RateFields {
     volume_rate: Option<Decimal>,
     package_size: Option<Decimal>,
     tiers: Option<Box<[Tier]>>,
+    min_amount: Option<Decimal>,
+    max_amount: Option<Decimal>,
 }
 
 impl RateFields {
@@ -628,6 +638,8 @@ impl RateFields {
             volume_rate: self.volume_rate.or(defaults.volume_rate),
             package_size: self.package_size.or(defaults.package_size),
             tiers: self.tiers.or_else(|| defaults.tiers.clone()),
+            min_amount: self.min_amount.or(defaults.min_amount),
+            max_amount: self.max_amount.or(defaults.max_amount),
         }
     }
 }
@@ -672,7 +684,19 @@ fn parse_rate_fields(cx: &mut Cx<'_>, t: &dyn TableLike, path: &str) -> RateFiel
         volume_rate: non_negative(cx, t, path, "volume_rate"),
         package_size: positive(cx, t, path, "package_size", "invalid_package_size"),
         tiers: None,
+        min_amount: non_negative(cx, t, path, "min_amount"),
+        max_amount: non_negative(cx, t, path, "max_amount"),
     };
+    if let (Some(min), Some(max)) = (f.min_amount, f.max_amount) {
+        if min > max {
+            cx.err(
+                &key_span(t, "min_amount"),
+                &join(path, "min_amount"),
+                "min_above_max",
+                format!("`min_amount` {min} is above `max_amount` {max}"),
+            );
+        }
+    }
     if let Some(item) = t.get("tiers") {
         let tpath = join(path, "tiers");
         let list = tables(cx, item, &tpath).unwrap_or_default();
@@ -689,7 +713,8 @@ fn parse_rate_fields(cx: &mut Cx<'_>, t: &dyn TableLike, path: &str) -> RateFiel
         let mut prev: Option<Decimal> = None;
         for (i, (tt, tspan)) in list.into_iter().enumerate() {
             let p = format!("{tpath}[{i}]");
-            check_keys(cx, tt, &p, &["up_to", "volume_rate"]);
+            check_keys(cx, tt, &p, &["up_to", "volume_rate", "unit_price"]);
+            let tier_unit = non_negative(cx, tt, &p, "unit_price");
             let up_to = positive(cx, tt, &p, "up_to", "invalid_tier_bound");
             let up_span = key_span(tt, "up_to");
             let rate = non_negative(cx, tt, &p, "volume_rate");
@@ -736,6 +761,7 @@ fn parse_rate_fields(cx: &mut Cx<'_>, t: &dyn TableLike, path: &str) -> RateFiel
                 out.push(Tier {
                     up_to: if last { None } else { up_to },
                     volume_rate: r,
+                    unit_price: tier_unit,
                 });
             }
         }
@@ -777,10 +803,35 @@ fn build_rates(
         usage_name(usage),
         model.as_str()
     );
+    // Every tier with its own unit price stands in for the price's.
+    let tier_units = f.tiers.as_ref().is_some_and(|t| {
+        matches!(model, PricingModel::Tiered | PricingModel::Bulk)
+            && t.iter().all(|t| t.unit_price.is_some())
+    });
+    let any_tier_unit = f
+        .tiers
+        .as_ref()
+        .is_some_and(|t| t.iter().any(|t| t.unit_price.is_some()));
     match usage {
         UsageType::Unit => need(cx, f.unit_price.is_some(), "unit_price", &ctx),
-        UsageType::UnitAndVolume => need(cx, f.unit_price.is_some(), "unit_price", &ctx),
+        UsageType::UnitAndVolume => need(
+            cx,
+            f.unit_price.is_some() || tier_units,
+            "unit_price",
+            &format!("{ctx} (on the price, or on every tier)"),
+        ),
         UsageType::Volume => {}
+    }
+    if any_tier_unit && usage != UsageType::UnitAndVolume {
+        cx.err(
+            span,
+            &join(path, "tiers"),
+            "rate_not_allowed",
+            format!(
+                "a tier's `unit_price` is used only with usage_type unit_and_volume, not {}",
+                usage_name(usage)
+            ),
+        );
     }
     let forbid = |cx: &mut Cx<'_>, present: bool, key: &str| {
         if present {
@@ -844,6 +895,8 @@ fn build_rates(
     Some(Rates {
         unit_price: f.unit_price,
         volume,
+        min_amount: f.min_amount,
+        max_amount: f.max_amount,
     })
 }
 
@@ -865,6 +918,7 @@ fn parse_price(
         "asset",
         "dimensions",
         "rows",
+        "tiering",
     ];
     allowed.extend(RATE_KEYS);
     check_keys(cx, t, path, &allowed);
@@ -915,6 +969,7 @@ fn parse_price(
             }
         },
     };
+    let tiering = parse_tiering(cx, t, path, model);
     let volume_field = get_str(cx, t, path, "volume_field").ok().flatten();
     if let Some(u) = usage {
         match (&volume_field, u) {
@@ -1093,6 +1148,83 @@ fn parse_price(
         precision: precision?,
         dimensions: dimensions.into_boxed_slice(),
         rows: rows.into_iter().map(|(_, r, _)| r).collect(),
+        tiering,
+    })
+}
+
+/// `tiering = { period = "monthly", basis = "volume" }`: tiers over a running total (tiered
+/// and bulk prices only). `basis` defaults to `volume`.
+fn parse_tiering(
+    cx: &mut Cx<'_>,
+    t: &dyn TableLike,
+    path: &str,
+    model: Option<PricingModel>,
+) -> Option<Tiering> {
+    let item = t.get("tiering")?;
+    let tpath = join(path, "tiering");
+    let Some(tt) = item.as_table_like() else {
+        cx.err(
+            &item.span(),
+            &tpath,
+            "wrong_type",
+            "tiering must be a table: { period = \"monthly\", basis = \"volume\" }",
+        );
+        return None;
+    };
+    check_keys(cx, tt, &tpath, &["period", "basis"]);
+    let span = table_span(item.span(), tt);
+    let period = match req_str(cx, tt, &span, &tpath, "period") {
+        None => None,
+        Some((p, s)) => match p.as_str() {
+            "lifetime" => Some(Period::Lifetime),
+            "monthly" => Some(Period::Monthly),
+            "quarterly" => Some(Period::Quarterly),
+            "yearly" => Some(Period::Yearly),
+            other => {
+                cx.err(
+                    &s,
+                    &join(&tpath, "period"),
+                    "unknown_period",
+                    format!("unknown tiering period `{other}` (lifetime, monthly, quarterly, yearly; `custom` is not supported)"),
+                );
+                None
+            }
+        },
+    };
+    let basis = match get_str(cx, tt, &tpath, "basis") {
+        Ok(None) => Some(Basis::Volume),
+        Err(()) => None,
+        Ok(Some((b, s))) => match b.as_str() {
+            "volume" => Some(Basis::Volume),
+            "unit" => Some(Basis::Unit),
+            other => {
+                cx.err(
+                    &s,
+                    &join(&tpath, "basis"),
+                    "unknown_basis",
+                    format!("unknown tiering basis `{other}` (volume, unit; `package` and `custom` are not supported)"),
+                );
+                None
+            }
+        },
+    };
+    if let Some(m) = model {
+        if !matches!(m, PricingModel::Tiered | PricingModel::Bulk) {
+            cx.err(
+                &item.span(),
+                &tpath,
+                "tiering_not_allowed",
+                format!(
+                    "tiering applies to pricing_model tiered or bulk, not {}",
+                    m.as_str()
+                ),
+            );
+            return None;
+        }
+    }
+    Some(Tiering {
+        period: period?,
+        basis: basis?,
     })
 }
 
@@ -1527,6 +1659,116 @@ rows = [
         let specs: Vec<usize> = price.rows.iter().map(|r| r.specificity).collect();
         assert_eq!(specs, vec![2, 1, 0]);
         assert_eq!(price.rows[2].rates.unit_price, Some(dec!(1)));
+    }
+
+    fn price(body: &str) -> String {
+        format!(
+            "[[versions]]\neffective_from = 2026-01-01T00:00:00Z\n[[versions.prices]]\nid = \"p\"\nevent_type = \"e\"\nasset = \"USD\"\n{body}"
+        )
+    }
+
+    fn codes(book: &str) -> Vec<&'static str> {
+        match build(&files(book)) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors().iter().map(|e| e.code()).collect(),
+        }
+    }
+
+    #[test]
+    fn tiering_unit_prices_per_tier_and_bounds_are_validated() {
+        let tiered = "usage_type = \"volume\"\nvolume_field = \"q\"\npricing_model = \"tiered\"\ntiers = [{ up_to = 10, volume_rate = 1 }, { volume_rate = 0.5 }]\n";
+        // Accepted: every period and basis, basis defaulting to volume.
+        for t in [
+            "tiering = { period = \"monthly\" }",
+            "tiering = { period = \"quarterly\", basis = \"unit\" }",
+            "tiering = { period = \"yearly\", basis = \"volume\" }",
+            "tiering = { period = \"lifetime\" }",
+        ] {
+            assert_eq!(
+                codes(&price(&format!("{tiered}{t}\n"))),
+                Vec::<&str>::new(),
+                "{t}"
+            );
+        }
+        let set = build(&files(&price(&format!(
+            "{tiered}tiering = {{ period = \"monthly\" }}\n"
+        ))))
+        .unwrap();
+        assert!(set.has_period_tiers());
+        let p = &set.book("b").unwrap().timeline[0].prices[0];
+        assert_eq!(
+            p.tiering,
+            Some(Tiering {
+                period: Period::Monthly,
+                basis: Basis::Volume
+            })
+        );
+        assert!(!build(&files(&price(tiered))).unwrap().has_period_tiers());
+        // Refused: an unknown period or basis, a key too many, tiering on a flat price.
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ period = \"custom\" }}\n"
+            ))),
+            vec!["unknown_period"]
+        );
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ period = \"monthly\", basis = \"package\" }}\n"
+            ))),
+            vec!["unknown_basis"]
+        );
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ period = \"monthly\", reset = 1 }}\n"
+            ))),
+            vec!["unknown_key"]
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"volume\"\nvolume_field = \"q\"\nvolume_rate = 1\ntiering = { period = \"monthly\" }\n")),
+            vec!["tiering_not_allowed"]
+        );
+        assert_eq!(
+            codes(&price(&format!(
+                "{tiered}tiering = {{ basis = \"unit\" }}\n"
+            ))),
+            vec!["missing_key"]
+        );
+        // A tier's unit price: only on unit_and_volume, where it may stand in for the price's.
+        assert_eq!(
+            codes(&price("usage_type = \"volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = 2 }, { volume_rate = 0.5 }]\n")),
+            vec!["rate_not_allowed"]
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"unit_and_volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = 2 }, { volume_rate = 0.5, unit_price = 1 }]\n")),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"unit_and_volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = 2 }, { volume_rate = 0.5 }]\n")),
+            vec!["missing_rate"]
+        );
+        assert_eq!(
+            codes(&price("usage_type = \"unit_and_volume\"\nvolume_field = \"q\"\npricing_model = \"bulk\"\ntiers = [{ up_to = 10, volume_rate = 1, unit_price = -2 }, { volume_rate = 0.5 }]\nunit_price = 1\n")),
+            vec!["negative_price"]
+        );
+        // Floor and cap: non-negative, the floor not above the cap; on any model.
+        assert_eq!(
+            codes(&price(
+                "usage_type = \"unit\"\nunit_price = 1\nmin_amount = 0.5\nmax_amount = 2\n"
+            )),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            codes(&price(
+                "usage_type = \"unit\"\nunit_price = 1\nmin_amount = 3\nmax_amount = 2\n"
+            )),
+            vec!["min_above_max"]
+        );
+        assert_eq!(
+            codes(&price(
+                "usage_type = \"unit\"\nunit_price = 1\nmax_amount = -1\n"
+            )),
+            vec!["negative_price"]
+        );
     }
 
     #[test]

@@ -9,12 +9,14 @@
 //!
 //! Submodules: `book` (validated model), `load` (read + parse + validate), `money` (exact
 //! decimals, assets, the rounding rule), `engine` (rate an event), `reload` (hot reload),
-//! `quote` (the one quote shape of `credyt-proxy quote` and `POST /v1/quote`; `check-pricing`).
+//! `quote` (the one quote shape of `credyt-proxy quote` and `POST /v1/quote`; `check-pricing`),
+//! `period` (tiers over a running total per billing period: what the outbox rates).
 
 pub mod book;
 pub mod engine;
 pub mod load;
 pub mod money;
+pub mod period;
 pub mod quote;
 pub mod reload;
 
@@ -85,5 +87,24 @@ impl PricingSet {
                 tenant: tenant.to_owned(),
             })?;
         engine::price_event(book, &self.hash, event)
+    }
+
+    /// As [`PricingSet::price`], plus one [`period::PeriodPart`] per price with `tiering`:
+    /// those fees are rated at a running total of zero here, and get their amount when the
+    /// outbox rates the part against the customer's total (see the `period` module). Without
+    /// such prices the parts are empty (no allocation).
+    pub fn price_parts(
+        &self,
+        tenant: &str,
+        event: &UsageEvent,
+    ) -> Result<(Vec<Fee>, Vec<period::PeriodPart>), PricingError> {
+        let book = self
+            .book_for(tenant)
+            .ok_or_else(|| PricingError::UnknownTenant {
+                tenant: tenant.to_owned(),
+            })?;
+        let mut parts = Vec::new();
+        let fees = engine::price_event_parts(book, &self.hash, event, &mut parts)?;
+        Ok((fees, parts))
     }
 }

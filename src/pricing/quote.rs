@@ -17,6 +17,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::period::{PeriodPart, QuotedTotal};
 use super::{LoadErrors, PricingError, PricingSet};
 use crate::domain::{Fee, UsageEvent};
 
@@ -31,6 +32,9 @@ pub enum QuoteError {
     InvalidEvent(String),
     #[error(transparent)]
     Pricing(#[from] PricingError),
+    /// The running total could not be read (the outbox failed).
+    #[error("the running total could not be read: {0}")]
+    Totals(String),
 }
 
 impl QuoteError {
@@ -40,6 +44,7 @@ impl QuoteError {
             QuoteError::InvalidJson(_) => "invalid_json",
             QuoteError::InvalidEvent(_) => "invalid_event",
             QuoteError::Pricing(e) => e.code(),
+            QuoteError::Totals(_) => "totals_unavailable",
         }
     }
 }
@@ -72,11 +77,36 @@ pub struct Quote {
     pub fees: Vec<Fee>,
     /// Sum of the fees per asset, as decimal strings.
     pub totals: BTreeMap<Arc<str>, Decimal>,
+    /// One entry per fee of a price with `tiering`: the running total it was rated against
+    /// and the bands its quantity crossed. Absent when no price of the event has `tiering`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub running_totals: Vec<QuotedTotal>,
+}
+
+/// Where a quote takes the running totals of period-tiered prices from. A quote records
+/// nothing, whichever it is.
+pub enum Totals<'a> {
+    /// None known (the CLI, or no customer named): every total is zero.
+    Zero,
+    /// "As if the total were N", for every period-tiered price of the event.
+    AsIf(Decimal),
+    /// The totals recorded so far (the outbox), looked up per part.
+    Recorded(&'a dyn Fn(&PeriodPart) -> Result<Decimal, QuoteError>),
 }
 
 impl Quote {
     /// Prices `event` for `tenant` with `set` (the tenant's book, else the default book).
     pub fn build(set: &PricingSet, tenant: &str, event: &UsageEvent) -> Result<Quote, QuoteError> {
+        Quote::build_with(set, tenant, event, Totals::Zero)
+    }
+
+    /// As [`Quote::build`], rating period-tiered prices against `totals`.
+    pub fn build_with(
+        set: &PricingSet,
+        tenant: &str,
+        event: &UsageEvent,
+        totals: Totals<'_>,
+    ) -> Result<Quote, QuoteError> {
         let assigned = set.tenants.get(tenant);
         let book =
             assigned
@@ -84,7 +114,34 @@ impl Quote {
                 .ok_or_else(|| PricingError::UnknownTenant {
                     tenant: tenant.to_owned(),
                 })?;
-        let fees = super::engine::price_event(book, &set.hash, event)?;
+        let mut parts = Vec::new();
+        let mut fees = super::engine::price_event_parts(book, &set.hash, event, &mut parts)?;
+        let mut running_totals = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let (total, source) = match &totals {
+                Totals::Zero => (Decimal::ZERO, "none"),
+                Totals::AsIf(n) => (*n, "as_if"),
+                Totals::Recorded(lookup) => (lookup(part)?, "outbox"),
+            };
+            let mut bands = Vec::new();
+            let rated = part.rate_with_bands(total, Some(&mut bands))?;
+            if let Some(fee) = fees.get_mut(part.fee) {
+                fee.amount = rated.amount;
+                fee.unit_price = rated.unit_price;
+                fee.volume_rate = rated.volume_rate;
+            }
+            let tiering = part.price.tiering;
+            running_totals.push(QuotedTotal {
+                price_id: part.price.id.clone(),
+                period: tiering.map_or("", |t| t.period.as_str()),
+                basis: tiering.map_or("", |t| t.basis.as_str()),
+                window: part.window.clone(),
+                source,
+                total,
+                total_after: part.after(total)?,
+                bands,
+            });
+        }
         let mut totals: BTreeMap<Arc<str>, Decimal> = BTreeMap::new();
         for fee in &fees {
             let total = totals.entry(fee.asset.clone()).or_default();
@@ -112,6 +169,7 @@ impl Quote {
             pricing_hash: set.hash().to_owned(),
             fees,
             totals,
+            running_totals,
         })
     }
 }

@@ -170,6 +170,7 @@ impl Relay {
                 tenant: TenantId::new(DEDUPE_NAMESPACE),
                 event_id: id,
                 deliveries,
+                totals: Vec::new(),
             }])
             .await
             .map_err(ApiError::Outbox)?;

@@ -496,3 +496,84 @@ fn quote_into_a_closed_pipe_ends_quietly() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `quote --total N` rates a period-tiered price as if the running total were N (the CLI reads
+/// no outbox: zero without it), and shows the total used and the bands crossed.
+#[test]
+fn quote_rates_period_tiers_at_zero_or_at_the_given_total() {
+    let event = r#"{"id":"q1","event_type":"tokens_used","occurred_at":"2026-01-05T00:00:00Z","data":{"tokens":500000}}"#;
+    let books = "tests/golden/pricing/periods/books";
+    let quote = |extra: &[&str]| -> Value {
+        let mut args = vec!["--pricing", books, "--tenant", "t"];
+        args.extend(extra);
+        let out = run_quote(&args, event);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let zero = quote(&[]);
+    assert_eq!(zero["fees"][0]["amount"], "1.00", "{zero}");
+    assert_eq!(zero["running_totals"][0]["source"], "none");
+    assert_eq!(zero["running_totals"][0]["window"], "2026-01");
+    // As if 800,000 were used this month: 200,000 at 2.00 and 300,000 at 1.50 per million.
+    let what_if = quote(&["--total", "800_000"]);
+    assert_eq!(what_if["fees"][0]["amount"], "0.85", "{what_if}");
+    let used = &what_if["running_totals"][0];
+    assert_eq!(used["source"], "as_if");
+    assert_eq!(used["total"], "800000");
+    assert_eq!(used["total_after"], "1300000");
+    assert_eq!(used["bands"].as_array().unwrap().len(), 2, "{used}");
+    assert_eq!(used["bands"][1]["from"], "1000000");
+    let out = run_quote(
+        &["--pricing", books, "--tenant", "t", "--total", "-1"],
+        event,
+    );
+    assert!(!out.status.success());
+}
+
+/// With `ack = "upstream"` there is no outbox to keep running totals in: a pricing directory
+/// with period tiers is refused at start.
+#[actix_web::test]
+async fn upstream_ack_refuses_period_tiers_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, hash) = credyt_proxy::identity::tenants::generate_key();
+    std::fs::write(
+        dir.path().join("tenants.toml"),
+        format!("[[tenants]]\nid = \"t\"\nkey_hashes = [\"{hash}\"]\naccount = \"acc_1\"\n"),
+    )
+    .unwrap();
+    let config = |pricing: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [credyt]\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\ntimeout_ms = 200\n\
+             [tenants]\nfile = \"tenants.toml\"\n[pricing]\ndir = \"{}\"\n\
+             [ingest]\nack = \"upstream\"\n",
+            super::proxy::repo().join(pricing).display()
+        )
+    };
+    let settings = |pricing: &str| {
+        credyt_proxy::config::Settings::from_toml(
+            &config(pricing),
+            dir.path(),
+            Some(Default::default()),
+        )
+        .unwrap()
+    };
+    let err = credyt_proxy::app::Application::build(settings("tests/golden/pricing/periods/books"))
+        .await
+        .err()
+        .expect("period tiers under ack = upstream must be refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("tiering") && message.contains("durable"),
+        "{message}"
+    );
+    // The same proxy with the shipped books (no period tiers) starts.
+    let app = credyt_proxy::app::Application::build(settings("pricing"))
+        .await
+        .unwrap();
+    app.stop().await;
+}

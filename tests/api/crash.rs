@@ -718,3 +718,133 @@ async fn turning_coalescing_on_never_regroups_a_record_sent_alone_before() {
     })
     .await;
 }
+
+/// Period tiers under SIGKILL: clients send `tokens_used` events (100,000 tokens each, one
+/// customer, one month; `tests/golden/pricing/periods`: 1.80 per million up to 1,000,000 a
+/// month, then 1.20), each retried with the same id until answered, while the proxy is killed
+/// and restarted on the same directory. Afterwards the running total the next event is rated
+/// against is exactly the sum of the acknowledged events (no event counted twice, none lost,
+/// nothing else), and Credyt charged exactly what rating them one after the other gives.
+#[actix_web::test]
+async fn sigkill_keeps_running_totals_to_the_acknowledged_events() {
+    let setup = Setup::new("sync = \"interval\"\nsync_interval_ms = 200\n", 2_000).await;
+    let config = std::fs::read_to_string(setup.config()).unwrap();
+    let periods = repo().join("tests/golden/pricing/periods/books");
+    std::fs::write(
+        setup.config(),
+        config.replace(
+            &repo().join("pricing").display().to_string(),
+            &periods.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let customer = emu_post(
+        &setup.http,
+        &setup.emulator,
+        "/customers",
+        Some(&setup.account),
+        json!({"name": "tiers", "external_id": "tiers"}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // One instant for every event: one window, whenever the test runs.
+    let at = ago(5);
+    let mut proxy = Proxy::start(&setup.config()).await;
+    let load = Load::new(&proxy.url);
+    let clients: Vec<_> = (0..3)
+        .map(|t| {
+            let load = load.clone();
+            let key = setup.key.clone();
+            let customer = customer.clone();
+            let at = at.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap();
+                let mut n = 0u64;
+                while !load.stop.load(Ordering::SeqCst) {
+                    let body = json!({"customer_id": customer, "events": [{
+                        "id": format!("k{t}-{n}"), "event_type": "tokens_used",
+                        "occurred_at": at, "data": {"tokens": 100000}}]});
+                    loop {
+                        let url = format!("{}/v1/events", load.url.lock().unwrap());
+                        let answer = http
+                            .post(url)
+                            .header("X-CREDYT-API-KEY", &key)
+                            .json(&body)
+                            .send()
+                            .await;
+                        match answer {
+                            Ok(r) if r.status() == 200 => {
+                                let b: Value = r.json().await.unwrap();
+                                let status = b["results"][0]["status"].as_str().unwrap();
+                                assert!(status == "accepted" || status == "duplicate", "{b}");
+                                break;
+                            }
+                            Ok(r) if r.status() == 503 => {}
+                            Err(_) => {}
+                            Ok(r) => {
+                                panic!("unexpected answer {}: {:?}", r.status(), r.text().await)
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    load.acked.fetch_add(1, Ordering::SeqCst);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for k in 0..3 {
+        let from = load.acked.load(Ordering::SeqCst);
+        let min = rand::thread_rng().gen_range(3..8u64);
+        eventually(
+            Duration::from_secs(20),
+            &format!("load on incarnation {k}"),
+            || {
+                let load = load.clone();
+                async move { (load.acked.load(Ordering::SeqCst) >= from + min).then_some(()) }
+            },
+        )
+        .await;
+        proxy.kill();
+        proxy = Proxy::start(&setup.config()).await;
+        *load.url.lock().unwrap() = proxy.url.clone();
+    }
+    load.stop.store(true, Ordering::SeqCst);
+    let mut events = 0u64;
+    for c in clients {
+        events += c.await.unwrap();
+    }
+    assert!(events > 10, "the load must cross the tier bound: {events}");
+    // One more kill after the last answers, then the total the next event would be rated at.
+    proxy.kill();
+    let proxy = Proxy::start(&setup.config()).await;
+    let q: Value = setup
+        .http
+        .post(format!("{}/v1/quote?customer_id={customer}", proxy.url))
+        .header("X-CREDYT-API-KEY", &setup.key)
+        .json(
+            &json!({"id": "next", "event_type": "tokens_used", "occurred_at": at,
+                      "data": {"tokens": 100000}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let total = Decimal::from_str_exact(q["running_totals"][0]["total"].as_str().unwrap()).unwrap();
+    assert_eq!(total, Decimal::from(events * 100_000), "{q}");
+    // 10 events at 0.18 fill the first million; the rest are at 0.12.
+    let expected = dec!(1.80) + Decimal::from(events - 10) * dec!(0.12);
+    proxy.drained(&setup.http, Duration::from_secs(60)).await;
+    let (count, usd) = usd_charges(&setup.state().await, &customer);
+    assert_eq!((count, usd), (events, expected));
+    drop(proxy);
+    setup.emulator.stop().await;
+}

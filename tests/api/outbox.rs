@@ -60,6 +60,7 @@ fn event(tenant: &str, id: &str) -> AcceptedEvent {
         tenant,
         event_id,
         deliveries: vec![delivery],
+        totals: Vec::new(),
     }
 }
 

@@ -449,3 +449,177 @@ async fn hot_reload_follows_a_configmap_data_symlink_swap() {
     assert!(pricing.last_error().is_none());
     watcher.abort();
 }
+
+/// The period-tiers test world: tenant A on `tests/golden/pricing/periods/books`, durable,
+/// accepting events back to 2026-01 (the sequences' fixed dates).
+async fn period_world() -> super::proxy::World {
+    use super::proxy::{Ingest, Options, World};
+    World::start_with(Options {
+        ack: "durable",
+        ingest: Ingest {
+            pricing_dir: Some(repo("tests/golden/pricing/periods/books")),
+            config: "past_window_secs = 3153600000".into(),
+        },
+        ..Default::default()
+    })
+    .await
+}
+
+/// Golden sequences of period-tiered prices (`tests/golden/pricing/periods/*.json`), through
+/// the whole proxy (`/v1/events` and `/v1/quote`, durable outbox, emulator): each step's
+/// outcome and fees, each quote's running total and bands, and at the end what Credyt charged.
+#[actix_web::test]
+async fn period_golden_sequences() {
+    let w = period_world().await;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(repo("tests/golden/pricing/periods"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 4, "period sequences missing");
+    let mut failures = Vec::new();
+    let mut charged = Vec::new();
+    for path in &paths {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let case: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let customer = w.customer(&w.a.account, &name, "1000").await;
+        for (i, step) in case["steps"].as_array().unwrap().iter().enumerate() {
+            let mut diffs = Vec::new();
+            if let Some(event) = step.get("event") {
+                let resp = w
+                    .post(
+                        "/v1/events",
+                        &w.a.key,
+                        &serde_json::json!({"customer_id": customer, "events": [event]}),
+                    )
+                    .await;
+                assert_eq!(resp.status(), 200, "{name} step {i}");
+                let body: Value = resp.json().await.unwrap();
+                let result = &body["results"][0];
+                if result["status"] != step["status"] {
+                    diffs.push(format!("status: expected {}, got {result}", step["status"]));
+                } else if let Some(expected) = step.get("expected") {
+                    diffs.extend(diff_fees(
+                        expected.as_array().unwrap(),
+                        result["fees"].as_array().unwrap(),
+                    ));
+                }
+            } else {
+                let as_if = step
+                    .get("as_if_total")
+                    .and_then(Value::as_str)
+                    .map_or(String::new(), |t| format!("&total={t}"));
+                let resp = w
+                    .post(
+                        &format!("/v1/quote?customer_id={customer}{as_if}"),
+                        &w.a.key,
+                        &step["quote"],
+                    )
+                    .await;
+                assert_eq!(resp.status(), 200, "{name} step {i}");
+                let q: Value = resp.json().await.unwrap();
+                let used = &q["running_totals"][0];
+                if as_decimal(&used["total"]) != as_decimal(&step["expected_total"]) {
+                    diffs.push(format!(
+                        "running total: expected {}, got {}",
+                        step["expected_total"], used["total"]
+                    ));
+                }
+                if used["source"] != step["expected_source"] {
+                    diffs.push(format!("total source: got {}", used["source"]));
+                }
+                if let Some(n) = step.get("expected_bands").and_then(Value::as_u64) {
+                    if used["bands"].as_array().map(Vec::len) != Some(n as usize) {
+                        diffs.push(format!("bands: expected {n}, got {}", used["bands"]));
+                    }
+                }
+                diffs.extend(diff_fees(
+                    step["expected"].as_array().unwrap(),
+                    q["fees"].as_array().unwrap(),
+                ));
+            }
+            if !diffs.is_empty() {
+                failures.push(format!("`{name}` step {i}:\n  {}", diffs.join("\n  ")));
+            }
+        }
+        charged.push((name, customer, case["charged"].clone()));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Credyt charged each accepted non-zero fee once, at the amount answered.
+    for (name, customer, want) in charged {
+        let count = want["count"].as_u64().unwrap();
+        let usd = as_decimal(&want["usd"]).unwrap();
+        super::proxy::eventually(Duration::from_secs(20), "the charges", || {
+            let w = &w;
+            let customer = customer.clone();
+            async move {
+                let got = super::proxy::usd_charges(&w.state().await, &customer);
+                (got.0 >= count).then_some(got)
+            }
+        })
+        .await;
+        let got = super::proxy::usd_charges(&w.state().await, &customer);
+        assert_eq!(got, (count, usd), "{name}: charges at Credyt");
+    }
+    w.stop().await;
+}
+
+/// A reload that brings period tiers into a proxy with `ack = "upstream"` (which has no outbox
+/// for running totals): their events are rejected with `period_needs_outbox`, never priced as
+/// if each were the first of its period.
+#[actix_web::test]
+async fn period_tiers_reloaded_under_upstream_ack_are_rejected() {
+    use super::proxy::{Ingest, Options, World};
+    let pricing = tempfile::tempdir().unwrap();
+    let books = repo("tests/golden/pricing/periods/books");
+    let book = std::fs::read_to_string(books.join("periods.toml")).unwrap();
+    std::fs::copy(
+        books.join("assignments.toml"),
+        pricing.path().join("assignments.toml"),
+    )
+    .unwrap();
+    // Started without `tiering` (per-event tiers): accepted under upstream.
+    let per_event: String = book
+        .lines()
+        .filter(|l| !l.starts_with("tiering"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(pricing.path().join("periods.toml"), &per_event).unwrap();
+    let w = World::start_with(Options {
+        ingest: Ingest {
+            pricing_dir: Some(pricing.path().to_path_buf()),
+            config: "past_window_secs = 3153600000".into(),
+        },
+        ..Default::default()
+    })
+    .await;
+    let event = |id: &str| {
+        serde_json::json!({"customer_external_id": "reload-user", "events": [{
+            "id": id, "event_type": "tokens_used", "occurred_at": super::proxy::ago(5),
+            "data": {"tokens": 1000}}]})
+    };
+    let r: Value = w
+        .post("/v1/events", &w.a.key, &event("r1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["results"][0]["status"], "accepted", "{r}");
+    std::fs::write(pricing.path().join("periods.toml"), &book).unwrap();
+    let handle = w.app.state().pricing.clone();
+    super::proxy::eventually(Duration::from_secs(10), "the pricing reload", || {
+        let handle = handle.clone();
+        async move { handle.current().has_period_tiers().then_some(()) }
+    })
+    .await;
+    let r: Value = w
+        .post("/v1/events", &w.a.key, &event("r2"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["results"][0]["status"], "rejected", "{r}");
+    assert_eq!(r["results"][0]["code"], "period_needs_outbox", "{r}");
+    w.stop().await;
+}

@@ -31,6 +31,16 @@ pub struct World {
     ack: &'static str,
     extra_config: String,
     credyt_config: String,
+    ingest: Ingest,
+}
+
+/// The pricing directory and the extra `[ingest]` lines of a world's proxy.
+#[derive(Clone, Default)]
+pub struct Ingest {
+    /// Default: the shipped `pricing/`.
+    pub pricing_dir: Option<PathBuf>,
+    /// Extra lines inside the `[ingest]` table.
+    pub config: String,
 }
 
 /// A world whose proxy is stopped (see [`World::park`]): the emulator, the tenants and the
@@ -44,6 +54,7 @@ pub struct Parked {
     ack: &'static str,
     extra_config: String,
     credyt_config: String,
+    ingest: Ingest,
 }
 
 /// Options of a test world.
@@ -64,6 +75,7 @@ pub struct Options {
     /// Extra lines of tenant A's and tenant B's tenants-file entries (e.g. `gate = {...}`).
     pub tenant_a_extra: String,
     pub tenant_b_extra: String,
+    pub ingest: Ingest,
 }
 
 impl Default for Options {
@@ -78,6 +90,7 @@ impl Default for Options {
             files: Vec::new(),
             tenant_a_extra: String::new(),
             tenant_b_extra: String::new(),
+            ingest: Ingest::default(),
         }
     }
 }
@@ -230,6 +243,7 @@ impl World {
             &opts.outbox_config,
             &opts.credyt_config,
             &opts.extra_config,
+            &opts.ingest,
         )
         .await;
         World {
@@ -248,6 +262,7 @@ impl World {
             ack: opts.ack,
             extra_config: opts.extra_config,
             credyt_config: opts.credyt_config,
+            ingest: opts.ingest,
         }
     }
 
@@ -310,6 +325,7 @@ impl World {
             ack: self.ack,
             extra_config: self.extra_config,
             credyt_config: self.credyt_config,
+            ingest: self.ingest,
         }
     }
 
@@ -406,6 +422,7 @@ impl Parked {
             outbox_config,
             &self.credyt_config,
             &self.extra_config,
+            &self.ingest,
         )
         .await;
         World {
@@ -418,6 +435,7 @@ impl Parked {
             ack: self.ack,
             extra_config: self.extra_config,
             credyt_config: self.credyt_config,
+            ingest: self.ingest,
         }
     }
 }
@@ -431,17 +449,41 @@ pub fn proxy_config(
     credyt_config: &str,
     extra_config: &str,
 ) -> String {
+    proxy_config_with(
+        emulator,
+        ack,
+        outbox_config,
+        credyt_config,
+        extra_config,
+        &Ingest::default(),
+    )
+}
+
+/// As [`proxy_config`], with another pricing directory and extra `[ingest]` lines.
+pub fn proxy_config_with(
+    emulator: &RunningEmulator,
+    ack: &str,
+    outbox_config: &str,
+    credyt_config: &str,
+    extra_config: &str,
+    ingest: &Ingest,
+) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [log]\nfilter = \"warn\"\n\
          [credyt]\nbase_url = \"{}\"\n{credyt_config}\n\
          [tenants]\nfile = \"tenants.toml\"\n\
          [pricing]\ndir = \"{}\"\n\
-         [ingest]\nack = \"{}\"\n\
+         [ingest]\nack = \"{}\"\n{}\n\
          [outbox]\ndir = \"outbox\"\n{}\n{}",
         emulator.url(),
-        repo().join("pricing").display(),
+        ingest
+            .pricing_dir
+            .clone()
+            .unwrap_or_else(|| repo().join("pricing"))
+            .display(),
         ack,
+        ingest.config,
         outbox_config,
         extra_config,
     )
@@ -454,8 +496,16 @@ async fn build_app(
     outbox_config: &str,
     credyt_config: &str,
     extra_config: &str,
+    ingest: &Ingest,
 ) -> Application {
-    let config = proxy_config(emulator, ack, outbox_config, credyt_config, extra_config);
+    let config = proxy_config_with(
+        emulator,
+        ack,
+        outbox_config,
+        credyt_config,
+        extra_config,
+        ingest,
+    );
     let settings = Settings::from_toml(&config, dir, Some(Default::default())).unwrap();
     Application::build(settings).await.unwrap()
 }
