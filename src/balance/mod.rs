@@ -249,6 +249,20 @@ impl Entry {
         Some((asset, amount))
     }
 
+    /// A held debit's amount turned out to be `amount` (zero: it was dropped).
+    fn rehold(&mut self, transaction_id: &Uuid, amount: Decimal) {
+        let Some(held) = self.held.get_mut(transaction_id) else {
+            return;
+        };
+        let (asset, old) = (held.0.clone(), held.1);
+        if amount.is_zero() {
+            self.release(transaction_id);
+            return;
+        }
+        held.1 = amount;
+        self.held_sum.add(&asset, amount - old);
+    }
+
     /// Credyt confirmed a charge: it is in Credyt's balance now, not in the one read before.
     fn charged(&mut self, asset: &Arc<str>, amount: Decimal) {
         if let Some(s) = &mut self.credyt {
@@ -402,6 +416,7 @@ impl Gate {
             gate: Some(Arc::clone(self)),
             key: key.clone(),
             events: Vec::with_capacity(events.len()),
+            rated_fees: Vec::new(),
         };
         let mut verdicts = Vec::with_capacity(events.len());
         let (mut insufficient, mut reserved) = (0u64, 0u64);
@@ -669,12 +684,29 @@ pub struct Reservation {
     gate: Option<Arc<Gate>>,
     key: Key,
     events: Vec<Vec<Uuid>>,
+    /// Per event: (fee index, transaction id) of the charges whose amount the outbox sets
+    /// when it accepts the event (period-tiered prices); empty when there are none.
+    rated_fees: Vec<Vec<(usize, Uuid)>>,
 }
 
 impl Reservation {
     /// Keeps the holds of the events for which `keep` is true (in order), releasing the
     /// others': what remains lines up with the events handed to the sink.
+    /// Per event (in the order judged): (fee index, transaction id) of its charges whose
+    /// amount the sink's answer will carry (see [`Reservation::settle`]).
+    pub fn set_rated_fees(&mut self, rated_fees: Vec<Vec<(usize, Uuid)>>) {
+        self.rated_fees = rated_fees;
+    }
+
     pub fn retain(&mut self, keep: &[bool]) {
+        if !self.rated_fees.is_empty() {
+            let mut i = 0;
+            self.rated_fees.retain(|_| {
+                let k = keep.get(i).copied().unwrap_or(false);
+                i += 1;
+                k
+            });
+        }
         let mut released = Vec::new();
         let mut i = 0;
         self.events.retain_mut(|held| {
@@ -688,30 +720,48 @@ impl Reservation {
         self.release(&released);
     }
 
-    /// Settles the holds with the sink's answers, one per event in order: a new event keeps
-    /// its hold until the forwarder reports on it (or, `charged_now`, Credyt confirmed it
-    /// already: the hold ends as a charge); a duplicate releases it.
-    pub fn settle(mut self, accepted: impl Iterator<Item = bool>, charged_now: bool) {
+    /// Settles the holds with the sink's answers, one per event in order: `Some(rated)` for a
+    /// new event, with the amounts the sink set (fee index, amount; see
+    /// [`Reservation::set_rated_fees`]), `None` for a duplicate. A new event keeps its hold
+    /// (at the rated amount; a charge rated to zero was dropped) until the forwarder reports
+    /// on it, or, `charged_now`, Credyt confirmed it already: the hold ends as a charge. A
+    /// duplicate releases it.
+    pub fn settle(
+        mut self,
+        outcomes: impl Iterator<Item = Option<Vec<(usize, Decimal)>>>,
+        charged_now: bool,
+    ) {
         let Some(gate) = self.gate.take() else {
             return;
         };
         let events = std::mem::take(&mut self.events);
+        let rated_fees = std::mem::take(&mut self.rated_fees);
         let mut shard = gate.shard(&self.key).lock();
         let Some(e) = shard.get_mut(&self.key) else {
             return;
         };
-        for (held, accepted) in events.iter().zip(accepted.chain(std::iter::repeat(false))) {
-            match (accepted, charged_now) {
+        let mut outcomes = outcomes.fuse();
+        for (i, held) in events.iter().enumerate() {
+            match (outcomes.next().flatten(), charged_now) {
                 // Held until the forwarder reports on it (it may have already).
-                (true, false) => {}
-                (true, true) => {
+                (Some(rated), false) => {
+                    for (fee, amount) in rated {
+                        let id = rated_fees
+                            .get(i)
+                            .and_then(|f| f.iter().find(|(index, _)| *index == fee));
+                        if let Some((_, id)) = id {
+                            e.rehold(id, amount);
+                        }
+                    }
+                }
+                (Some(_), true) => {
                     for id in held {
                         if let Some((asset, amount)) = e.release(id) {
                             e.charged(&asset, amount);
                         }
                     }
                 }
-                (false, _) => {
+                (None, _) => {
                     for id in held {
                         e.release(id);
                     }

@@ -188,7 +188,8 @@ async fn dropping_a_judgement_releases_its_holds_and_settling_keeps_only_accepte
     )
     .await;
     // The sink accepted the first, found the second a duplicate.
-    j.reservation.settle([true, false].into_iter(), false);
+    j.reservation
+        .settle([Some(vec![]), None].into_iter(), false);
     assert_eq!(g.held(&a, &c, "USD"), dec!(1));
     // The forwarder reports Credyt's confirmation: the hold ends and the cached balance,
     // read before the charge, loses it.
@@ -203,7 +204,7 @@ async fn a_dead_letter_ends_the_hold_without_touching_the_balance() {
     g.prime(dec!(10));
     let (a, c) = key();
     let j = judge(&g, dec!(0), &[vec![charge(1, dec!(4))]]).await;
-    j.reservation.settle([true].into_iter(), false);
+    j.reservation.settle([Some(vec![])].into_iter(), false);
     g.settled(&debit(1, dec!(4)), false);
     assert_eq!(g.held(&a, &c, "USD"), dec!(0));
     assert_eq!(g.credyt_usd(), dec!(10));
@@ -215,7 +216,7 @@ async fn with_ack_upstream_an_accepted_hold_ends_as_a_charge_at_once() {
     g.prime(dec!(10));
     let (a, c) = key();
     let j = judge(&g, dec!(0), &[vec![charge(1, dec!(4))]]).await;
-    j.reservation.settle([true].into_iter(), true);
+    j.reservation.settle([Some(vec![])].into_iter(), true);
     assert_eq!(g.held(&a, &c, "USD"), dec!(0));
     assert_eq!(g.credyt_usd(), dec!(6));
 }
@@ -226,12 +227,12 @@ async fn a_resend_of_a_held_event_is_not_held_twice_and_its_duplicate_releases_n
     g.prime(dec!(1));
     let (a, c) = key();
     let first = judge(&g, dec!(0), &[vec![charge(1, dec!(1))]]).await;
-    first.reservation.settle([true].into_iter(), false);
+    first.reservation.settle([Some(vec![])].into_iter(), false);
     // Sent again while the first is pending: its debit is held already, so it is allowed
     // (the sink answers it duplicate) and releasing the resend leaves the first's hold.
     let again = judge(&g, dec!(0), &[vec![charge(1, dec!(1))]]).await;
     assert_eq!(again.verdicts, vec![Verdict::Allowed]);
-    again.reservation.settle([false].into_iter(), false);
+    again.reservation.settle([None].into_iter(), false);
     assert_eq!(g.held(&a, &c, "USD"), dec!(1));
 }
 
@@ -248,7 +249,7 @@ async fn retain_releases_the_holds_of_events_left_out() {
     .await;
     j.reservation.retain(&[false, true]);
     assert_eq!(g.held(&a, &c, "USD"), dec!(2));
-    j.reservation.settle([true].into_iter(), false);
+    j.reservation.settle([Some(vec![])].into_iter(), false);
     assert_eq!(g.held(&a, &c, "USD"), dec!(2));
 }
 
@@ -344,4 +345,29 @@ fn sweeping_keeps_customers_with_holds_and_drops_idle_ones() {
     assert_eq!(g.entries.load(Ordering::Relaxed), 1);
     let (a, c) = key();
     assert_eq!(g.held(&a, &c, "USD"), dec!(1));
+}
+
+#[tokio::test]
+async fn a_hold_takes_the_amount_the_sink_rated() {
+    let g = gate();
+    g.prime(dec!(10));
+    let (a, c) = key();
+    // Judged at an estimate of 3.00; the outbox rated the charge (fee 0) at 1.25.
+    let mut j = judge(
+        &g,
+        dec!(0),
+        &[vec![charge(1, dec!(3))], vec![charge(2, dec!(4))]],
+    )
+    .await;
+    j.reservation.set_rated_fees(vec![
+        vec![(0, Uuid::from_u128(1))],
+        vec![(0, Uuid::from_u128(2))],
+    ]);
+    assert_eq!(g.held(&a, &c, "USD"), dec!(7));
+    // The second charge was rated to nothing: it was dropped, and so is its hold.
+    j.reservation.settle(
+        [Some(vec![(0, dec!(1.25))]), Some(vec![(0, dec!(0))])].into_iter(),
+        false,
+    );
+    assert_eq!(g.held(&a, &c, "USD"), dec!(1.25));
 }

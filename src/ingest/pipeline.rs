@@ -110,9 +110,12 @@ pub async fn process(
             // The holds follow the sink's answers (a failure above dropped, and so released, them).
             if let Some(r) = reservation {
                 r.settle(
-                    submitted
-                        .iter()
-                        .map(|s| matches!(s, Submitted::Accepted(_))),
+                    submitted.iter().map(|s| match s {
+                        Submitted::Accepted(rated) => {
+                            Some(rated.iter().map(|r| (r.fee, r.amount)).collect())
+                        }
+                        Submitted::Duplicate => None,
+                    }),
                     charged_now,
                 );
             }
@@ -360,7 +363,8 @@ async fn gate(
     accepted: &mut Vec<AcceptedEvent>,
     plan: &mut Plan,
 ) -> Result<Reservation, ApiError> {
-    let charges: Vec<Vec<Charge>> = accepted
+    // A charge per delivery (a gated tenant forwards charges only, so indexes line up).
+    let mut charges: Vec<Vec<Charge>> = accepted
         .iter()
         .map(|e| {
             e.deliveries
@@ -372,6 +376,7 @@ async fn gate(
                 .collect()
         })
         .collect();
+    let period_fees = rate_period_charges(state, accepted, &mut charges)?;
     let Judgement {
         verdicts,
         mut reservation,
@@ -380,6 +385,7 @@ async fn gate(
         .judge(policy, account, customer, &charges)
         .await
         .map_err(ApiError::BalanceUnavailable)?;
+    reservation.set_rated_fees(period_fees);
     if verdicts.iter().all(|v| *v == Verdict::Allowed) {
         return Ok(reservation);
     }
@@ -434,4 +440,45 @@ async fn gate(
         kept
     });
     Ok(reservation)
+}
+
+/// A period-tiered charge is priced at a running total of zero until the outbox rates it at
+/// the customer's total: for judging, rate it now at the total the outbox holds (plus what
+/// this request's earlier events add), which is what the commit charges unless another
+/// request of the same customer commits in between. Returns, per event, (fee index,
+/// transaction id) of its period-tiered charges, for the hold to take the rated amount.
+fn rate_period_charges(
+    state: &State,
+    accepted: &[AcceptedEvent],
+    charges: &mut [Vec<Charge>],
+) -> Result<Vec<Vec<(usize, uuid::Uuid)>>, ApiError> {
+    let super::sink::Sink::Durable(outbox) = &state.sink else {
+        return Ok(Vec::new());
+    };
+    if accepted.iter().all(|e| e.totals.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let mut running: std::collections::HashMap<&str, rust_decimal::Decimal> =
+        std::collections::HashMap::new();
+    let mut fees = Vec::with_capacity(accepted.len());
+    for (event, charges) in accepted.iter().zip(charges.iter_mut()) {
+        let mut of_event = Vec::with_capacity(event.totals.len());
+        for claim in &event.totals {
+            let total = match running.get(&*claim.key) {
+                Some(t) => *t,
+                None => outbox.running_total(&claim.key).map_err(ApiError::Outbox)?,
+            };
+            if let (Ok(rated), Some(charge)) =
+                (claim.part.rate(total), charges.get_mut(claim.delivery))
+            {
+                charge.amount = rated.amount;
+                of_event.push((claim.part.fee, charge.transaction_id));
+            }
+            if let Ok(after) = claim.part.after(total) {
+                running.insert(&claim.key, after);
+            }
+        }
+        fees.push(of_event);
+    }
+    Ok(fees)
 }

@@ -613,3 +613,41 @@ async fn a_top_up_made_through_the_gateway_serves_the_end_user_at_once() {
     );
     w.stop().await;
 }
+
+#[tokio::test]
+async fn a_period_tiered_event_is_judged_at_the_running_total_it_will_be_charged_at() {
+    // `calls_lifetime`: over the customer's lifetime the first 2 calls cost 0.10 each, every
+    // later one 0.05 (bulk, by the running total). 0.25 pays for three calls, not two.
+    let w = World::start_with(Options {
+        ack: "durable",
+        tenant_a_extra: "gate = { mode = \"balance\" }".into(),
+        ingest: super::proxy::Ingest {
+            pricing_dir: Some(super::proxy::repo().join("tests/golden/pricing/periods/books")),
+            config: String::new(),
+        },
+        ..Default::default()
+    })
+    .await;
+    let cust = w.customer(&w.a.account, "caller", "0.25").await;
+    let call = |id: &str| {
+        json!({"customer_id": cust, "events": [
+            {"id": id, "event_type": "api_call", "occurred_at": super::proxy::ago(1), "data": {"ms": 1}}
+        ]})
+    };
+    let mut statuses = Vec::new();
+    for id in ["c-1", "c-2", "c-3", "c-4"] {
+        statuses.push(
+            w.post("/events", &w.a.key, &call(id))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [204, 204, 204, 402]);
+    drained(&w, Duration::from_secs(10)).await;
+    assert_eq!(
+        wallet(&w.state().await, &cust, "USD"),
+        Some((dec!(0.00), 3, dec!(0.25)))
+    );
+    w.stop().await;
+}
