@@ -424,6 +424,7 @@ fn period_tiers(
         sink: s.sink.clone(),
         outbox: s.outbox.clone(),
         metrics: s.metrics.clone(),
+        gate: s.gate.clone(),
     });
     let limits = s.settings.ingest.clone();
     let now = chrono::Utc::now();
