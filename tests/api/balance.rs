@@ -57,7 +57,7 @@ async fn top_up(w: &World, customer: &str, usd: &str, id: &str) {
         &w.emulator,
         &format!("/customers/{customer}/wallet/adjustments"),
         Some(&w.a.account),
-        json!({"transaction_id": id, "asset": "USD", "amount": usd.parse::<f64>().unwrap(), "reason": "external_topup"}),
+        json!({"transaction_id": id, "asset": "USD", "amount": serde_json::from_str::<Value>(usd).unwrap(), "reason": "external_topup"}),
     )
     .await;
 }
@@ -268,7 +268,10 @@ async fn after_a_top_up_the_end_user_is_served_at_once_on_a_balance_webhook() {
         "account": w.a.account,
         "event_type": "balance_threshold_hit",
         "occurred_at": super::proxy::ago(0),
-        "data": {"customer_id": cust, "account_id": "default:USD", "available": 5.0, "threshold": 1.0}
+        "data": {"customer_id": cust, "account_id": "default:USD",
+                 // JSON numbers, as Credyt sends them (written from their exact text).
+                 "available": serde_json::from_str::<Value>("5.00").unwrap(),
+                 "threshold": serde_json::from_str::<Value>("1.00").unwrap()}
     });
     let bytes = serde_json::to_vec(&hook).unwrap();
     let sig = credyt_signature(RELAY_SECRET, chrono::Utc::now().timestamp(), &bytes);
@@ -601,7 +604,7 @@ async fn a_top_up_made_through_the_gateway_serves_the_end_user_at_once() {
         .post(
             &format!("/customers/{cust}/wallet/adjustments"),
             &w.a.key,
-            &json!({"transaction_id": "gw-topup-1", "asset": "USD", "amount": 2.0, "reason": "external_topup"}),
+            &json!({"transaction_id": "gw-topup-1", "asset": "USD", "amount": "2.00", "reason": "external_topup"}),
         )
         .await;
     assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
