@@ -59,7 +59,7 @@ use uuid::Uuid;
 
 use crate::config::BalanceSettings;
 use crate::domain::{AccountId, CustomerId, Debit};
-use crate::telemetry::metrics::{BalanceLookup, BalanceMetrics, BalanceRefusal};
+use crate::telemetry::metrics::{BalanceLookup, BalanceMetrics};
 use crate::upstream::{CredytClient, UpstreamError};
 
 /// The wallet account name charges debit (Credyt's default; the proxy's charges name none).
@@ -129,6 +129,9 @@ pub struct Shortfall {
     /// What it needed in that asset.
     pub required: Decimal,
     pub min_available: Decimal,
+    /// Credyt's balance alone would have covered it: only the debits the proxy holds (a
+    /// reservation conflict) do not.
+    pub reserved: bool,
 }
 
 /// One event's verdict.
@@ -419,7 +422,6 @@ impl Gate {
             rated_fees: Vec::new(),
         };
         let mut verdicts = Vec::with_capacity(events.len());
-        let (mut insufficient, mut reserved) = (0u64, 0u64);
         self.with_entry(&key, |e| {
             for charges in events {
                 let new: Vec<&Charge> = charges
@@ -434,26 +436,22 @@ impl Gate {
                     .then(|| {
                         required.0.iter().find_map(|(asset, need)| {
                             let available = e.available(asset);
+                            let credyt = e
+                                .credyt
+                                .as_ref()
+                                .map_or(Decimal::ZERO, |c| c.available.get(asset));
                             (available - need < policy.min_available).then(|| Shortfall {
                                 asset: asset.clone(),
                                 available,
                                 required: *need,
                                 min_available: policy.min_available,
+                                reserved: credyt - need >= policy.min_available,
                             })
                         })
                     })
                     .flatten();
                 match shortfall {
                     Some(s) => {
-                        let credyt_alone = e
-                            .credyt
-                            .as_ref()
-                            .map_or(Decimal::ZERO, |c| c.available.get(&s.asset));
-                        if credyt_alone - s.required < s.min_available {
-                            insufficient += 1;
-                        } else {
-                            reserved += 1;
-                        }
                         reservation.events.push(Vec::new());
                         verdicts.push(Verdict::Refused(s));
                     }
@@ -469,13 +467,6 @@ impl Gate {
                 }
             }
         });
-        if insufficient > 0 {
-            self.metrics
-                .refused(BalanceRefusal::Insufficient, insufficient);
-        }
-        if reserved > 0 {
-            self.metrics.refused(BalanceRefusal::Reserved, reserved);
-        }
         Ok(Judgement {
             verdicts,
             reservation,

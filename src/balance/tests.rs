@@ -131,6 +131,7 @@ async fn events_are_allowed_until_the_balance_would_fall_below_the_minimum() {
             available: dec!(0.10),
             required: dec!(0.30),
             min_available: dec!(0),
+            reserved: true,
         })
     );
     let (a, c) = key();

@@ -12,7 +12,7 @@ use crate::identity::{ForwardMode, Tenant};
 use crate::outcome::{Outcome, Rejection};
 use crate::pricing::period::{PeriodPart, TotalClaim};
 use crate::pricing::PricingError;
-use crate::telemetry::metrics::{EventOutcome, TenantLabel};
+use crate::telemetry::metrics::{BalanceRefusal, EventOutcome, TenantLabel};
 use crate::telemetry::traces;
 
 use super::finish::Finish;
@@ -406,6 +406,14 @@ async fn gate(
             keep.push(true);
             continue;
         }
+        state.gate.metrics().refused(
+            if shortfall.reserved {
+                BalanceRefusal::Reserved
+            } else {
+                BalanceRefusal::Insufficient
+            },
+            1,
+        );
         let index = at[k];
         match mode {
             Mode::Atomic => {
