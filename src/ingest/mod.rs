@@ -155,6 +155,18 @@ pub(crate) fn api_key(req: &HttpRequest) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The tenant of a request (401 first, before its body is read) and its body.
+async fn tenant_and_body(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<(Arc<crate::identity::Tenant>, web::BytesMut), ApiError> {
+    let tenant = pipeline::authenticate(state, api_key(req))?;
+    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
+    let body = read_body(req, payload, state.settings.server.max_body_bytes).await?;
+    Ok((tenant, body))
+}
+
 async fn run(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -162,9 +174,7 @@ async fn run(
     mode: Mode,
 ) -> Result<Vec<Outcome>, ApiError> {
     let state: State = state.into_inner();
-    let tenant = pipeline::authenticate(&state, api_key(&req))?;
-    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
-    let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
+    let (tenant, body) = tenant_and_body(&state, &req, payload).await?;
     drop(req);
     // If the client disconnects, actix drops this future; what must still happen once events
     // are being accepted runs to its end anyway (see `finish`).
@@ -267,9 +277,7 @@ async fn quote(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let tenant = pipeline::authenticate(state, api_key(&req))?;
-    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
-    let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
+    let (tenant, body) = tenant_and_body(state, &req, payload).await?;
     let event: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let event = one_event(state, event)?;
@@ -399,9 +407,7 @@ async fn balance_check(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     use rust_decimal::Decimal;
-    let tenant = pipeline::authenticate(state, api_key(&req))?;
-    traces::record_current(traces::attr::TENANT, tenant.id.as_str());
-    let body = read_body(&req, payload, state.settings.server.max_body_bytes).await?;
+    let (tenant, body) = tenant_and_body(state, &req, payload).await?;
     let check: CheckRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let required: Vec<(Arc<str>, Decimal)> = match (check.amount, check.asset, check.event) {
