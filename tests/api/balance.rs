@@ -2,7 +2,6 @@
 //! emulator's wallet read back (and sampled while events race for the last credit).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -66,80 +65,66 @@ async fn top_up(w: &World, customer: &str, usd: &str, id: &str) {
 async fn sixty_four_connections_spend_exactly_the_wallet_and_every_other_event_is_refused() {
     let w = gated("durable", "gate = { mode = \"balance\" }", "").await;
     let cust = w.customer(&w.a.account, "racer", "10.00").await;
-    // Sample the emulator's balance all through the run: it must never go below zero.
-    let running = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (http, url, cust, running) = (
-            w.http.clone(),
-            w.emulator.url(),
-            cust.clone(),
-            running.clone(),
-        );
-        tokio::spawn(async move {
-            let mut samples = Vec::new();
-            while running.load(Ordering::Relaxed) {
-                let state: Value = http
-                    .get(format!("{url}/_emulator/state"))
-                    .header("X-CREDYT-API-KEY", super::proxy::PLATFORM_KEY)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                samples.push(available(&state, &cust));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            samples
-        })
+    // Sample the emulator's balance all through the run (until the outbox drained): it must
+    // never go below zero.
+    let running = AtomicBool::new(true);
+    let sample = async {
+        let mut samples = Vec::new();
+        while running.load(Ordering::Relaxed) {
+            samples.push(available(&w.state().await, &cust));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        samples
     };
-    // 64 connections (a client each), 4 single-event requests each: 256 tries at 0.50.
-    let url = format!("{}/events", w.proxy_url());
-    let mut tasks = Vec::new();
-    for c in 0..64 {
-        let (url, key, cust) = (url.clone(), w.a.key.clone(), cust.clone());
-        tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut answers = Vec::new();
-            for i in 0..4 {
-                let resp = http
-                    .post(&url)
-                    .header("X-CREDYT-API-KEY", &key)
-                    .json(&batch(&cust, [format!("race-{c}-{i}")]))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = resp.status().as_u16();
-                let body: Value = if status == 204 {
-                    Value::Null
-                } else {
-                    resp.json().await.unwrap()
-                };
-                answers.push((status, body));
-            }
-            answers
-        }));
-    }
-    let mut accepted = 0;
-    let mut refused = 0;
-    for t in tasks {
-        for (status, body) in t.await.unwrap() {
-            match status {
-                204 => accepted += 1,
-                402 => {
-                    assert_eq!(body["code"], "insufficient_balance", "{body}");
-                    assert!(body["errors"]["events[0]"].is_array(), "{body}");
-                    refused += 1;
+    let race = async {
+        // 64 connections (a client each), 4 single-event requests each: 256 tries at 0.50.
+        let url = format!("{}/events", w.proxy_url());
+        let mut tasks = Vec::new();
+        for c in 0..64 {
+            let (url, key, cust) = (url.clone(), w.a.key.clone(), cust.clone());
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut answers = Vec::new();
+                for i in 0..4 {
+                    let resp = http
+                        .post(&url)
+                        .header("X-CREDYT-API-KEY", &key)
+                        .json(&batch(&cust, [format!("race-{c}-{i}")]))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    let body: Value = if status == 204 {
+                        Value::Null
+                    } else {
+                        resp.json().await.unwrap()
+                    };
+                    answers.push((status, body));
                 }
-                other => panic!("unexpected {other}: {body}"),
+                answers
+            }));
+        }
+        let (mut accepted, mut refused) = (0, 0);
+        for t in tasks {
+            for (status, body) in t.await.unwrap() {
+                match status {
+                    204 => accepted += 1,
+                    402 => {
+                        assert_eq!(body["code"], "insufficient_balance", "{body}");
+                        assert!(body["errors"]["events[0]"].is_array(), "{body}");
+                        refused += 1;
+                    }
+                    other => panic!("unexpected {other}: {body}"),
+                }
             }
         }
-    }
+        drained(&w, Duration::from_secs(20)).await;
+        running.store(false, Ordering::Relaxed);
+        (accepted, refused)
+    };
+    let (samples, (accepted, refused)) = tokio::join!(sample, race);
     assert_eq!(accepted, 20, "10.00 buys exactly twenty 0.50 events");
     assert_eq!(refused, 256 - 20);
-    drained(&w, Duration::from_secs(20)).await;
-    running.store(false, Ordering::Relaxed);
-    let samples = sampler.await.unwrap();
     assert!(samples.len() > 3, "the balance was sampled during the run");
     assert!(
         samples.iter().all(|a| *a >= Decimal::ZERO),
